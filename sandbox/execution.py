@@ -1,0 +1,455 @@
+"""One execution, seen from the supervisor: fork it, feed it, watch it, end it, judge it.
+
+Everything runs in the calling thread around one `poll()` loop with a deadline: the request
+pipe is written, the result/stdout/stderr pipes are drained under byte caps, the zygote's report
+socket says when the child started (with a pidfd to kill it by) and when it was reaped (with
+the kernel's rusage), and the process tree is sampled for CPU, memory and task counts. Whatever
+the child does, the loop ends by its deadline, everything is killed and reaped, every fd is
+closed and the workdir is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+
+from sandbox.skill import Skill
+from sandbox.watch import TreeWatch
+from sandbox.zygote import ZygoteProcess
+from worker.protocol import (
+    ChildExited,
+    ChildResult,
+    ChildStarted,
+    ExecutionResult,
+    ExecutionStatus,
+    ForkCommand,
+    FrameError,
+    Limits,
+    ReportMessage,
+    ResourceUsage,
+    decode_frame,
+)
+
+TIMEOUT_ERROR = "runtime: execution timeout"
+EXHAUSTED_ERROR = "runtime: resource exhausted"
+CANCELED_ERROR = "runtime: execution canceled"
+WORKER_ERROR = "runtime: worker failure"
+
+#: How long after a kill (or after the child exits) the pipes and the reap report may take.
+KILL_GRACE = 5.0
+#: Tree sampling starts this late, so quick executions pay nothing for it, then repeats.
+FIRST_SAMPLE_AFTER = 0.02
+SAMPLE_INTERVAL = 0.05
+#: Result frames may exceed the output cap by this much (framing, error text).
+FRAME_SLACK = 64 << 10
+_READ_CHUNK = 1 << 16
+_REPORT_DECODER = msgspec.msgpack.Decoder(ReportMessage)
+_RESULT_DECODER = msgspec.msgpack.Decoder(ChildResult)
+
+
+class Tail:
+    """Keeps the last `keep` bytes of a stream and counts all of them."""
+
+    __slots__ = ("data", "keep", "total")
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.data = bytearray()
+        self.total = 0
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        self.data += chunk
+        if len(self.data) > self.keep:
+            del self.data[: len(self.data) - self.keep]
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", errors="replace")
+
+
+@dataclass
+class _State:
+    started: ChildStarted | None = None
+    pidfd: int = -1
+    exited: ChildExited | None = None
+    report_closed: bool = False
+    killed_for: str = ""  # "timeout" | "canceled" | "<limit>: detail"
+    killed_at: float = 0.0
+    result: bytearray = field(default_factory=bytearray)
+    result_overflow: bool = False
+    watch: TreeWatch | None = None
+
+
+@dataclass(frozen=True)
+class ExecutionSpec:
+    """Everything one execution needs, resolved by the `Sandbox` before it forks."""
+
+    skill: Skill
+    zygote: ZygoteProcess
+    exec_id: str
+    request_id: str
+    tenant_id: str
+    user_id: str
+    input: bytes
+    limits: Limits
+    env: dict[str, str]
+    isolation: dict[str, object]
+    workdir_root: str
+    tail_bytes: int
+    cancel_fd: int  # readable once the caller cancels
+
+
+def _set_nonblocking(*fds: int) -> None:
+    for fd in fds:
+        os.set_blocking(fd, False)
+
+
+class Execution:
+    def __init__(self, spec: ExecutionSpec) -> None:
+        self.spec = spec
+        self.state = _State()
+        self.stdout = Tail(spec.tail_bytes if spec.skill.manifest.kind == "python"
+                           else spec.limits.max_output_bytes + 1)
+        self.stderr = Tail(spec.tail_bytes)
+        self.start = time.monotonic()
+        self.deadline = self.start + spec.limits.timeout
+
+    # -- the whole life of one execution ---------------------------------------------------
+
+    def run(self) -> ExecutionResult:
+        spec = self.spec
+        workdir = _make_workdir(spec.workdir_root)
+        fds: list[int] = []
+        report: socket.socket | None = None
+        try:
+            request_r, request_w = os.pipe2(os.O_CLOEXEC)
+            result_r, result_w = os.pipe2(os.O_CLOEXEC)
+            stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
+            stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
+            fds = [request_r, request_w, result_r, result_w, stdout_r, stdout_w, stderr_r,
+                   stderr_w]
+            report, report_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            command = ForkCommand(
+                exec_id=spec.exec_id, request_id=spec.request_id, skill_id=spec.skill.id,
+                tenant_id=spec.tenant_id, user_id=spec.user_id,
+                deadline=time.time() + spec.limits.timeout, limits=spec.limits,
+                workdir=workdir, env={"HOME": workdir, "TMPDIR": workdir, **spec.env},
+                isolation=spec.isolation,
+            )
+            try:
+                spec.zygote.fork(command, [request_r, result_w, stdout_w, stderr_w,
+                                           report_theirs.fileno()])
+            finally:
+                report_theirs.close()
+                for fd in (request_r, result_w, stdout_w, stderr_w):
+                    os.close(fd)
+                    fds.remove(fd)
+            _set_nonblocking(request_w, result_r, stdout_r, stderr_r)
+            self._loop(report, request_w, result_r, stdout_r, stderr_r, fds)
+        finally:
+            self._kill()
+            if self.state.pidfd >= 0:
+                os.close(self.state.pidfd)
+            if report is not None:
+                report.close()
+            for fd in fds:
+                os.close(fd)
+            shutil.rmtree(workdir, ignore_errors=True)
+        return self._judge()
+
+    # -- the poll loop --------------------------------------------------------------------
+
+    def _loop(self, report: socket.socket, request_w: int, result_r: int, stdout_r: int,
+              stderr_r: int, fds: list[int]) -> None:
+        spec = self.spec
+        state = self.state
+        poller = select.poll()
+        pending_input = memoryview(spec.input)
+        readers = {result_r: "result", stdout_r: "stdout", stderr_r: "stderr"}
+        for fd in readers:
+            poller.register(fd, select.POLLIN)
+        poller.register(report.fileno(), select.POLLIN)
+        poller.register(spec.cancel_fd, select.POLLIN)
+        writing = True
+        poller.register(request_w, select.POLLOUT)
+        next_sample = self.start + FIRST_SAMPLE_AFTER
+
+        while True:
+            now = time.monotonic()
+            if state.exited is not None and not readers:
+                return
+            if state.report_closed and state.exited is None:
+                return  # the zygote died under us: judged as a worker failure
+            if state.killed_for and now > state.killed_at + KILL_GRACE:
+                return
+            if state.exited is not None and now > self._exit_grace_end:
+                return  # descendants still hold the pipes; they are killed on the way out
+            if not state.killed_for:
+                if now >= self.deadline:
+                    self._kill("timeout")
+                    continue
+                if state.started is not None and now >= next_sample:
+                    self._check_tree()
+                    next_sample = now + SAMPLE_INTERVAL
+                    continue
+            wake = self._next_wake(now, next_sample)
+            for fd, events in poller.poll(max(0.0, wake - now) * 1000):
+                if fd == request_w:
+                    if events & (select.POLLERR | select.POLLHUP):
+                        pending_input = memoryview(b"")
+                    else:
+                        try:
+                            written = os.write(request_w, pending_input[:_READ_CHUNK])
+                            pending_input = pending_input[written:]
+                        except BlockingIOError:
+                            pass
+                        except BrokenPipeError:
+                            pending_input = memoryview(b"")
+                    if not pending_input and writing:
+                        writing = False
+                        poller.unregister(request_w)
+                        os.close(request_w)
+                        fds.remove(request_w)
+                elif fd in readers:
+                    if not self._drain(fd, readers[fd]):
+                        poller.unregister(fd)
+                        del readers[fd]
+                elif fd == spec.cancel_fd:
+                    poller.unregister(fd)
+                    if not state.killed_for:
+                        self._kill("canceled")
+                elif fd == report.fileno():
+                    if not self._receive_report(report):
+                        poller.unregister(fd)
+                        state.report_closed = True
+
+    def _next_wake(self, now: float, next_sample: float) -> float:
+        state = self.state
+        if state.killed_for:
+            return state.killed_at + KILL_GRACE
+        if state.exited is not None:
+            return self._exit_grace_end
+        wake = self.deadline
+        if state.started is not None:
+            wake = min(wake, next_sample)
+        return wake
+
+    @property
+    def _exit_grace_end(self) -> float:
+        return self._exited_at + 0.5
+
+    def _drain(self, fd: int, name: str) -> bool:
+        """Read what is there; False at EOF. Over-cap streams kill the execution."""
+        limits = self.spec.limits
+        while True:
+            try:
+                chunk = os.read(fd, _READ_CHUNK)
+            except BlockingIOError:
+                return True
+            if not chunk:
+                return False
+            if name == "result":
+                if len(self.state.result) + len(chunk) > limits.max_output_bytes + FRAME_SLACK:
+                    self.state.result_overflow = True
+                    self._kill(f"output: result exceeds {limits.max_output_bytes} bytes")
+                    return False
+                self.state.result += chunk
+                continue
+            tail = self.stdout if name == "stdout" else self.stderr
+            tail.add(chunk)
+            if tail.total > limits.max_output_bytes and not self.state.killed_for:
+                self._kill(f"output: {name} exceeds {limits.max_output_bytes} bytes")
+
+    def _receive_report(self, report: socket.socket) -> bool:
+        try:
+            message, fds, _flags, _addr = socket.recv_fds(report, 4096, 1)
+        except OSError:
+            return False
+        if not message:
+            for fd in fds:
+                os.close(fd)
+            return False
+        decoded = _REPORT_DECODER.decode(message)
+        if isinstance(decoded, ChildStarted):
+            self.state.started = decoded
+            self.state.pidfd = fds[0] if fds else -1
+            for fd in fds[1:]:
+                os.close(fd)
+            try:
+                self.state.watch = TreeWatch(decoded.pid)
+            except Exception:  # noqa: BLE001 - already gone: the exit report follows
+                self.state.watch = None
+            if self.state.killed_for:  # the kill was asked for before we had the pid
+                self._signal_tree()
+        else:
+            for fd in fds:
+                os.close(fd)
+            self.state.exited = decoded
+            self._exited_at = time.monotonic()
+        return True
+
+    # -- limits ---------------------------------------------------------------------------
+
+    def _check_tree(self) -> None:
+        watch = self.state.watch
+        if watch is None:
+            return
+        sample = watch.sample()
+        if sample is None:
+            return
+        limits = self.spec.limits
+        if sample.cpu_seconds > limits.cpu_time:
+            self._kill(f"cpu time: used more than {limits.cpu_time:g}s")
+        elif sample.memory_bytes > limits.memory_mb << 20:
+            self._kill(f"memory: used more than {limits.memory_mb} MB")
+        elif sample.tasks > limits.max_processes:
+            self._kill(f"processes: more than {limits.max_processes} processes/threads")
+
+    def _kill(self, reason: str = "") -> None:
+        """Kill the whole execution; the first reason given is the one reported."""
+        state = self.state
+        if reason and not state.killed_for:
+            state.killed_for = reason
+            state.killed_at = time.monotonic()
+        if state.started is not None and state.exited is None:
+            self._signal_tree()
+
+    def _signal_tree(self) -> None:
+        state = self.state
+        assert state.started is not None
+        if state.pidfd >= 0:
+            try:
+                signal.pidfd_send_signal(state.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(state.started.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    # -- the verdict ----------------------------------------------------------------------
+
+    def _judge(self) -> ExecutionResult:
+        state = self.state
+        spec = self.spec
+        limits = spec.limits
+        exited = state.exited
+        usage = self._usage()
+        status = ExecutionStatus.FAILED
+        output = b""
+        error = ""
+        tokens = 0
+        frame: ChildResult | None = None
+        frame_problem = ""
+        if state.result:
+            try:
+                frame = decode_frame(bytes(state.result), _RESULT_DECODER)
+                tokens = max(0, frame.tokens_used)
+            except FrameError as exc:
+                frame_problem = str(exc)
+
+        killed = state.killed_for
+        if killed == "canceled":
+            status, error = ExecutionStatus.CANCELED, CANCELED_ERROR
+        elif killed == "timeout":
+            status = ExecutionStatus.TIMEOUT
+            error = f"{TIMEOUT_ERROR} after {limits.timeout:g}s"
+        elif killed:
+            error = f"{EXHAUSTED_ERROR}: {killed}"
+        elif exited is None:
+            error = f"{WORKER_ERROR}: the skill's zygote died during the execution"
+        elif usage.cpu_time_ms >= limits.cpu_time * 1000 and _signalled(exited.wait_status):
+            error = f"{EXHAUSTED_ERROR}: cpu time: used more than {limits.cpu_time:g}s"
+        elif _signal_of(exited.wait_status) == signal.SIGXFSZ:
+            error = f"{EXHAUSTED_ERROR}: file size: a file grew past {limits.max_file_bytes} bytes"
+        elif spec.skill.manifest.kind == "command":
+            status, output, error = self._judge_command(exited)
+        elif frame_problem:
+            error = f"{WORKER_ERROR}: invalid result frame: {frame_problem}"
+        elif frame is None:
+            error = f"skill {_describe_exit(exited.wait_status)} without a result"
+        elif frame.limit:
+            error = f"{EXHAUSTED_ERROR}: {frame.limit}: {frame.error}"
+        elif not frame.ok:
+            error = frame.error or "skill failed"
+        elif exited.wait_status != 0:
+            error = f"skill {_describe_exit(exited.wait_status)} after writing its result"
+        else:
+            status, output = ExecutionStatus.SUCCESS, frame.output
+
+        if status is ExecutionStatus.SUCCESS and spec.skill.has_output_schema:
+            problem = spec.skill.output_problem(msgspec.json.decode(output))
+            if problem:
+                status, output, error = ExecutionStatus.FAILED, b"", f"invalid output: {problem}"
+        return ExecutionResult(
+            status=status, output=output, error=error,
+            duration=time.monotonic() - self.start,
+            resource_usage=ResourceUsage(cpu_time_ms=usage.cpu_time_ms,
+                                         memory_mb=usage.memory_mb, tokens_used=tokens),
+            stdout=self.stdout.text() if spec.skill.manifest.kind == "python" else "",
+            stderr=self.stderr.text(), request_id=spec.request_id, skill_id=spec.skill.id,
+        )
+
+    def _judge_command(self, exited: ChildExited) -> tuple[ExecutionStatus, bytes, str]:
+        if exited.wait_status != 0:
+            last = self.stderr.text().strip().splitlines()[-1:] or [""]
+            detail = f": {last[0]}" if last[0] else ""
+            return ExecutionStatus.FAILED, b"", f"command {_describe_exit(exited.wait_status)}" \
+                                                f"{detail}"
+        raw = bytes(self.stdout.data).strip() or b"null"
+        try:
+            msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            return ExecutionStatus.FAILED, b"", f"invalid output: stdout is not JSON: {exc}"
+        return ExecutionStatus.SUCCESS, raw, ""
+
+    def _usage(self) -> ResourceUsage:
+        state = self.state
+        cpu = 0.0
+        memory_kb = 0
+        if state.exited is not None:
+            cpu = state.exited.utime + state.exited.stime
+            baseline = state.started.zygote_rss_kb if state.started is not None else 0
+            memory_kb = max(0, state.exited.maxrss_kb - baseline)
+        if state.watch is not None:
+            cpu = max(cpu, state.watch.peak_cpu_seconds)
+            memory_kb = max(memory_kb, state.watch.peak_memory_bytes // 1024)
+        return ResourceUsage(cpu_time_ms=round(cpu * 1000), memory_mb=round(memory_kb / 1024))
+
+    _exited_at: float = 0.0
+
+
+def _make_workdir(root: str) -> str:
+    import tempfile
+
+    os.makedirs(root, mode=0o711, exist_ok=True)
+    return tempfile.mkdtemp(prefix="exec-", dir=root)
+
+
+def _signalled(status: int) -> bool:
+    return os.WIFSIGNALED(status)
+
+
+def _signal_of(status: int) -> int:
+    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+
+
+def _describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        return f"was killed by {name}"
+    code = os.waitstatus_to_exitcode(status)
+    return f"exited with status {code}"
+
+

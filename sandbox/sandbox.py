@@ -1,0 +1,318 @@
+"""`Sandbox`: load skills, execute them in isolated workers, return what happened and its cost.
+
+Admission (skill loaded, input valid, policy, circuit breaker) happens before any worker is
+touched; a concurrency slot bounds how many executions run at once (callers beyond it queue,
+within their own deadline); each execution is a fresh fork of the skill's zygote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import msgspec
+
+from sandbox.errors import SkillLoadError
+from sandbox.execution import CANCELED_ERROR, TIMEOUT_ERROR, WORKER_ERROR, Execution, ExecutionSpec
+from sandbox.skill import Skill
+from sandbox.zygote import BASE_ENV, ZygoteDied, ZygoteProcess
+from worker.protocol import ExecutionRequest, ExecutionResult, ExecutionStatus, Limits
+
+SKILL_NOT_LOADED = "runtime: skill not loaded"
+INVALID_INPUT = "runtime: invalid input"
+
+
+class _CancelToken:
+    """Set by `Sandbox.cancel` or a cancelled `aexecute`; a pipe so the poll loop wakes on it."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.canceled = False
+
+    def cancel(self) -> None:
+        if not self.canceled:
+            self.canceled = True
+            try:
+                os.write(self.write_fd, b"x")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+@dataclass
+class _Loaded:
+    """A skill and its zygote, with a count of the executions using it right now."""
+
+    skill: Skill
+    zygote: ZygoteProcess
+    inflight: int = 0
+    boot_error: str = ""
+    idle: threading.Condition = field(default_factory=threading.Condition)
+    restart_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _limits_for(skill: Skill, request: ExecutionRequest) -> Limits:
+    configured = skill.manifest.limits
+    timeout = configured.timeout if request.timeout is None else request.timeout
+    return Limits(
+        timeout=timeout, cpu_time=configured.cpu_time, memory_mb=configured.memory_mb,
+        max_processes=configured.max_processes, max_output_bytes=configured.max_output_bytes,
+        max_file_bytes=configured.max_file_bytes, max_open_files=configured.max_open_files,
+    )
+
+
+class Sandbox:
+    """Runs untrusted skills. Thread- and task-safe; use as a context manager or call `close()`.
+
+    `max_concurrency` bounds simultaneous executions (default: the CPU count); callers beyond
+    it wait for a slot within their own timeout.
+    """
+
+    def __init__(self, skills: Iterable[Skill | str | os.PathLike[str]] = (), *,
+                 max_concurrency: int | None = None, workdir_root: str | None = None,
+                 tail_bytes: int = 8192) -> None:
+        self.max_concurrency = max_concurrency or os.cpu_count() or 1
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        self.workdir_root = workdir_root or os.path.join(tempfile.gettempdir(),
+                                                         f"skill-sandbox-{os.getpid()}")
+        self.tail_bytes = tail_bytes
+        self._skills: dict[str, _Loaded] = {}
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(self.max_concurrency)
+        self._tokens: dict[str, _CancelToken] = {}
+        self._executor = ThreadPoolExecutor(max_workers=2 * self.max_concurrency + 2,
+                                            thread_name_prefix="sandbox-exec")
+        self._closed = False
+        try:
+            for skill in skills:
+                self.load_skill(skill)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- skills ---------------------------------------------------------------------------
+
+    def load_skill(self, skill: Skill | str | os.PathLike[str]) -> Skill:
+        """Load (or reload) a skill and start its zygote; raises `SkillLoadError`."""
+        if not isinstance(skill, Skill):
+            skill = Skill.from_dir(Path(skill))
+        self._check_open()
+        zygote = ZygoteProcess(skill.id, skill.code(), list(skill.manifest.preload),
+                               self._isolation_for(skill))
+        zygote.start()
+        loaded = _Loaded(skill=skill, zygote=zygote)
+        with self._lock:
+            previous = self._skills.get(skill.id)
+            self._skills[skill.id] = loaded
+        if previous is not None:
+            self._retire(previous)
+        return skill
+
+    def unload_skill(self, skill_id: str) -> None:
+        """Stop accepting executions of the skill; in-flight ones finish, then its zygote stops."""
+        with self._lock:
+            loaded = self._skills.pop(skill_id, None)
+        if loaded is None:
+            raise KeyError(f"skill {skill_id!r} is not loaded")
+        self._retire(loaded)
+
+    def _retire(self, loaded: _Loaded) -> None:
+        deadline = time.monotonic() + loaded.skill.manifest.limits.timeout + 10
+        with loaded.idle:
+            while loaded.inflight and time.monotonic() < deadline:
+                loaded.idle.wait(timeout=max(0.0, deadline - time.monotonic()))
+        loaded.zygote.stop()
+
+    def can_execute(self, skill_id: str) -> bool:
+        with self._lock:
+            return not self._closed and skill_id in self._skills
+
+    def skills(self) -> list[Skill]:
+        with self._lock:
+            return [loaded.skill for loaded in self._skills.values()]
+
+    def get_skill(self, skill_id: str) -> Skill | None:
+        with self._lock:
+            loaded = self._skills.get(skill_id)
+        return loaded.skill if loaded else None
+
+    def zygote_info(self, skill_id: str) -> dict[str, Any]:
+        """The zygote's pid, RSS at boot and how many times it was started (for operators)."""
+        with self._lock:
+            loaded = self._skills[skill_id]
+        zygote = loaded.zygote
+        return {"pid": zygote.pid, "rss_kb": zygote.rss_kb, "starts": zygote.starts,
+                "alive": zygote.alive()}
+
+    def _isolation_for(self, skill: Skill) -> dict[str, Any]:
+        return {"network": skill.manifest.permissions.network}
+
+    # -- executing ------------------------------------------------------------------------
+
+    def execute(self, request: ExecutionRequest) -> ExecutionResult:
+        """Run one execution to its end. Every outcome is a result; nothing the skill does raises."""
+        token = self._register_token(request.request_id)
+        try:
+            return self._execute(request, token)
+        finally:
+            self._release_token(request.request_id, token)
+
+    async def aexecute(self, request: ExecutionRequest) -> ExecutionResult:
+        """`execute` for asyncio. Cancelling the awaiting task kills the execution and reaps it
+        before `CancelledError` propagates."""
+        token = self._register_token(request.request_id)
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self._execute, request, token)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            token.cancel()
+            await asyncio.wait([future])
+            raise
+        finally:
+            if future.done():
+                self._release_token(request.request_id, token)
+            else:
+                future.add_done_callback(
+                    lambda _: self._release_token(request.request_id, token))
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a running or queued execution by request id; its result says `canceled`."""
+        with self._lock:
+            token = self._tokens.get(request_id)
+        if token is None:
+            return False
+        token.cancel()
+        return True
+
+    def _register_token(self, request_id: str) -> _CancelToken:
+        token = _CancelToken()
+        with self._lock:
+            self._tokens[request_id] = token
+        return token
+
+    def _release_token(self, request_id: str, token: _CancelToken) -> None:
+        with self._lock:
+            if self._tokens.get(request_id) is token:
+                del self._tokens[request_id]
+        token.close()
+
+    def _execute(self, request: ExecutionRequest, token: _CancelToken) -> ExecutionResult:
+        started = time.monotonic()
+
+        def early(status: ExecutionStatus, error: str) -> ExecutionResult:
+            return ExecutionResult(status=status, error=error, request_id=request.request_id,
+                                   skill_id=request.skill_id,
+                                   duration=time.monotonic() - started)
+
+        with self._lock:
+            loaded = None if self._closed else self._skills.get(request.skill_id)
+        if loaded is None:
+            return early(ExecutionStatus.REJECTED, SKILL_NOT_LOADED)
+        skill = loaded.skill
+        if request.timeout is not None and not request.timeout > 0:
+            return early(ExecutionStatus.REJECTED,
+                         f"{INVALID_INPUT}: timeout must be positive, got {request.timeout}")
+        problem = skill.input_problem(request.input)
+        if problem:
+            return early(ExecutionStatus.REJECTED, f"{INVALID_INPUT}: {problem}")
+        limits = _limits_for(skill, request)
+        if not self._slots.acquire(timeout=limits.timeout):
+            return early(ExecutionStatus.TIMEOUT,
+                         f"{TIMEOUT_ERROR}: no execution slot free within {limits.timeout:g}s")
+        try:
+            if token.canceled:
+                return early(ExecutionStatus.CANCELED, CANCELED_ERROR)
+            queued = time.monotonic() - started
+            if queued:
+                limits = msgspec.structs.replace(
+                    limits, timeout=max(0.001, limits.timeout - queued))
+            with loaded.idle:
+                loaded.inflight += 1
+            try:
+                return self._run(loaded, request, limits, token)
+            finally:
+                with loaded.idle:
+                    loaded.inflight -= 1
+                    loaded.idle.notify_all()
+        finally:
+            self._slots.release()
+
+    def _run(self, loaded: _Loaded, request: ExecutionRequest, limits: Limits,
+             token: _CancelToken) -> ExecutionResult:
+        skill = loaded.skill
+        for attempt in range(2):
+            error = self._ensure_zygote(loaded)
+            if error:
+                return ExecutionResult(status=ExecutionStatus.FAILED, error=error,
+                                       request_id=request.request_id, skill_id=skill.id)
+            spec = ExecutionSpec(
+                skill=skill, zygote=loaded.zygote, exec_id=uuid.uuid4().hex,
+                request_id=request.request_id, tenant_id=request.tenant_id,
+                user_id=request.user_id, input=request.input, limits=limits,
+                env={**BASE_ENV, **skill.manifest.permissions.env},
+                isolation=self._isolation_for(skill), workdir_root=self.workdir_root,
+                tail_bytes=self.tail_bytes, cancel_fd=token.read_fd,
+            )
+            try:
+                return Execution(spec).run()
+            except ZygoteDied:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _ensure_zygote(self, loaded: _Loaded) -> str:
+        """Restart a dead zygote; a zygote that cannot boot is reported, not retried forever."""
+        if loaded.zygote.alive():
+            return ""
+        with loaded.restart_lock:
+            if loaded.zygote.alive():
+                return ""
+            loaded.zygote.stop(timeout=1.0)
+            try:
+                loaded.zygote.start()
+            except SkillLoadError as exc:
+                return f"{WORKER_ERROR}: {exc}"
+        return ""
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Sandbox is closed")
+
+    def close(self) -> None:
+        """Kill every execution and zygote, reap them, and refuse new work. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            loaded = list(self._skills.values())
+            self._skills.clear()
+            tokens = list(self._tokens.values())
+        for token in tokens:
+            token.cancel()
+        for item in loaded:
+            item.zygote.stop(timeout=2.0)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()

@@ -1,0 +1,124 @@
+"""Supervisor-side handle on one skill's zygote process (see `worker/zygote.py`)."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import msgspec
+
+from sandbox.errors import SkillLoadError
+from worker.protocol import ForkCommand, SkillCode, ZygoteFailed, ZygoteMessage, ZygoteReady
+
+#: The only variables a zygote starts with: it must never see the supervisor's secrets.
+BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+
+
+class ZygoteDied(RuntimeError):
+    """The zygote is gone; the caller restarts it."""
+
+
+class ZygoteProcess:
+    """Starts, feeds and stops one zygote. `fork` is safe from many threads at once."""
+
+    def __init__(self, skill_id: str, code: SkillCode, preload: list[str],
+                 isolation: dict[str, Any], start_timeout: float = 30.0) -> None:
+        self.skill_id = skill_id
+        self.code = code
+        self.preload = preload
+        self.isolation = isolation
+        self.start_timeout = start_timeout
+        self.pid = 0
+        self.rss_kb = 0
+        self.starts = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._control: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._encoder = msgspec.msgpack.Encoder()
+
+    def start(self) -> None:
+        """Exec a fresh interpreter and wait until it has preloaded and says it is ready."""
+        from worker.zygote import ZygoteConfig
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        config = msgspec.json.encode(ZygoteConfig(code=self.code, preload=self.preload,
+                                                  isolation=self.isolation)).decode()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-I", "-B", "-m", "worker.zygote", str(theirs.fileno()),
+                 config],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None,
+                pass_fds=(theirs.fileno(),), env=dict(BASE_ENV), cwd="/",
+                start_new_session=True,
+            )
+        finally:
+            theirs.close()
+        try:
+            message = self._await_boot(ours, process)
+        except BaseException:
+            ours.close()
+            _kill_and_reap(process)
+            raise
+        self._process, self._control = process, ours
+        self.pid, self.rss_kb = message.pid, message.rss_kb
+        self.starts += 1
+
+    def _await_boot(self, control: socket.socket, process: subprocess.Popen[bytes]) -> ZygoteReady:
+        ready, _, _ = select.select([control], [], [], self.start_timeout)
+        if not ready:
+            raise SkillLoadError(f"{self.skill_id}: zygote did not become ready within "
+                                 f"{self.start_timeout:g}s")
+        data = control.recv(1 << 16)
+        if not data:
+            code = process.wait(timeout=5)
+            raise SkillLoadError(f"{self.skill_id}: zygote exited with status {code} "
+                                 "before it was ready")
+        message = msgspec.msgpack.decode(data, type=ZygoteMessage)
+        if isinstance(message, ZygoteFailed):
+            raise SkillLoadError(f"{self.skill_id}: zygote failed to start: {message.error}")
+        return message
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def fork(self, command: ForkCommand, fds: list[int]) -> None:
+        """Ask the zygote for one execution child; the fds are duplicated into it."""
+        payload = self._encoder.encode(command)
+        with self._lock:
+            if self._control is None:
+                raise ZygoteDied(f"{self.skill_id}: zygote is not running")
+            try:
+                socket.send_fds(self._control, [payload], fds)
+            except OSError as exc:
+                raise ZygoteDied(f"{self.skill_id}: zygote is gone ({exc.strerror})") from None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """EOF on the control socket tells the zygote to kill its executions and exit."""
+        with self._lock:
+            control, process = self._control, self._process
+            self._control = self._process = None
+        if control is not None:
+            control.close()
+        if process is not None:
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_and_reap(process)
+
+
+def _kill_and_reap(process: subprocess.Popen[bytes]) -> None:
+    try:
+        process.kill()
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + 10
+    while process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if process.poll() is None:  # pragma: no cover - SIGKILL not honoured in 10 s: say so
+        os.write(2, f"skill-sandbox: zygote {process.pid} survived SIGKILL\n".encode())

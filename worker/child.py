@@ -1,0 +1,114 @@
+"""The execution child: the first code that runs after the zygote forks.
+
+It turns the fork into a contained execution — own process group, death with the zygote,
+its pipes on fixed fds and every other fd closed, a fresh workdir as cwd, a scrubbed
+environment, per-execution rlimits, the isolation layers — and then runs the skill: in this
+process (fork mode), or by exec'ing a fresh interpreter (spawn mode) or the skill's command.
+It never returns: it ends in `os._exit` or `execve`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from types import CodeType
+
+from worker import isolation, runtime
+from worker.protocol import ForkCommand, SkillCode
+
+#: Fixed fds inside an execution (after 0, 1, 2): result pipe (write) and request pipe (read).
+RESULT_FD = 3
+REQUEST_FD = 4
+#: Exit code when the child cannot be set up; the supervisor reports it as a worker failure.
+EXIT_SETUP_FAILED = 71
+
+
+def compile_entrypoint(code: SkillCode) -> CodeType | None:
+    """Compile the entrypoint module's source without running it, so no fork repeats the work.
+
+    Only a plain top-level module file is precompiled; packages and dotted modules are left to
+    the normal import system in the child.
+    """
+    module = code.entrypoint.partition(":")[0]
+    if "." in module:
+        return None
+    path = os.path.join(code.skill_dir, module + ".py")
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as source:
+        return compile(source.read(), path, "exec", dont_inherit=True)
+
+
+def _place_fds(fds: list[int], kind: str) -> None:
+    """Move the execution's pipes onto fixed numbers and close every other descriptor."""
+    request_r, result_w, stdout_w, stderr_w, report = fds
+    os.close(report)
+    # Park everything above the range we are about to fill, so no dup2 clobbers a source.
+    parked = [os.dup(fd) for fd in (request_r, result_w, stdout_w, stderr_w)]
+    for fd in (request_r, result_w, stdout_w, stderr_w):
+        os.close(fd)
+    request_r, result_w, stdout_w, stderr_w = parked
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    if kind == "command":
+        os.dup2(request_r, 0)  # a command reads its JSON input on stdin
+        os.dup2(devnull, RESULT_FD)  # and answers on stdout: it gets no result pipe
+        os.dup2(devnull, REQUEST_FD)
+    else:
+        os.dup2(devnull, 0)
+        os.dup2(result_w, RESULT_FD)
+        os.dup2(request_r, REQUEST_FD)
+    os.dup2(stdout_w, 1)
+    os.dup2(stderr_w, 2)
+    os.closerange(REQUEST_FD + 1, isolation.max_fd())
+    if kind == "command":
+        os.close(RESULT_FD)
+        os.close(REQUEST_FD)
+
+
+def run_execution(code: SkillCode, preload: list[str], command: ForkCommand, fds: list[int],
+                  precompiled: CodeType | None, zygote_pid: int) -> None:
+    """Entry point of the forked child. Never returns."""
+    try:
+        os.setsid()
+        isolation.die_with_parent(zygote_pid)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        kind = "command" if code.kind == "command" else "python"
+        _place_fds(fds, kind)
+        os.chdir(command.workdir)
+        os.environ.clear()
+        os.environ.update(command.env)
+        isolation.apply_child_layers(command, code)
+        if code.kind == "command":
+            _exec_command(code, command)
+        elif code.spawn:
+            _exec_fresh_interpreter(code, preload, command)
+    except BaseException as exc:  # noqa: BLE001 - nothing may escape into the zygote's loop
+        try:
+            os.write(2, f"skill-sandbox: execution set-up failed: {exc!r}\n".encode())
+        finally:
+            os._exit(EXIT_SETUP_FAILED)
+    runtime.run_and_exit(code, command, precompiled, RESULT_FD, REQUEST_FD)
+
+
+def _exec_command(code: SkillCode, command: ForkCommand) -> None:
+    argv = list(code.command)
+    program = argv[0]
+    if "/" in program:  # relative to the skill directory, like the manifest's other paths
+        program = os.path.join(code.skill_dir, program)
+    for fd in (0, 1, 2):
+        os.set_inheritable(fd, True)
+    if "/" in program:
+        os.execve(program, argv, dict(os.environ))
+    os.execvpe(program, argv, dict(os.environ))
+
+
+def _exec_fresh_interpreter(code: SkillCode, preload: list[str], command: ForkCommand) -> None:
+    from worker import spawn
+
+    for fd in (0, 1, 2, RESULT_FD, REQUEST_FD):
+        os.set_inheritable(fd, True)
+    argv = [sys.executable, "-I", "-B", "-m", "worker.spawn", spawn.encode_args(code, preload,
+                                                                            command)]
+    os.execve(sys.executable, argv, dict(os.environ))

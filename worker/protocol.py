@@ -1,0 +1,208 @@
+"""Wire types shared by the supervisor (`sandbox/`) and the worker processes (`worker/`).
+
+This is the only module both sides import. It depends on msgspec alone so that the code
+running next to untrusted skills stays small; the supervisor re-exports the public types.
+
+Frames are msgpack, prefixed by a 4-byte big-endian length, and travel on dedicated pipes or
+sockets — never on a skill's stdout.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import uuid
+from typing import Any
+
+import msgspec
+
+#: Bytes of the big-endian length prefix in front of every frame.
+FRAME_HEADER = struct.Struct(">I")
+
+
+class ExecutionStatus(str, enum.Enum):
+    """Outcome of one execution; the values are openbotstack's, byte for byte."""
+
+    SUCCESS = "success"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELED = "canceled"
+    REJECTED = "rejected"
+
+
+class ResourceUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """What an execution cost, measured by the supervisor from outside the child.
+
+    `tokens_used` is the one figure the skill reports itself (`ctx.report_tokens`): there is
+    no way to measure it from outside.
+    """
+
+    cpu_time_ms: int = 0
+    memory_mb: int = 0
+    tokens_used: int = 0
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ExecutionRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Input to one execution. `input` is JSON bytes; `timeout` overrides the skill's, in seconds."""
+
+    skill_id: str
+    input: bytes = b"{}"
+    timeout: float | None = None
+    tenant_id: str = ""
+    user_id: str = ""
+    request_id: str = msgspec.field(default_factory=_new_request_id)
+
+
+class ExecutionResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Outcome of one execution; returned for every outcome, including the skill's own faults."""
+
+    status: ExecutionStatus
+    output: bytes = b""
+    error: str = ""
+    duration: float = 0.0
+    resource_usage: ResourceUsage = ResourceUsage()
+    stdout: str = ""
+    stderr: str = ""
+    request_id: str = ""
+    skill_id: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is ExecutionStatus.SUCCESS
+
+    def json(self) -> Any:
+        """The output decoded from JSON (None when there is none)."""
+        return msgspec.json.decode(self.output) if self.output else None
+
+    def raise_for_status(self) -> ExecutionResult:
+        """Raise the `SandboxError` matching this result, or return the result on success."""
+        from sandbox.errors import error_for_result  # supervisor side only; never in a worker
+
+        error = error_for_result(self)
+        if error is not None:
+            raise error
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Internal messages between the supervisor, the zygote and an execution child.
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-execution limits, already resolved from the request, the manifest and the defaults."""
+
+    timeout: float = 30.0
+    cpu_time: float = 5.0
+    memory_mb: int = 128
+    max_processes: int = 32
+    max_output_bytes: int = 1 << 20
+    max_file_bytes: int = 16 << 20
+    max_open_files: int = 256
+
+
+class SkillCode(msgspec.Struct, frozen=True, kw_only=True):
+    """How to run a skill: a Python entrypoint in-process, or an executable speaking JSON."""
+
+    skill_dir: str
+    kind: str  # "python" | "command"
+    entrypoint: str = ""  # "module:function" for python skills
+    command: list[str] = []
+    spawn: bool = False  # python only: a fresh interpreter per execution instead of a fork
+
+
+class ForkCommand(msgspec.Struct, frozen=True, kw_only=True, tag="fork"):
+    """Supervisor → zygote: start one execution.
+
+    File descriptors travel beside it with SCM_RIGHTS, in the order of `ExecutionFds`.
+    """
+
+    exec_id: str
+    request_id: str
+    skill_id: str
+    tenant_id: str
+    user_id: str
+    deadline: float  # wall-clock (time.time) instant after which the supervisor kills the child
+    limits: Limits
+    workdir: str
+    env: dict[str, str]
+    isolation: dict[str, Any] = {}  # layer settings, applied by worker.isolation
+
+
+class ZygoteReady(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
+    pid: int
+    rss_kb: int
+    python: str
+
+
+class ZygoteFailed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
+    error: str
+
+
+class ChildStarted(msgspec.Struct, frozen=True, kw_only=True, tag="started"):
+    """Zygote → supervisor on the execution's report socket; a pidfd travels beside it."""
+
+    pid: int
+    zygote_rss_kb: int
+
+
+class ChildExited(msgspec.Struct, frozen=True, kw_only=True, tag="exited"):
+    """Zygote → supervisor: the child was reaped; rusage as the kernel counted it (wait4)."""
+
+    pid: int
+    wait_status: int
+    utime: float
+    stime: float
+    maxrss_kb: int
+
+
+class ChildResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Child → supervisor on the result pipe: the skill's answer, in the child's own words.
+
+    The supervisor trusts none of it beyond "what the skill returned": status, timing and
+    resource usage are decided outside the child.
+    """
+
+    ok: bool
+    output: bytes = b""
+    error: str = ""
+    limit: str = ""  # a resource limit the skill ran into ("memory", "file size"), if any
+    tokens_used: int = 0
+
+
+ZygoteMessage = ZygoteReady | ZygoteFailed
+ReportMessage = ChildStarted | ChildExited
+
+
+def encode_frame(message: msgspec.Struct, encoder: msgspec.msgpack.Encoder | None = None) -> bytes:
+    """One length-prefixed msgpack frame."""
+    buffer = bytearray(FRAME_HEADER.size)
+    (encoder or _ENCODER).encode_into(message, buffer, FRAME_HEADER.size)
+    FRAME_HEADER.pack_into(buffer, 0, len(buffer) - FRAME_HEADER.size)
+    return bytes(buffer)
+
+
+class FrameError(ValueError):
+    """A frame that is short, oversized, trailed by garbage or undecodable."""
+
+
+def decode_frame(data: bytes, decoder: msgspec.msgpack.Decoder[Any]) -> Any:
+    """Decode exactly one frame occupying all of `data`; anything else is a `FrameError`."""
+    if len(data) < FRAME_HEADER.size:
+        raise FrameError(f"short frame: {len(data)} bytes, no complete length prefix")
+    (length,) = FRAME_HEADER.unpack_from(data)
+    body = len(data) - FRAME_HEADER.size
+    if body < length:
+        raise FrameError(f"truncated frame: header says {length} bytes, got {body}")
+    if body > length:
+        raise FrameError(f"{body - length} unexpected bytes after the result frame")
+    try:
+        return decoder.decode(memoryview(data)[FRAME_HEADER.size :])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FrameError(f"undecodable frame: {exc}") from None
+
+
+_ENCODER = msgspec.msgpack.Encoder()

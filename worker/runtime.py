@@ -1,0 +1,190 @@
+"""Runs a Python skill's entrypoint inside the execution child and writes its one result frame.
+
+The input arrives as JSON bytes on the request pipe; the answer leaves as a single
+length-prefixed `ChildResult` frame on the result pipe. Whatever the skill does — raise, return
+garbage, hit a limit — ends here as a frame or as a process exit the supervisor interprets.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import os
+import sys
+import time
+import traceback
+import types
+import typing
+from types import CodeType
+from typing import Any
+
+import msgspec
+
+from worker.protocol import ChildResult, ForkCommand, SkillCode, encode_frame
+
+
+class SkillContext:
+    """The second argument of `run(input, ctx)`: who is asking, where to write, until when."""
+
+    __slots__ = ("_tokens", "deadline", "request_id", "skill_id", "tenant_id", "user_id",
+                 "workdir")
+
+    def __init__(self, command: ForkCommand) -> None:
+        self.request_id = command.request_id
+        self.skill_id = command.skill_id
+        self.tenant_id = command.tenant_id
+        self.user_id = command.user_id
+        self.workdir = command.workdir
+        self.deadline = command.deadline  # a time.time() instant
+        self._tokens = 0
+
+    def time_left(self) -> float:
+        """Seconds until the supervisor kills this execution."""
+        return max(0.0, self.deadline - time.time())
+
+    def report_tokens(self, count: int) -> None:
+        """Add `count` to the tokens this execution used (lands in `resource_usage.tokens_used`)."""
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"report_tokens needs a non-negative int, got {count!r}")
+        self._tokens += count
+
+    @property
+    def tokens_used(self) -> int:
+        return self._tokens
+
+
+class InvalidInput(Exception):
+    """The JSON input does not fit the type the entrypoint's parameter is annotated with."""
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)
+
+
+def load_entrypoint(code: SkillCode, precompiled: CodeType | None) -> Any:
+    module_name, _, function_name = code.entrypoint.partition(":")
+    sys.path.insert(0, code.skill_dir)
+    if precompiled is not None:
+        module = types.ModuleType(module_name)
+        module.__file__ = precompiled.co_filename
+        sys.modules[module_name] = module
+        exec(precompiled, module.__dict__)
+    else:
+        import importlib
+
+        module = importlib.import_module(module_name)
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise AttributeError(f"entrypoint {code.entrypoint!r}: {function_name!r} is not a "
+                             f"callable in module {module_name!r}")
+    return function
+
+
+def _convert_input(function: Any, data: Any) -> Any:
+    """Convert the decoded JSON to the first parameter's annotated type, if it has one."""
+    try:
+        hints = typing.get_type_hints(function)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: pass the JSON as it is
+        return data
+    parameters = list(inspect.signature(function).parameters)
+    annotation = hints.get(parameters[0]) if parameters else None
+    if annotation is None or annotation is Any or annotation is object:
+        return data
+    validate = getattr(annotation, "model_validate", None)  # a pydantic model, duck-typed
+    try:
+        if validate is not None:
+            return validate(data)
+        return msgspec.convert(data, type=annotation)
+    except Exception as exc:
+        raise InvalidInput(str(exc)) from None
+
+
+def _wants_context(function: Any) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in parameters
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in positional)
+
+
+def _encode_hook(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)  # pydantic models
+    if callable(dump):
+        return dump(mode="json")
+    raise TypeError(f"return value of type {type(value).__name__} is not JSON-serialisable")
+
+
+def call_skill(code: SkillCode, command: ForkCommand, precompiled: CodeType | None,
+               input_bytes: bytes) -> ChildResult:
+    ctx = SkillContext(command)
+    try:
+        function = load_entrypoint(code, precompiled)
+        try:
+            data = msgspec.json.decode(input_bytes)
+        except msgspec.DecodeError as exc:
+            raise InvalidInput(f"input is not JSON: {exc}") from None
+        argument = _convert_input(function, data)
+        value = function(argument, ctx) if _wants_context(function) else function(argument)
+        if inspect.isawaitable(value):
+            import asyncio
+
+            value = asyncio.run(_await(value))
+        try:
+            output = msgspec.json.encode(value, enc_hook=_encode_hook)
+        except (TypeError, msgspec.EncodeError) as exc:
+            return ChildResult(ok=False, error=f"invalid output: {exc}",
+                               tokens_used=ctx.tokens_used)
+        if len(output) > command.limits.max_output_bytes:
+            return ChildResult(ok=False, limit="output", tokens_used=ctx.tokens_used,
+                               error=f"output is {len(output)} bytes, limit is "
+                                     f"{command.limits.max_output_bytes}")
+        return ChildResult(ok=True, output=output, tokens_used=ctx.tokens_used)
+    except InvalidInput as exc:
+        return ChildResult(ok=False, error=f"invalid input: {exc}", tokens_used=ctx.tokens_used)
+    except MemoryError:
+        return ChildResult(ok=False, limit="memory", error="MemoryError",
+                           tokens_used=ctx.tokens_used)
+    except BaseException as exc:  # noqa: BLE001 - the skill's failure is its result
+        if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+            return ChildResult(ok=False, limit="file size", error=f"OSError: {exc}",
+                               tokens_used=ctx.tokens_used)
+        traceback.print_exc()
+        message = str(exc)
+        error = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+        return ChildResult(ok=False, error=error, tokens_used=ctx.tokens_used)
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def run_and_exit(code: SkillCode, command: ForkCommand, precompiled: CodeType | None,
+                 result_fd: int, request_fd: int) -> None:
+    """Read the input, run the skill, write one frame, exit. Never returns."""
+    status = 0
+    try:
+        sys.dont_write_bytecode = True
+        result = call_skill(code, command, precompiled, _read_all(request_fd))
+        frame = encode_frame(result)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        _write_all(result_fd, frame)
+    except BaseException:  # noqa: BLE001 - a broken pipe or worse: the exit code says so
+        status = 70
+    os._exit(status)
