@@ -1,0 +1,97 @@
+"""Shared fixtures: every test ends with no process of ours left alive."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sandbox import Sandbox, Skill
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "skills_examples"
+
+
+def descendants() -> list[psutil.Process]:
+    try:
+        return psutil.Process(os.getpid()).children(recursive=True)
+    except psutil.NoSuchProcess:  # pragma: no cover
+        return []
+
+
+def wait_until_gone(pids: set[int], timeout: float = 5.0) -> set[int]:
+    """The pids among `pids` still alive (not zombies) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {pid for pid in alive if _alive(pid)}
+        if alive:
+            time.sleep(0.02)
+    return alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Fail any test that leaves a child, grandchild or escaped process of this test behind."""
+    before = {p.pid for p in descendants()}
+    yield
+    leftovers = {p.pid for p in descendants()} - before
+    survivors = wait_until_gone(leftovers)
+    if survivors:
+        for pid in survivors:
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+        pytest.fail(f"processes left running after the test: {sorted(survivors)}")
+
+
+@pytest.fixture
+def example() -> Callable[[str], Skill]:
+    """Load an example skill by directory name."""
+    return lambda name: Skill.from_dir(EXAMPLES / name)
+
+
+@pytest.fixture
+def make_sandbox() -> Iterator[Callable[..., Sandbox]]:
+    """Build sandboxes that are closed (and so reaped) at the end of the test."""
+    opened: list[Sandbox] = []
+
+    def make(*skills: Skill | str | os.PathLike[str], **options: object) -> Sandbox:
+        sandbox = Sandbox(skills, **options)  # type: ignore[arg-type]
+        opened.append(sandbox)
+        return sandbox
+
+    yield make
+    for sandbox in opened:
+        sandbox.close()
+
+
+@pytest.fixture
+def skill_dir(tmp_path: Path) -> Callable[..., Path]:
+    """Write a throw-away skill: `skill_dir(code, manifest_extra="...")` → its directory."""
+    counter = iter(range(1_000_000))
+
+    def write(code: str, manifest_extra: str = "", skill_id: str | None = None) -> Path:
+        index = next(counter)
+        directory = tmp_path / f"skill{index}"
+        directory.mkdir()
+        (directory / "main.py").write_text(code)
+        (directory / "skill.toml").write_text(
+            f'id = "{skill_id or f"test/skill{index}"}"\nversion = "0.1.0"\n'
+            f'entrypoint = "main:run"\n{manifest_extra}\n'
+        )
+        return directory
+
+    return write
