@@ -282,10 +282,6 @@ class Execution:
             self.state.pidfd = fds[0] if fds else -1
             for fd in fds[1:]:
                 os.close(fd)
-            try:
-                self.state.watch = TreeWatch(decoded.pid)
-            except Exception:  # noqa: BLE001 - already gone: the exit report follows
-                self.state.watch = None
             if self.state.killed_for:  # the kill was asked for before we had the pid
                 self._signal_tree()
         else:
@@ -298,7 +294,13 @@ class Execution:
     # -- limits ---------------------------------------------------------------------------
 
     def _check_tree(self) -> None:
-        watch = self.state.watch
+        state = self.state
+        if state.watch is None and state.started is not None and state.exited is None:
+            try:  # created on first use: quick executions never pay for psutil
+                state.watch = TreeWatch(state.started.pid)
+            except Exception:  # noqa: BLE001 - already gone: the exit report follows
+                return
+        watch = state.watch
         if watch is None:
             return
         sample = watch.sample()
