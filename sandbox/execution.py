@@ -386,10 +386,11 @@ class Execution:
         else:
             status, output = ExecutionStatus.SUCCESS, frame.output
 
-        if status is ExecutionStatus.SUCCESS and spec.skill.has_output_schema:
-            problem = spec.skill.output_problem(msgspec.json.decode(output))
+        if status is ExecutionStatus.SUCCESS:
+            # The frame is the child's word: a forged one may carry anything as "output".
+            problem = self._output_problem(output)
             if problem:
-                status, output, error = ExecutionStatus.FAILED, b"", f"invalid output: {problem}"
+                status, output, error = ExecutionStatus.FAILED, b"", problem
         return ExecutionResult(
             status=status, output=output, error=error,
             duration=time.monotonic() - self.start,
@@ -398,6 +399,18 @@ class Execution:
             stdout=self.stdout.text() if spec.skill.manifest.kind == "python" else "",
             stderr=self.stderr.text(), request_id=spec.request_id, skill_id=spec.skill.id,
         )
+
+    def _output_problem(self, output: bytes) -> str:
+        """Why a successful execution's output cannot be handed to the caller, or ""."""
+        limit = self.spec.limits.max_output_bytes
+        if len(output) > limit:
+            return f"{EXHAUSTED_ERROR}: output: result is {len(output)} bytes, limit is {limit}"
+        try:
+            data = msgspec.json.decode(output)
+        except msgspec.DecodeError as exc:
+            return f"invalid output: not JSON: {exc}"
+        problem = self.spec.skill.output_problem(data)
+        return f"invalid output: {problem}" if problem else ""
 
     def _judge_command(self, exited: ChildExited) -> tuple[ExecutionStatus, bytes, str]:
         if exited.wait_status != 0:

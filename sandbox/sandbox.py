@@ -30,6 +30,8 @@ from worker.protocol import ExecutionRequest, ExecutionResult, ExecutionStatus, 
 
 SKILL_NOT_LOADED = "runtime: skill not loaded"
 INVALID_INPUT = "runtime: invalid input"
+#: How often a caller queued for a concurrency slot checks whether it was cancelled.
+_QUEUE_POLL = 0.05
 
 
 class _CancelToken:
@@ -231,7 +233,9 @@ class Sandbox:
         if problem:
             return early(ExecutionStatus.REJECTED, f"{INVALID_INPUT}: {problem}")
         limits = _limits_for(skill, request)
-        if not self._slots.acquire(timeout=limits.timeout):
+        if not self._acquire_slot(token, limits.timeout):
+            if token.canceled:
+                return early(ExecutionStatus.CANCELED, CANCELED_ERROR)
             return early(ExecutionStatus.TIMEOUT,
                          f"{TIMEOUT_ERROR}: no execution slot free within {limits.timeout:g}s")
         try:
@@ -251,6 +255,18 @@ class Sandbox:
                     loaded.idle.notify_all()
         finally:
             self._slots.release()
+
+    def _acquire_slot(self, token: _CancelToken, timeout: float) -> bool:
+        """Wait for a concurrency slot within `timeout`; a queued caller that cancels stops
+        waiting at once instead of when a slot frees."""
+        deadline = time.monotonic() + timeout
+        while not token.canceled:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._slots.acquire(timeout=min(left, _QUEUE_POLL)):
+                return True
+        return False
 
     def _run(self, loaded: _Loaded, request: ExecutionRequest, limits: Limits,
              token: _CancelToken) -> ExecutionResult:

@@ -99,6 +99,11 @@ def _exec_command(code: SkillCode, command: ForkCommand) -> None:
         program = os.path.join(code.skill_dir, program)
     for fd in (0, 1, 2):
         os.set_inheritable(fd, True)
+    # Python ignores these at start-up and an ignored signal stays ignored across exec: give
+    # the program the defaults, so a file past RLIMIT_FSIZE ends it with SIGXFSZ (judged as
+    # the file-size limit) and a closed pipe with SIGPIPE, as in any shell.
+    for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(signum, signal.SIG_DFL)
     if "/" in program:
         os.execve(program, argv, dict(os.environ))
     os.execvpe(program, argv, dict(os.environ))
