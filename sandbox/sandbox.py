@@ -158,7 +158,14 @@ class Sandbox:
             loaded = self._skills[skill_id]
         zygote = loaded.zygote
         return {"pid": zygote.pid, "rss_kb": zygote.rss_kb, "starts": zygote.starts,
-                "alive": zygote.alive()}
+                "alive": zygote.alive(), "inflight": loaded.inflight}
+
+    def ensure_zygote(self, skill_id: str) -> str:
+        """Restart the skill's zygote if it died, so a watchdog can heal it between executions
+        (instead of the next caller paying the boot); '' when it is up, else why it is not."""
+        with self._lock:
+            loaded = self._skills[skill_id]
+        return self._ensure_zygote(loaded)
 
     def _isolation_for(self, skill: Skill) -> dict[str, Any]:
         return {"network": skill.manifest.permissions.network}
