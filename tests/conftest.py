@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
-from sandbox import Sandbox, Skill
+from sandbox import ExecutionRequest, ExecutionResult, Sandbox, Skill
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "skills_examples"
@@ -50,10 +52,8 @@ def no_leftover_processes() -> Iterator[None]:
     survivors = wait_until_gone(leftovers)
     if survivors:
         for pid in survivors:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(pid).kill()
-            except psutil.NoSuchProcess:
-                pass
         pytest.fail(f"processes left running after the test: {sorted(survivors)}")
 
 
@@ -95,3 +95,19 @@ def skill_dir(tmp_path: Path) -> Callable[..., Path]:
         return directory
 
     return write
+
+
+@pytest.fixture
+def run_skill(make_sandbox: Callable[..., Sandbox],
+              skill_dir: Callable[..., Path]) -> Callable[..., ExecutionResult]:
+    """Write a skill, load it into its own sandbox and execute it once:
+    `run_skill(code, input=b"{}", manifest_extra="", **request_fields)` → its result."""
+
+    def run(code: str, input: bytes | str = b"{}", manifest_extra: str = "",
+            **request: Any) -> ExecutionResult:
+        skill = Skill.from_dir(skill_dir(code, manifest_extra))
+        sandbox = make_sandbox(skill)
+        data = input.encode() if isinstance(input, str) else input
+        return sandbox.execute(ExecutionRequest(skill_id=skill.id, input=data, **request))
+
+    return run
