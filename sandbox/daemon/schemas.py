@@ -1,0 +1,234 @@
+"""The HTTP API's bodies as pydantic models: validation of what comes in, and the OpenAPI
+document of what goes out (generated from the same models, so the two cannot disagree).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, TypeVar
+
+import msgspec
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from worker.protocol import ExecutionRequest, ExecutionResult
+
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+API_VERSION = "1"
+M = TypeVar("M", bound=BaseModel)
+
+
+class BodyError(ValueError):
+    """A request body that is not acceptable; `problems` lists `{field, message}`."""
+
+    def __init__(self, message: str, problems: list[dict[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or []
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExecuteBody(_Body):
+    """openbotstack's ExecutionRequest, with `input` as a JSON value instead of bytes."""
+
+    skill_id: str = Field(min_length=1, max_length=256, description="e.g. 'examples/echo'")
+    input: Any = Field(default_factory=dict, description="any JSON value; validated against "
+                       "the skill's input_schema")
+    timeout: float | None = Field(default=None, gt=0, le=86400,
+                                  description="seconds; overrides the skill's wall timeout")
+    tenant_id: str = Field(default="", max_length=256)
+    user_id: str = Field(default="", max_length=256)
+    request_id: str | None = Field(default=None, pattern=REQUEST_ID_PATTERN,
+                                   description="generated when absent; must be unique in flight")
+
+    def to_request(self) -> ExecutionRequest:
+        fields: dict[str, Any] = {
+            "skill_id": self.skill_id, "input": msgspec.json.encode(self.input),
+            "timeout": self.timeout, "tenant_id": self.tenant_id, "user_id": self.user_id,
+        }
+        if self.request_id:
+            fields["request_id"] = self.request_id
+        return ExecutionRequest(**fields)
+
+
+class ResourceUsageModel(_Body):
+    cpu_time_ms: int = Field(description="CPU of the whole process tree, measured outside it")
+    memory_mb: int = Field(description="peak memory above the worker's baseline")
+    tokens_used: int = Field(description="reported by the skill (ctx.report_tokens)")
+
+
+class ExecutionResultModel(_Body):
+    """openbotstack's ExecutionResult, with `output` as a JSON value."""
+
+    status: Literal["success", "failed", "timeout", "canceled", "rejected"]
+    output: Any = Field(description="the skill's JSON output; null when there is none")
+    error: str = Field(description="empty on success, else starts with the seed's message")
+    duration: float = Field(description="seconds")
+    resource_usage: ResourceUsageModel
+    stdout: str
+    stderr: str
+    request_id: str
+    skill_id: str
+
+
+class PlanBody(_Body):
+    """An openbotstack ExecutionPlan and the ExecutionContext to run it in."""
+
+    plan: dict[str, Any] = Field(description="{assistant_id, steps: [{name, type, arguments}], "
+                                 "reasoning}")
+    context: dict[str, Any] = Field(default_factory=dict,
+                                    description="{request_id, assistant_id, session_id, "
+                                    "tenant_id, user_id, timeout (seconds)}")
+
+
+class ErrorBody(_Body):
+    code: str = Field(description="machine-readable reason, e.g. 'invalid_body'")
+    error: str = Field(description="what was wrong, for a human")
+    problems: list[dict[str, str]] = Field(default_factory=list,
+                                           description="[{field, message}] for invalid bodies")
+
+
+def parse_body(raw: bytes, model: type[M]) -> M:
+    """Decode and validate; every failure is a `BodyError` that names the field."""
+    if not raw.strip():
+        raise BodyError("the request body is empty; send a JSON object")
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise BodyError("the request body is not UTF-8 JSON") from None
+    except ValueError as exc:
+        raise BodyError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BodyError("the request body is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise BodyError(f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for item in exc.errors():
+            where = ".".join(str(part) for part in item["loc"]) or "(body)"
+            message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
+            problems.append({"field": where, "message": message})
+        text = "; ".join(f"field '{p['field']}': {p['message']}" for p in problems)
+        raise BodyError(f"invalid request body: {text}", problems) from None
+
+
+def result_to_json(result: ExecutionResult) -> dict[str, Any]:
+    output: Any = None
+    if result.output:
+        try:
+            output = msgspec.json.decode(result.output)
+        except msgspec.DecodeError:
+            output = result.output.decode("utf-8", "replace")
+    usage = result.resource_usage
+    return {
+        "status": result.status.value, "output": output, "error": result.error,
+        "duration": result.duration,
+        "resource_usage": {"cpu_time_ms": usage.cpu_time_ms, "memory_mb": usage.memory_mb,
+                           "tokens_used": usage.tokens_used},
+        "stdout": result.stdout, "stderr": result.stderr, "request_id": result.request_id,
+        "skill_id": result.skill_id,
+    }
+
+
+# -- OpenAPI -----------------------------------------------------------------------------------
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str = "") -> dict[str, Any]:
+    return {"description": description or "OK",
+            "content": {"application/json": {"schema": schema}}}
+
+
+_ERRORS = {
+    "400": _json(_ref("ErrorBody"), "body is not JSON / not an object"),
+    "401": _json(_ref("ErrorBody"), "missing or wrong bearer token (TCP only)"),
+    "413": _json(_ref("ErrorBody"), "body larger than max_body_bytes"),
+    "422": _json(_ref("ErrorBody"), "body fails validation; `problems` names the fields"),
+    "429": _json(_ref("ErrorBody"), "queue full (max_concurrency + max_queue in flight)"),
+    "503": _json(_ref("ErrorBody"), "draining: the daemon is shutting down"),
+}
+_OBJECT = {"type": "object"}
+
+
+def openapi_document() -> dict[str, Any]:
+    models: list[type[BaseModel]] = [ExecuteBody, ExecutionResultModel, ResourceUsageModel,
+                                     PlanBody, ErrorBody]
+    schemas: dict[str, Any] = {}
+    for model in models:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+
+    def op(summary: str, responses: dict[str, Any], body: str | None = None,
+           params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        operation: dict[str, Any] = {"summary": summary, "responses": responses}
+        if body:
+            operation["requestBody"] = {"required": True,
+                                        "content": {"application/json": {"schema": _ref(body)}}}
+        if params:
+            operation["parameters"] = params
+        return operation
+
+    def path_param(name: str) -> dict[str, Any]:
+        return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+    def query(name: str, description: str) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": False, "schema": {"type": "string"},
+                "description": description}
+
+    paths = {
+        "/v1/execute": {"post": op("Run one skill execution; every outcome is a 200 result",
+                                   {"200": _json(_ref("ExecutionResultModel")), **_ERRORS},
+                                   body="ExecuteBody")},
+        "/v1/plans": {"post": op("Run a multi-step execution plan",
+                                 {"200": _json(_OBJECT, "step results and outcome"), **_ERRORS},
+                                 body="PlanBody")},
+        "/v1/skills": {"get": op("Loaded skills and load errors", {"200": _json(_OBJECT)})},
+        "/v1/skills/{skill_id}": {"get": op(
+            "One loaded skill: manifest, limits, zygote, circuit",
+            {"200": _json(_OBJECT), "404": _json(_ref("ErrorBody"), "skill not loaded")},
+            params=[path_param("skill_id")])},
+        "/v1/skills/reload": {"post": op(
+            "Re-read config, load new/changed skills, unload removed ones (like SIGHUP)",
+            {"200": _json(_OBJECT, "added/reloaded/unchanged/removed/errors")},
+            params=[query("force", "1 reloads every skill, changed or not")])},
+        "/v1/executions": {"get": op(
+            "Query the execution log",
+            {"200": _json(_OBJECT), "404": _json(_ref("ErrorBody"), "no execution log")},
+            params=[query("request_id", ""), query("tenant_id", ""), query("skill_id", ""),
+                    query("status", ""), query("since", "ISO time or age like '1h'"),
+                    query("limit", "max records (default 100)")])},
+        "/v1/executions/{request_id}": {"get": op(
+            "Execution-log records of one request",
+            {"200": _json(_OBJECT), "404": _json(_ref("ErrorBody"), "unknown request id")},
+            params=[path_param("request_id")])},
+        "/v1/executions/{request_id}/cancel": {"post": op(
+            "Cancel a running or queued execution; its caller gets status 'canceled'",
+            {"200": _json(_OBJECT), "404": _json(_ref("ErrorBody"), "not in flight")},
+            params=[path_param("request_id")])},
+        "/v1/status": {"get": op("Daemon status: skills, zygotes, circuits, in-flight",
+                                 {"200": _json(_OBJECT)})},
+        "/healthz": {"get": op("Liveness: 200 while the process serves",
+                               {"200": _json(_OBJECT)})},
+        "/readyz": {"get": op("Readiness: 200 when every zygote is up and not draining",
+                              {"200": _json(_OBJECT), "503": _json(_OBJECT, "not ready")})},
+        "/metrics": {"get": op("Prometheus metrics", {
+            "200": {"description": "text exposition format",
+                    "content": {"text/plain": {"schema": {"type": "string"}}}}})},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Skill Sandbox daemon", "version": API_VERSION,
+                 "description": "Runs untrusted skills in isolated, resource-limited workers. "
+                 "Over TCP every route but /healthz needs `Authorization: Bearer <token>`."},
+        "paths": paths,
+        "components": {"schemas": schemas,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+    }
