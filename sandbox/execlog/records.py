@@ -1,0 +1,190 @@
+"""The execution log's record and the `ExecutionLogger` protocol.
+
+One record per `execute` and per plan step (skill steps are logged by the `execute` they go
+through, tool steps by the plan runner), plus a `plan` record when a plan starts and ends.
+The JSON field names are the seed's (`request_id`, `assistant_id`, `step_name`, `step_type`,
+`status`, `output`, `error`, `duration_ms`, `timestamp`), extended with who asked and what it
+cost. `timestamp` is when the step ended, in UTC.
+"""
+
+from __future__ import annotations
+
+import abc
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import msgspec
+
+if TYPE_CHECKING:
+    from sandbox.plans import ExecutionContext, ExecutionPlan, StepResult
+    from worker.protocol import ExecutionRequest, ExecutionResult
+
+#: Outputs larger than this (encoded JSON bytes) are logged as a truncated text preview.
+DEFAULT_MAX_OUTPUT_BYTES = 4096
+
+PLAN_STEP_TYPE = "plan"
+
+
+class ExecutionLogRecord(msgspec.Struct, kw_only=True):
+    request_id: str
+    assistant_id: str = ""
+    step_name: str = ""
+    step_type: str = ""  # "skill", "tool" or "plan"
+    status: str = ""
+    output: Any = None
+    error: str = ""
+    duration_ms: float = 0.0
+    timestamp: datetime = msgspec.field(default_factory=lambda: datetime.now(UTC))
+    tenant_id: str = ""
+    user_id: str = ""
+    session_id: str = ""
+    step_index: int | None = None  # position in the plan; None for an execute outside a plan
+    cpu_ms: int = 0
+    memory_mb: int = 0
+    tokens: int = 0
+    output_truncated: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)  # type: ignore[no-any-return]
+
+    def to_json(self) -> bytes:
+        return msgspec.json.encode(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> ExecutionLogRecord:
+        return msgspec.json.decode(data, type=cls)
+
+
+_DECODER = msgspec.json.Decoder(ExecutionLogRecord)
+
+
+def decode_record(data: bytes) -> ExecutionLogRecord:
+    return _DECODER.decode(data)
+
+
+@runtime_checkable
+class ExecutionLogger(Protocol):
+    """Where execution events go. Implementations must be thread-safe; a logger that raises
+    is reported (stdlib logging) and never fails the execution."""
+
+    def log_step(self, record: ExecutionLogRecord) -> None: ...
+
+    def log_plan_start(self, ec: ExecutionContext, plan: ExecutionPlan) -> None: ...
+
+    def log_plan_end(self, ec: ExecutionContext, error: str | None) -> None: ...
+
+
+class StepInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """Plan-side facts about a skill step that `execute` alone does not know."""
+
+    assistant_id: str = ""
+    session_id: str = ""
+    step_index: int | None = None
+
+
+def bounded_output(output: Any, limit: int) -> tuple[Any, bool]:
+    """`(value, truncated)`: the output as JSON data if it fits in `limit` encoded bytes, else
+    a text preview of its first `limit` bytes. Bytes are decoded as JSON when they are JSON."""
+    if isinstance(output, bytes | bytearray | memoryview):
+        raw = bytes(output)
+        if not raw:
+            return None, False
+        if len(raw) <= limit:
+            try:
+                return msgspec.json.decode(raw), False
+            except msgspec.DecodeError:
+                return raw.decode("utf-8", errors="replace"), False
+        return raw[:limit].decode("utf-8", errors="ignore"), True
+    if output is None:
+        return None, False
+    try:
+        encoded = msgspec.json.encode(output)
+    except (TypeError, msgspec.EncodeError):
+        encoded = repr(output).encode()
+        output = encoded.decode()
+    if len(encoded) <= limit:
+        return output, False
+    return encoded[:limit].decode("utf-8", errors="ignore"), True
+
+
+def record_for_execution(request: ExecutionRequest, result: ExecutionResult,
+                         step: StepInfo | None = None,
+                         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> ExecutionLogRecord:
+    output, truncated = bounded_output(result.output, max_output_bytes)
+    usage = result.resource_usage
+    return ExecutionLogRecord(
+        request_id=request.request_id, assistant_id=step.assistant_id if step else "",
+        step_name=request.skill_id, step_type="skill", status=result.status.value,
+        output=output, output_truncated=truncated, error=result.error,
+        duration_ms=result.duration * 1000.0, tenant_id=request.tenant_id,
+        user_id=request.user_id, session_id=step.session_id if step else "",
+        step_index=step.step_index if step else None, cpu_ms=usage.cpu_time_ms,
+        memory_mb=usage.memory_mb, tokens=usage.tokens_used,
+    )
+
+
+def record_for_step(ec: ExecutionContext, result: StepResult,
+                    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> ExecutionLogRecord:
+    output, truncated = bounded_output(result.output, max_output_bytes)
+    return ExecutionLogRecord(
+        request_id=ec.request_id, assistant_id=ec.assistant_id, step_name=result.step_name,
+        step_type=result.type, status=result.status,
+        output=output, output_truncated=truncated, error=result.error,
+        duration_ms=result.duration * 1000.0, tenant_id=ec.tenant_id, user_id=ec.user_id,
+        session_id=ec.session_id, step_index=result.index,
+    )
+
+
+def plan_status(error: str | None) -> str:
+    if not error:
+        return "success"
+    if error.startswith("runtime: execution canceled"):
+        return "canceled"
+    if error.startswith("runtime: invalid plan"):
+        return "rejected"
+    return "failed"
+
+
+class RecordLogger(abc.ABC):
+    """Base for loggers that store records: plan events become records with step_type `plan`
+    (status `started`, then `success`/`failed`/`canceled`/`rejected`)."""
+
+    def __init__(self, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> None:
+        if max_output_bytes < 0:
+            raise ValueError(f"max_output_bytes must not be negative, got {max_output_bytes}")
+        self.max_output_bytes = max_output_bytes
+
+    @abc.abstractmethod
+    def write(self, record: ExecutionLogRecord) -> None:
+        """Store one record durably enough for this logger's promise, then return."""
+
+    def log_step(self, record: ExecutionLogRecord) -> None:
+        if record.output is not None and not record.output_truncated:
+            output, truncated = bounded_output(record.output, self.max_output_bytes)
+            if truncated:
+                record = msgspec.structs.replace(record, output=output, output_truncated=True)
+        self.write(record)
+
+    def log_plan_start(self, ec: ExecutionContext, plan: ExecutionPlan) -> None:
+        output, truncated = bounded_output(plan.to_dict(), self.max_output_bytes)
+        self.write(ExecutionLogRecord(
+            request_id=ec.request_id, assistant_id=ec.assistant_id or plan.assistant_id,
+            step_type=PLAN_STEP_TYPE, status="started",
+            output=output, output_truncated=truncated, tenant_id=ec.tenant_id,
+            user_id=ec.user_id, session_id=ec.session_id))
+
+    def log_plan_end(self, ec: ExecutionContext, error: str | None) -> None:
+        self.write(ExecutionLogRecord(
+            request_id=ec.request_id, assistant_id=ec.assistant_id, step_type=PLAN_STEP_TYPE,
+            status=plan_status(error), error=error or "",
+            duration_ms=ec.elapsed() * 1000.0, tenant_id=ec.tenant_id, user_id=ec.user_id,
+            session_id=ec.session_id))
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release files or connections; the default has none."""
+
+    def __enter__(self) -> RecordLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,213 @@
+"""Execution policy: which tenant may run what, how often, how much at once.
+
+Evaluated by `Sandbox.execute` after the input is validated and before the circuit breaker and
+any worker: a denial is a `rejected` result with `runtime: policy rejected execution: <reason>`.
+
+A policy is anything with `check(request, skill) -> None | reason`; if it also has
+`release(request, skill)`, the sandbox calls it once after every execution `check` admitted
+(that is how `Policy` counts executions in flight). `Policy` is the built-in one, a pydantic
+model loadable from TOML or YAML:
+
+    max_input_bytes = 1048576        # defaults for every tenant
+    max_timeout = 60
+
+    [default]                        # tenants not listed below
+    allowed_skills = ["examples/*"]
+    max_concurrent = 4
+    rate_limit = { rate = 5, burst = 10 }
+
+    [tenants.acme]
+    allowed_skills = ["*"]
+    network = true                   # may run skills whose manifest allows network
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import threading
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from sandbox.errors import SandboxError
+from sandbox.skill import Skill
+from worker.protocol import ExecutionRequest
+
+
+class PolicyError(SandboxError):
+    """A policy file or model that cannot be loaded; the text names the file and the field."""
+
+    message = "runtime: invalid policy"
+
+
+class ExecutionPolicy(Protocol):
+    def check(self, request: ExecutionRequest, skill: Skill) -> str | None: ...
+
+
+class RateLimit(BaseModel):
+    """Token bucket: `rate` executions per second on average, bursts of up to `burst`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rate: float = Field(gt=0, description="tokens added per second")
+    burst: int = Field(default=1, ge=1, description="bucket size")
+
+
+class TenantPolicy(BaseModel):
+    """What one tenant may do. Unset limits fall back to the policy-wide value (or none)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allowed_skills: list[str] = Field(default_factory=lambda: ["*"],
+                                      description="glob patterns over skill ids")
+    denied_skills: list[str] = Field(default_factory=list,
+                                     description="glob patterns that win over allowed_skills")
+    max_concurrent: int | None = Field(default=None, ge=1)
+    rate_limit: RateLimit | None = None
+    max_input_bytes: int | None = Field(default=None, ge=0)
+    max_timeout: float | None = Field(default=None, gt=0,
+                                      description="largest requested timeout, s")
+    network: bool = Field(default=False,
+                          description="may run skills with permissions.network = true")
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class Policy(BaseModel):
+    """The built-in policy. Thread-safe; keeps per-tenant counters in memory."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_input_bytes: int | None = Field(default=None, ge=0)
+    max_timeout: float | None = Field(default=None, gt=0)
+    default: TenantPolicy = TenantPolicy()
+    allow_unknown_tenants: bool = Field(
+        default=True, description="false: tenants not listed under [tenants] are rejected")
+    tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
+
+    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _inflight: dict[str, int] = PrivateAttr(default_factory=dict)
+    _buckets: dict[str, _Bucket] = PrivateAttr(default_factory=dict)
+    _clock: Callable[[], float] = PrivateAttr(default=time.monotonic)
+
+    def with_clock(self, clock: Callable[[], float]) -> Policy:
+        """Use `clock` (monotonic seconds) for the rate limit; for tests. Returns self."""
+        self._clock = clock
+        return self
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Policy:
+        """Load a `.toml`, `.yaml` or `.yml` policy file; errors name the file and the field."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PolicyError(f"{path}: cannot read: {exc.strerror}") from None
+        suffix = path.suffix.lower()
+        try:
+            if suffix == ".toml":
+                data: Any = tomllib.loads(text)
+            elif suffix in (".yaml", ".yml"):
+                data = yaml.safe_load(text)
+                data = {} if data is None else data
+            else:
+                raise PolicyError(f"{path}: unknown policy format {suffix!r} "
+                                  "(use .toml, .yaml or .yml)")
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(f"{path}: not valid TOML: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise PolicyError(f"{path}: not valid YAML: {exc}") from None
+        return cls.from_data(data, source=str(path))
+
+    @classmethod
+    def from_data(cls, data: Any, source: str = "policy") -> Policy:
+        if not isinstance(data, dict):
+            raise PolicyError(f"{source}: a policy must be a table/mapping, "
+                              f"got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = []
+            for item in exc.errors():
+                where = ".".join(str(part) for part in item["loc"]) or "(policy)"
+                problems.append(f"{source}: field '{where}': "
+                                f"{item['msg'].removeprefix('Value error, ')}")
+            raise PolicyError("; ".join(problems)) from None
+
+    def tenant(self, tenant_id: str) -> TenantPolicy | None:
+        found = self.tenants.get(tenant_id)
+        if found is not None:
+            return found
+        return self.default if self.allow_unknown_tenants else None
+
+    def check(self, request: ExecutionRequest, skill: Skill) -> str | None:
+        """None to admit (and count the execution in flight), or why not."""
+        tenant_id = request.tenant_id
+        rules = self.tenant(tenant_id)
+        who = f"tenant {tenant_id!r}" if tenant_id else "the anonymous tenant"
+        if rules is None:
+            return f"{who} is not allowed to run skills"
+        if any(fnmatch.fnmatchcase(skill.id, pattern) for pattern in rules.denied_skills) or \
+                not any(fnmatch.fnmatchcase(skill.id, pattern) for pattern in rules.allowed_skills):
+            return f"{who} may not run skill {skill.id!r}"
+        if skill.manifest.permissions.network and not rules.network:
+            return f"{who} may not run skill {skill.id!r}, which uses the network"
+        max_input = _first(rules.max_input_bytes, self.max_input_bytes)
+        if max_input is not None and len(request.input) > max_input:
+            return (f"the input is {len(request.input)} bytes; {who} may send at most "
+                    f"{max_input}")
+        max_timeout = _first(rules.max_timeout, self.max_timeout)
+        if max_timeout is not None and request.timeout is not None and \
+                request.timeout > max_timeout:
+            return (f"the requested timeout {request.timeout:g}s is above {who}'s maximum "
+                    f"of {max_timeout:g}s")
+        with self._lock:
+            inflight = self._inflight.get(tenant_id, 0)
+            if rules.max_concurrent is not None and inflight >= rules.max_concurrent:
+                return (f"{who} already has {inflight} executions running "
+                        f"(max_concurrent = {rules.max_concurrent})")
+            if rules.rate_limit is not None and not self._take_token(tenant_id,
+                                                                     rules.rate_limit):
+                return (f"{who} is over its rate limit of {rules.rate_limit.rate:g}/s "
+                        f"(burst {rules.rate_limit.burst})")
+            self._inflight[tenant_id] = inflight + 1
+        return None
+
+    def release(self, request: ExecutionRequest, skill: Skill) -> None:
+        with self._lock:
+            left = self._inflight.get(request.tenant_id, 0) - 1
+            if left > 0:
+                self._inflight[request.tenant_id] = left
+            else:
+                self._inflight.pop(request.tenant_id, None)
+
+    def inflight(self, tenant_id: str) -> int:
+        with self._lock:
+            return self._inflight.get(tenant_id, 0)
+
+    def _take_token(self, tenant_id: str, limit: RateLimit) -> bool:
+        now = self._clock()
+        bucket = self._buckets.get(tenant_id)
+        if bucket is None:
+            bucket = self._buckets[tenant_id] = _Bucket(tokens=float(limit.burst), updated=now)
+        bucket.tokens = min(float(limit.burst),
+                            bucket.tokens + (now - bucket.updated) * limit.rate)
+        bucket.updated = now
+        if bucket.tokens < 1.0:
+            return False
+        bucket.tokens -= 1.0
+        return True
+
+
+def _first(*values: Any) -> Any:
+    return next((value for value in values if value is not None), None)
