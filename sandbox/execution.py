@@ -104,6 +104,9 @@ class ExecutionSpec:
     workdir_root: str
     tail_bytes: int
     cancel_fd: int  # readable once the caller cancels
+    #: The caller's whole timeout, for the error text: `limits.timeout` is what is left of it
+    #: after waiting for a concurrency slot.
+    requested_timeout: float | None = None
 
 
 def _set_nonblocking(*fds: int) -> None:
@@ -362,7 +365,8 @@ class Execution:
             status, error = ExecutionStatus.CANCELED, CANCELED_ERROR
         elif killed == "timeout":
             status = ExecutionStatus.TIMEOUT
-            error = f"{TIMEOUT_ERROR} after {limits.timeout:g}s"
+            timeout = spec.requested_timeout or limits.timeout
+            error = f"{TIMEOUT_ERROR} after {timeout:g}s"
         elif killed:
             error = f"{EXHAUSTED_ERROR}: {killed}"
         elif exited is None:

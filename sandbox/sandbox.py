@@ -290,6 +290,7 @@ class Sandbox:
                 env={**BASE_ENV, **skill.manifest.permissions.env},
                 isolation=self._isolation_for(skill), workdir_root=self.workdir_root,
                 tail_bytes=self.tail_bytes, cancel_fd=token.read_fd,
+                requested_timeout=_limits_for(skill, request).timeout,
             )
             try:
                 return Execution(spec).run()

@@ -154,6 +154,10 @@ def call_skill(code: SkillCode, command: ForkCommand, precompiled: CodeType | No
         if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
             return ChildResult(ok=False, limit="file size", error=f"OSError: {exc}",
                                tokens_used=ctx.tokens_used)
+        if isinstance(exc, RuntimeError) and str(exc) == "can't start new thread":
+            # pthread_create failed: the task cap or the data limit (thread stacks count)
+            return ChildResult(ok=False, limit="threads", error=f"RuntimeError: {exc}",
+                               tokens_used=ctx.tokens_used)
         traceback.print_exc()
         message = str(exc)
         error = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
