@@ -1,0 +1,5 @@
+from typing import Any
+
+
+def run(input: Any) -> Any:
+    return input
