@@ -22,16 +22,19 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sandbox.daemon import jsonlog
+from sandbox.daemon import jsonlog, logquery
 from sandbox.daemon.metrics import CONTENT_TYPE
 from sandbox.daemon.schemas import (
     BodyError,
     ExecuteBody,
+    PlanBody,
     openapi_document,
     parse_body,
+    plan_to_json,
     result_to_json,
 )
 from sandbox.daemon.service import Refused, Service
+from sandbox.plans import ExecutionContext, ExecutionPlan, InvalidPlan, PlanFailed, StepResult
 from sandbox.sandbox import SKILL_NOT_LOADED
 
 log = jsonlog.get_logger("http")
@@ -148,6 +151,82 @@ class Api:
         return JSONResponse(result_to_json(result),
                             headers={"X-Request-Id": result.request_id})
 
+    async def plans(self, request: Request) -> Response:
+        service = self.service
+        try:
+            body = parse_body(await self.body(request), PlanBody)
+            plan = ExecutionPlan.from_dict(body.plan)
+        except Refused as refused:
+            return refuse(request, service, refused)
+        except BodyError as exc:
+            code = 400 if not exc.problems else 422
+            return refuse(request, service, Refused(code, "invalid_body", str(exc)),
+                          problems=exc.problems)
+        except InvalidPlan as exc:
+            return refuse(request, service, Refused(422, "invalid_plan", str(exc)))
+        context = body.context
+        ec = ExecutionContext(request_id=context.request_id,
+                              assistant_id=context.assistant_id or plan.assistant_id,
+                              session_id=context.session_id, tenant_id=context.tenant_id,
+                              user_id=context.user_id, timeout=context.timeout)
+        try:
+            service.admit(ec.request_id)
+        except Refused as refused:
+            return refuse(request, service, refused, request_id=ec.request_id)
+        steps: list[StepResult] = []
+        error, status = "", "success"
+        try:
+            outcome = await until_disconnect(request, service.sandbox.aexecute_plan(plan, ec))
+        except InvalidPlan as exc:
+            return refuse(request, service, Refused(422, "invalid_plan", str(exc)),
+                          request_id=ec.request_id)
+        except PlanFailed as exc:
+            steps, error, status = exc.results, str(exc), exc.step_result.status
+        else:
+            if outcome is None:
+                ec.cancel()
+                jsonlog.event(log, logging.WARNING, "caller disconnected; plan canceled",
+                              request_id=ec.request_id)
+                return Response(status_code=499)
+            steps = outcome
+        finally:
+            service.release(ec.request_id)
+        for step in steps:
+            if step.execution is not None:
+                service.record(step.execution, tenant_id=ec.tenant_id)
+        service.metrics.plans.labels("success" if not error else status).inc()
+        jsonlog.event(log, logging.INFO if not error else logging.WARNING, "plan",
+                      request_id=ec.request_id, assistant_id=ec.assistant_id, status=status,
+                      steps=len(steps), error=error or None)
+        return JSONResponse(plan_to_json(ec, steps, error, status),
+                            headers={"X-Request-Id": ec.request_id})
+
+    async def executions(self, request: Request) -> Response:
+        try:
+            filters = logquery.Filters.from_strings(dict(request.query_params))
+        except ValueError as exc:
+            return refuse(request, self.service, Refused(400, "invalid_query", str(exc)))
+        try:
+            return JSONResponse({"records": await self._records(filters)})
+        except LookupError as exc:
+            return error_response(404, "no_execution_log", str(exc))
+
+    async def execution(self, request: Request) -> Response:
+        request_id = request.path_params["request_id"]
+        try:
+            records = await self._records(logquery.Filters(request_id=request_id,
+                                                           limit=logquery.MAX_LIMIT))
+        except LookupError as exc:
+            return error_response(404, "no_execution_log", str(exc))
+        if not records:
+            return error_response(404, "unknown_request_id",
+                                  f"no execution-log records for request_id {request_id!r}")
+        return JSONResponse({"request_id": request_id, "records": records[::-1]})
+
+    async def _records(self, filters: logquery.Filters) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self.service.query_log, filters)
+
     async def skills(self, request: Request) -> Response:
         service = self.service
         skills = [info for skill in service.sandbox.skills()
@@ -212,6 +291,9 @@ def routes(api: Api) -> list[Route]:
         Route("/v1/skills", api.skills, methods=["GET"]),
         Route("/v1/skills/reload", api.reload, methods=["POST"]),
         Route("/v1/skills/{skill_id:path}", api.skill, methods=["GET"]),
+        Route("/v1/plans", api.plans, methods=["POST"]),
+        Route("/v1/executions", api.executions, methods=["GET"]),
+        Route("/v1/executions/{request_id}", api.execution, methods=["GET"]),
         Route("/v1/executions/{request_id}/cancel", api.cancel, methods=["POST"]),
         Route("/v1/status", api.status, methods=["GET"]),
         Route("/healthz", api.healthz, methods=["GET"]),

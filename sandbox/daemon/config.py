@@ -134,6 +134,9 @@ class DaemonConfig(_Strict):
                                       description="longest wait between zygote restart attempts")
     notify: bool = Field(default=True,
                          description="sd_notify READY/RELOADING/STOPPING if NOTIFY_SOCKET")
+    tools: dict[str, str] = Field(default_factory=dict,
+                                  description="plan tool name -> base URL of an openbotstack "
+                                  "tool registry (POST {url}/invoke)")
     limits: LimitsDefaults = LimitsDefaults()
     circuit: CircuitConfig = CircuitConfig()
 
@@ -143,6 +146,16 @@ class DaemonConfig(_Strict):
         if value:
             parse_tcp(value)
         return value or None
+
+    @field_validator("tools")
+    @classmethod
+    def _check_tools(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, url in value.items():
+            if not name or name != name.strip():
+                raise ValueError(f"tool name {name!r} is empty or has surrounding whitespace")
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"tool {name!r}: {url!r} is not an http(s) URL")
+        return value
 
     @field_validator("token")
     @classmethod
@@ -207,6 +220,8 @@ class ConfigKey:
     description: str
     is_list: bool
     is_path: bool
+    is_dict: bool = False
+    is_bool: bool = False
 
 
 def _keys(model: type[BaseModel], prefix: str = "") -> list[ConfigKey]:
@@ -224,6 +239,7 @@ def _keys(model: type[BaseModel], prefix: str = "") -> list[ConfigKey]:
             name=dotted, env=ENV_PREFIX + dotted.replace(".", "_").upper(),
             flag="--" + dotted.replace(".", "-").replace("_", "-"),
             description=info.description or "", is_list=is_list, is_path=is_path,
+            is_dict=get_origin(annotation) is dict, is_bool=annotation is bool,
         ))
     return keys
 
@@ -281,9 +297,26 @@ def env_values(env: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
         if key is None:
             unknown.append(name)
             continue
-        values[key.name] = [item for item in raw.split(os.pathsep) if item] if key.is_list \
-            else raw
+        if key.is_list:
+            values[key.name] = [item for item in raw.split(os.pathsep) if item]
+        elif key.is_dict:
+            values[key.name] = parse_pairs(raw.split(","), key.env)
+        else:
+            values[key.name] = raw
     return values, sorted(unknown)
+
+
+def parse_pairs(items: list[str], source: str) -> dict[str, str]:
+    """`NAME=VALUE` items (env: comma-separated; flags: repeated) as a mapping."""
+    pairs: dict[str, str] = {}
+    for item in items:
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{source}: {item!r} is not NAME=VALUE")
+        pairs[name.strip()] = value.strip()
+    return pairs
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *,

@@ -10,6 +10,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sandbox.plans import ExecutionContext, StepResult
 from worker.protocol import ExecutionRequest, ExecutionResult
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
@@ -72,14 +73,46 @@ class ExecutionResultModel(_Body):
     skill_id: str
 
 
+class PlanContextBody(_Body):
+    """openbotstack's ExecutionContext: who the plan runs for and how long it may take."""
+
+    request_id: str | None = Field(default=None, pattern=REQUEST_ID_PATTERN,
+                                   description="generated when absent; every step uses it")
+    assistant_id: str | None = Field(default=None, max_length=256,
+                                     description="defaults to the plan's")
+    session_id: str = Field(default="", max_length=256)
+    tenant_id: str = Field(default="", max_length=256)
+    user_id: str = Field(default="", max_length=256)
+    timeout: float | None = Field(default=None, gt=0, le=86400,
+                                  description="seconds for the whole plan (its deadline)")
+
+
 class PlanBody(_Body):
     """An openbotstack ExecutionPlan and the ExecutionContext to run it in."""
 
     plan: dict[str, Any] = Field(description="{assistant_id, steps: [{name, type, arguments}], "
                                  "reasoning}")
-    context: dict[str, Any] = Field(default_factory=dict,
-                                    description="{request_id, assistant_id, session_id, "
-                                    "tenant_id, user_id, timeout (seconds)}")
+    context: PlanContextBody = Field(default_factory=PlanContextBody)
+
+
+class StepResultModel(_Body):
+    step_name: str
+    type: Literal["skill", "tool"]
+    status: str
+    output: Any
+    error: str
+    duration: float
+    index: int
+    execution: ExecutionResultModel | None = Field(
+        description="the skill step's full result; null for tools")
+
+
+class PlanResultModel(_Body):
+    request_id: str
+    assistant_id: str
+    status: str = Field(description="'success', or the failing step's status")
+    error: str = Field(description="empty on success, else names the failing step")
+    steps: list[StepResultModel] = Field(description="the steps that ran, in order")
 
 
 class ErrorBody(_Body):
@@ -113,6 +146,19 @@ def parse_body(raw: bytes, model: type[M]) -> M:
             problems.append({"field": where, "message": message})
         text = "; ".join(f"field '{p['field']}': {p['message']}" for p in problems)
         raise BodyError(f"invalid request body: {text}", problems) from None
+
+
+def step_to_json(step: StepResult) -> dict[str, Any]:
+    return {"step_name": step.step_name, "type": step.type, "status": step.status,
+            "output": step.output, "error": step.error, "duration": step.duration,
+            "index": step.index,
+            "execution": None if step.execution is None else result_to_json(step.execution)}
+
+
+def plan_to_json(ec: ExecutionContext, steps: list[StepResult], error: str = "",
+                 status: str = "success") -> dict[str, Any]:
+    return {"request_id": ec.request_id, "assistant_id": ec.assistant_id, "status": status,
+            "error": error, "steps": [step_to_json(step) for step in steps]}
 
 
 def result_to_json(result: ExecutionResult) -> dict[str, Any]:
@@ -158,7 +204,8 @@ _OBJECT = {"type": "object"}
 
 def openapi_document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [ExecuteBody, ExecutionResultModel, ResourceUsageModel,
-                                     PlanBody, ErrorBody]
+                                     PlanBody, PlanContextBody, StepResultModel,
+                                     PlanResultModel, ErrorBody]
     schemas: dict[str, Any] = {}
     for model in models:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -187,7 +234,9 @@ def openapi_document() -> dict[str, Any]:
                                    {"200": _json(_ref("ExecutionResultModel")), **_ERRORS},
                                    body="ExecuteBody")},
         "/v1/plans": {"post": op("Run a multi-step execution plan",
-                                 {"200": _json(_OBJECT, "step results and outcome"), **_ERRORS},
+                                 {"200": _json(_ref("PlanResultModel"),
+                                               "every plan that ran, failed or not"),
+                                  **_ERRORS},
                                  body="PlanBody")},
         "/v1/skills": {"get": op("Loaded skills and load errors", {"200": _json(_OBJECT)})},
         "/v1/skills/{skill_id}": {"get": op(

@@ -200,6 +200,9 @@ class Daemon:
             service = Service(config, self.reread_config)
             loop.add_signal_handler(signal.SIGHUP, self._on_hup, service)
             return await self._serve(service, listeners, socket_path)
+        except ConfigError as exc:
+            jsonlog.event(log, logging.ERROR, "invalid configuration", error=str(exc))
+            return EXIT_CONFIG
         except Exception:
             log.exception("daemon failed", extra={"fields": {"pid": os.getpid()}})
             return EXIT_FAILURE

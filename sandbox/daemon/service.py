@@ -18,20 +18,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox.daemon import jsonlog
-from sandbox.daemon.config import DaemonConfig
+from sandbox.circuit import InMemoryCircuitBreaker
+from sandbox.daemon import jsonlog, logquery
+from sandbox.daemon.config import ConfigError, DaemonConfig
 from sandbox.daemon.metrics import Metrics, Snapshot
+from sandbox.daemon.reloadable import ReloadablePolicy
 from sandbox.daemon.skills import Found, discover
 from sandbox.errors import SkillLoadError
+from sandbox.execlog import RecordLogger
+from sandbox.policy import Policy, PolicyError
 from sandbox.sandbox import Sandbox
 from sandbox.skill import Skill
+from sandbox.tools import HttpToolRunner
 from worker.protocol import ExecutionRequest, ExecutionResult, ExecutionStatus
 
 log = jsonlog.get_logger("service")
 
 #: Settings a running daemon cannot change; a reload that sees them changed says so.
 RESTART_ONLY = ("socket", "tcp", "max_concurrency", "workdir_root", "execution_log",
-                "max_body_bytes")
+                "max_body_bytes", "tools", "circuit")
+
+
+def load_policy(config: DaemonConfig) -> Policy | None:
+    if config.policy is None:
+        return None
+    try:
+        return Policy.from_file(config.policy)
+    except PolicyError as exc:
+        raise ConfigError(f"field 'policy': {exc}") from None
 
 
 class Refused(Exception):
@@ -80,9 +94,32 @@ class Service:
                  reread_config: Callable[[], DaemonConfig] | None = None) -> None:
         self.config = config
         self._reread_config = reread_config
-        self.sandbox = Sandbox(max_concurrency=config.max_concurrency,
-                               workdir_root=str(config.workdir_root)
-                               if config.workdir_root else None)
+        self.policy = ReloadablePolicy(load_policy(config))
+        self.breaker = InMemoryCircuitBreaker(
+            failure_threshold=config.circuit.failure_threshold,
+            cooldown=config.circuit.cooldown) if config.circuit.enabled else None
+        self.execution_log: RecordLogger | None = None
+        if config.execution_log:
+            try:
+                self.execution_log = logquery.open_logger(config.execution_log)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"field 'execution_log': cannot open {config.execution_log}: "
+                                  f"{exc}") from None
+        try:
+            self.sandbox = Sandbox(max_concurrency=config.max_concurrency,
+                                   workdir_root=str(config.workdir_root)
+                                   if config.workdir_root else None,
+                                   policy=self.policy,
+                                   circuit_breaker=self.breaker or False,
+                                   logger=self.execution_log)
+        except BaseException:
+            if self.execution_log is not None:
+                self.execution_log.close()
+            raise
+        runners: dict[str, HttpToolRunner] = {}
+        for name, url in config.tools.items():
+            runner = runners.setdefault(url, HttpToolRunner(url))
+            self.sandbox.register_tool(name, runner)
         self.metrics = Metrics(self.snapshot)
         self.started_at = time.time()
         self.draining = False
@@ -132,6 +169,8 @@ class Service:
         except TimeoutError:
             jsonlog.event(log, logging.ERROR, "executions did not finish after close",
                           inflight=sorted(self.inflight))
+        if self.execution_log is not None:
+            self.execution_log.close()
 
     # -- executing ------------------------------------------------------------------------
 
@@ -192,7 +231,7 @@ class Service:
                     self.metrics.reloads.labels("failed").inc()
                     jsonlog.event(log, logging.ERROR, "reload failed", error=str(exc))
                     return report
-                self._apply_config(config, report)
+                await loop.run_in_executor(None, self._apply_config, config, report)
             report = await loop.run_in_executor(None, self._reload_skills, force, report)
             self.skill_errors = list(report.errors)
             outcome = "partial" if report.errors else "ok"
@@ -210,8 +249,17 @@ class Service:
                           fields=report.restart_needed)
         if (old.log_level, old.log_format) != (config.log_level, config.log_format):
             jsonlog.configure(config.log_level, config.log_format)
-        with self._token_lock:
-            self._token = config.bearer_token()
+        try:
+            token = config.bearer_token()
+        except ValueError as exc:
+            report.errors.append(f"field 'token_file': {exc} (keeping the previous token)")
+        else:
+            with self._token_lock:
+                self._token = token
+        try:
+            self.policy.replace(load_policy(config))
+        except ConfigError as exc:
+            report.errors.append(f"{exc} (keeping the previous policy)")
         self.config = config
 
     def bearer_token(self) -> str | None:
@@ -267,7 +315,15 @@ class Service:
         return info
 
     def circuit_state(self, skill_id: str) -> str | None:
-        return None
+        if self.breaker is None:
+            return None
+        return self.breaker.state(skill_id).value
+
+    def query_log(self, filters: logquery.Filters) -> list[dict[str, Any]]:
+        """Execution-log records (blocking: call it in a thread)."""
+        if self.execution_log is None:
+            raise LookupError("the execution log is off (config key 'execution_log')")
+        return logquery.query(self.execution_log, filters)
 
     # -- zygote watchdog ------------------------------------------------------------------
 

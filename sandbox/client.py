@@ -1,0 +1,441 @@
+"""Clients for the daemon's HTTP API, shaped like `Sandbox` so code can switch between running
+skills in-process and through the daemon by changing one line:
+
+    sandbox = Sandbox(skills)                  # in-process
+    sandbox = SandboxClient()                  # the local daemon, over its Unix socket
+    sandbox = SandboxClient(url="http://10.0.0.5:8700", token=token)   # a remote one
+
+    result = sandbox.execute(ExecutionRequest(skill_id="examples/echo", input=b'{"x": 1}'))
+
+Every outcome of an execution is an `ExecutionResult`, as in-process; problems of the transport
+or of the request itself raise the `SandboxError` family (`DaemonUnavailable`, `Unauthorized`,
+`BadRequest`, `DaemonBusy`, `SkillNotLoaded`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote
+
+import httpx
+import msgspec
+
+from sandbox.errors import SandboxError, SkillNotLoaded
+from sandbox.plans import ExecutionContext, ExecutionPlan, InvalidPlan, PlanFailed, StepResult
+from worker.protocol import ExecutionRequest, ExecutionResult, ExecutionStatus, ResourceUsage
+
+DEFAULT_TIMEOUT = 300.0
+#: Time the daemon may take beyond an execution's own timeout (queueing, starting, answering).
+_TIMEOUT_MARGIN = 30.0
+_UNIX_BASE_URL = "http://skill-sandbox"
+
+
+class DaemonError(SandboxError):
+    """The daemon answered with an error of its own (a bug or a server fault)."""
+
+    message = "runtime: daemon error"
+
+    def __init__(self, detail: str = "", status_code: int = 0, code: str = "") -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.code = code
+
+
+class DaemonUnavailable(DaemonError):
+    """No daemon to talk to: not running, wrong socket/URL, shutting down, or no answer."""
+
+    message = "runtime: daemon unavailable"
+
+
+class Unauthorized(DaemonError):
+    message = "runtime: daemon refused the bearer token"
+
+
+class BadRequest(DaemonError):
+    """The daemon refused the request as malformed (4xx); `problems` names the fields."""
+
+    message = "runtime: daemon rejected the request"
+
+    def __init__(self, detail: str = "", status_code: int = 0, code: str = "",
+                 problems: list[dict[str, str]] | None = None) -> None:
+        super().__init__(detail, status_code, code)
+        self.problems = problems or []
+
+
+class DaemonBusy(DaemonError):
+    """Too many executions in flight on the daemon; retry later."""
+
+    message = "runtime: daemon busy"
+
+
+def _env_token(env: Mapping[str, str]) -> str | None:
+    if env.get("SKILL_SANDBOX_TOKEN"):
+        return env["SKILL_SANDBOX_TOKEN"]
+    token_file = env.get("SKILL_SANDBOX_TOKEN_FILE")
+    if token_file:
+        try:
+            return Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise DaemonUnavailable(f"cannot read token file {token_file}: "
+                                    f"{exc.strerror}") from None
+    return None
+
+
+class _Target:
+    """Where the daemon is and how to authenticate; defaults from the environment."""
+
+    def __init__(self, socket: str | os.PathLike[str] | None, url: str | None,
+                 token: str | None, env: Mapping[str, str] | None) -> None:
+        env = os.environ if env is None else env
+        url = url or (None if socket else env.get("SKILL_SANDBOX_URL")) or None
+        if url:
+            self.url, self.socket = url.rstrip("/"), None
+            self.token = token or _env_token(env)
+            if not self.token:
+                raise Unauthorized("a TCP daemon needs a bearer token: pass token= or set "
+                                   "SKILL_SANDBOX_TOKEN / SKILL_SANDBOX_TOKEN_FILE")
+        else:
+            from sandbox.daemon.config import default_socket_path
+
+            self.socket = Path(socket or env.get("SKILL_SANDBOX_SOCKET")
+                               or default_socket_path())
+            self.url, self.token = _UNIX_BASE_URL, token
+
+    @property
+    def where(self) -> str:
+        return f"unix socket {self.socket}" if self.socket else self.url
+
+    def headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": "skill-sandbox-client"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+
+# -- encoding and decoding, shared by the sync and async clients -------------------------------
+
+
+def _input_problem(request: ExecutionRequest) -> ExecutionResult | None:
+    """The same answer `Sandbox` gives for input that is not JSON, without a round trip."""
+    try:
+        msgspec.json.decode(request.input)
+    except msgspec.DecodeError as exc:
+        return ExecutionResult(status=ExecutionStatus.REJECTED,
+                               error=f"runtime: invalid input: input is not JSON: {exc}",
+                               request_id=request.request_id, skill_id=request.skill_id)
+    return None
+
+
+def _execute_body(request: ExecutionRequest) -> bytes:
+    body: dict[str, Any] = {"skill_id": request.skill_id,
+                            "input": msgspec.Raw(request.input or b"{}"),
+                            "tenant_id": request.tenant_id, "user_id": request.user_id,
+                            "request_id": request.request_id}
+    if request.timeout is not None:
+        body["timeout"] = request.timeout
+    return msgspec.json.encode(body)
+
+
+def result_from_json(data: Mapping[str, Any]) -> ExecutionResult:
+    """An `ExecutionResult` from the API's JSON (output as a JSON value)."""
+    output = data.get("output")
+    usage = data.get("resource_usage") or {}
+    return ExecutionResult(
+        status=ExecutionStatus(data["status"]),
+        output=b"" if output is None else msgspec.json.encode(output),
+        error=data.get("error", ""), duration=float(data.get("duration", 0.0)),
+        resource_usage=ResourceUsage(cpu_time_ms=int(usage.get("cpu_time_ms", 0)),
+                                     memory_mb=int(usage.get("memory_mb", 0)),
+                                     tokens_used=int(usage.get("tokens_used", 0))),
+        stdout=data.get("stdout", ""), stderr=data.get("stderr", ""),
+        request_id=data.get("request_id", ""), skill_id=data.get("skill_id", ""),
+    )
+
+
+def _plan_body(plan: ExecutionPlan, ec: ExecutionContext) -> bytes:
+    context: dict[str, Any] = {"request_id": ec.request_id, "assistant_id": ec.assistant_id,
+                               "session_id": ec.session_id, "tenant_id": ec.tenant_id,
+                               "user_id": ec.user_id}
+    left = ec.time_left()
+    if left is not None:
+        context["timeout"] = max(left, 0.001)
+    return msgspec.json.encode({"plan": plan.to_dict(), "context": context})
+
+
+def _plan_outcome(data: Mapping[str, Any], ec: ExecutionContext) -> list[StepResult]:
+    """The plan's step results, added to `ec` as in-process; `PlanFailed` if a step failed."""
+    steps = []
+    for item in data.get("steps", []):
+        execution = item.get("execution")
+        step = StepResult(step_name=item["step_name"], type=item["type"],
+                          output=item.get("output"), error=item.get("error", ""),
+                          duration=float(item.get("duration", 0.0)),
+                          index=int(item.get("index", 0)),
+                          status=item.get("status", "success"),
+                          execution=None if execution is None else result_from_json(execution))
+        ec.add_result(step)
+        steps.append(step)
+    if data.get("error"):
+        if not steps:
+            raise DaemonError(f"plan failed without a step result: {data['error']}")
+        raise PlanFailed(steps[-1], steps)
+    return steps
+
+
+def _plan_timeout(ec: ExecutionContext, default: float) -> float:
+    left = ec.time_left()
+    return left + _TIMEOUT_MARGIN if left is not None else default
+
+
+def _read_timeout(request: ExecutionRequest, default: float) -> float:
+    return request.timeout + _TIMEOUT_MARGIN if request.timeout is not None else default
+
+
+def _error_for(response: httpx.Response, target: _Target) -> SandboxError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    code = str(body.get("code", ""))
+    text = str(body.get("error") or response.reason_phrase or "")
+    status = response.status_code
+    where = f"{target.where}: HTTP {status}: {text}"
+    if status == 401:
+        return Unauthorized(where, status, code)
+    if code == "skill_not_loaded":
+        return SkillNotLoaded(text)
+    if code == "invalid_plan":
+        return InvalidPlan(text)
+    if status == 429:
+        return DaemonBusy(where, status, code)
+    if status == 503:
+        return DaemonUnavailable(where, status, code)
+    if 400 <= status < 500:
+        return BadRequest(where, status, code, body.get("problems"))
+    return DaemonError(where, status, code)
+
+
+def _transport_error(exc: httpx.HTTPError, target: _Target) -> DaemonUnavailable:
+    if isinstance(exc, httpx.TimeoutException):
+        return DaemonUnavailable(f"{target.where}: no answer in time ({type(exc).__name__})")
+    reason = str(exc) or type(exc).__name__
+    hint = " (is `skill-sandbox serve` running?)" if isinstance(exc, httpx.ConnectError) else ""
+    return DaemonUnavailable(f"cannot reach the daemon at {target.where}: {reason}{hint}")
+
+
+def _json(response: httpx.Response, target: _Target) -> Any:
+    if response.status_code >= 400:
+        raise _error_for(response, target)
+    try:
+        return response.json()
+    except ValueError:
+        raise DaemonError(f"{target.where}: answer is not JSON", response.status_code) \
+            from None
+
+
+# -- synchronous ---------------------------------------------------------------------------------
+
+
+class SandboxClient:
+    """Blocking client. Thread-safe (httpx connection pool); close it or use `with`."""
+
+    def __init__(self, socket: str | os.PathLike[str] | None = None, *, url: str | None = None,
+                 token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.target = _Target(socket, url, token, env)
+        self.timeout = timeout
+        transport = httpx.HTTPTransport(uds=str(self.target.socket)) \
+            if self.target.socket else None
+        self._http = httpx.Client(base_url=self.target.url, transport=transport,
+                                  headers=self.target.headers(),
+                                  timeout=httpx.Timeout(timeout, connect=5.0))
+
+    def _request(self, method: str, path: str, **options: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **options)
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.target) from None
+
+    def _get(self, path: str, **options: Any) -> Any:
+        return _json(self._request("GET", path, **options), self.target)
+
+    # -- the `Sandbox` shape --
+
+    def execute(self, request: ExecutionRequest) -> ExecutionResult:
+        """Run one execution on the daemon; every outcome is a result, as in-process."""
+        problem = _input_problem(request)
+        if problem is not None:
+            return problem
+        response = self._request(
+            "POST", "/v1/execute", content=_execute_body(request),
+            headers={"Content-Type": "application/json"},
+            timeout=httpx.Timeout(_read_timeout(request, self.timeout), connect=5.0))
+        return result_from_json(_json(response, self.target))
+
+    def execute_plan(self, plan: ExecutionPlan,
+                     ec: ExecutionContext | None = None) -> list[StepResult]:
+        """Run a plan on the daemon: the step results, or `InvalidPlan` / `PlanFailed`."""
+        ec = ec or ExecutionContext(assistant_id=plan.assistant_id)
+        response = self._request(
+            "POST", "/v1/plans", content=_plan_body(plan, ec),
+            headers={"Content-Type": "application/json"},
+            timeout=httpx.Timeout(_plan_timeout(ec, self.timeout), connect=5.0))
+        return _plan_outcome(_json(response, self.target), ec)
+
+    def can_execute(self, skill_id: str) -> bool:
+        response = self._request("GET", f"/v1/skills/{quote(skill_id, safe='/')}")
+        if response.status_code == 404:
+            return False
+        _json(response, self.target)
+        return True
+
+    def cancel(self, request_id: str) -> bool:
+        response = self._request("POST", f"/v1/executions/{quote(request_id, safe='')}/cancel")
+        if response.status_code == 404:
+            return False
+        _json(response, self.target)
+        return True
+
+    # -- operating --
+
+    def skills(self) -> list[dict[str, Any]]:
+        return list(self._get("/v1/skills")["skills"])
+
+    def skill(self, skill_id: str) -> dict[str, Any]:
+        return dict(self._get(f"/v1/skills/{quote(skill_id, safe='/')}"))
+
+    def reload(self, *, force: bool = False) -> dict[str, Any]:
+        params = {"force": "1"} if force else None
+        return dict(_json(self._request("POST", "/v1/skills/reload", params=params),
+                          self.target))
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._get("/v1/status"))
+
+    def health(self) -> dict[str, Any]:
+        return dict(self._get("/healthz"))
+
+    def ready(self) -> bool:
+        return self._request("GET", "/readyz").status_code == 200
+
+    def metrics(self) -> str:
+        response = self._request("GET", "/metrics")
+        if response.status_code >= 400:
+            raise _error_for(response, self.target)
+        return response.text
+
+    def executions(self, **filters: Any) -> list[dict[str, Any]]:
+        """Execution-log records: request_id, tenant_id, skill_id, status, since, limit."""
+        params = {key: str(value) for key, value in filters.items() if value is not None}
+        return list(self._get("/v1/executions", params=params)["records"])
+
+    def execution(self, request_id: str) -> list[dict[str, Any]]:
+        return list(self._get(f"/v1/executions/{quote(request_id, safe='')}")["records"])
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+# -- asynchronous ------------------------------------------------------------------------------
+
+
+class AsyncSandboxClient:
+    """asyncio client; `execute` is a coroutine (also available as `aexecute`, as on `Sandbox`).
+    Cancelling an awaiting task closes its connection, and the daemon cancels that execution."""
+
+    def __init__(self, socket: str | os.PathLike[str] | None = None, *, url: str | None = None,
+                 token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.target = _Target(socket, url, token, env)
+        self.timeout = timeout
+        transport = httpx.AsyncHTTPTransport(uds=str(self.target.socket)) \
+            if self.target.socket else None
+        self._http = httpx.AsyncClient(base_url=self.target.url, transport=transport,
+                                       headers=self.target.headers(),
+                                       timeout=httpx.Timeout(timeout, connect=5.0))
+
+    async def _request(self, method: str, path: str, **options: Any) -> httpx.Response:
+        try:
+            return await self._http.request(method, path, **options)
+        except httpx.HTTPError as exc:
+            raise _transport_error(exc, self.target) from None
+
+    async def _get(self, path: str, **options: Any) -> Any:
+        return _json(await self._request("GET", path, **options), self.target)
+
+    async def execute(self, request: ExecutionRequest) -> ExecutionResult:
+        problem = _input_problem(request)
+        if problem is not None:
+            return problem
+        response = await self._request(
+            "POST", "/v1/execute", content=_execute_body(request),
+            headers={"Content-Type": "application/json"},
+            timeout=httpx.Timeout(_read_timeout(request, self.timeout), connect=5.0))
+        return result_from_json(_json(response, self.target))
+
+    aexecute = execute
+
+    async def execute_plan(self, plan: ExecutionPlan,
+                           ec: ExecutionContext | None = None) -> list[StepResult]:
+        ec = ec or ExecutionContext(assistant_id=plan.assistant_id)
+        response = await self._request(
+            "POST", "/v1/plans", content=_plan_body(plan, ec),
+            headers={"Content-Type": "application/json"},
+            timeout=httpx.Timeout(_plan_timeout(ec, self.timeout), connect=5.0))
+        return _plan_outcome(_json(response, self.target), ec)
+
+    aexecute_plan = execute_plan
+
+    async def can_execute(self, skill_id: str) -> bool:
+        response = await self._request("GET", f"/v1/skills/{quote(skill_id, safe='/')}")
+        if response.status_code == 404:
+            return False
+        _json(response, self.target)
+        return True
+
+    async def cancel(self, request_id: str) -> bool:
+        response = await self._request("POST",
+                                       f"/v1/executions/{quote(request_id, safe='')}/cancel")
+        if response.status_code == 404:
+            return False
+        _json(response, self.target)
+        return True
+
+    async def skills(self) -> list[dict[str, Any]]:
+        return list((await self._get("/v1/skills"))["skills"])
+
+    async def status(self) -> dict[str, Any]:
+        return dict(await self._get("/v1/status"))
+
+    async def reload(self, *, force: bool = False) -> dict[str, Any]:
+        params = {"force": "1"} if force else None
+        return dict(_json(await self._request("POST", "/v1/skills/reload", params=params),
+                          self.target))
+
+    async def metrics(self) -> str:
+        response = await self._request("GET", "/metrics")
+        if response.status_code >= 400:
+            raise _error_for(response, self.target)
+        return response.text
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
