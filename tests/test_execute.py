@@ -563,3 +563,47 @@ def test_fib_rejects_an_input_outside_its_schema(make_sandbox: Callable[..., San
     result = make_sandbox(fib).execute(request(fib, '{"n": 99}'))
     assert result.status is ExecutionStatus.REJECTED
     assert "$.n" in result.error
+
+
+# -- large inputs and leftovers ------------------------------------------------------------------
+
+
+def test_large_input_round_trips_through_the_pipes(make_sandbox: Callable[..., Sandbox],
+                                                  example: Callable[[str], Skill]) -> None:
+    echo = example("echo")
+    payload = ('{"blob": "' + "x" * 700_000 + '"}').encode()
+    result = make_sandbox(echo).execute(request(echo, payload))
+    assert result.ok, result.error
+    assert result.output == payload.replace(b" ", b"")
+
+
+def test_command_that_never_reads_its_input_is_fine(make_sandbox: Callable[..., Sandbox],
+                                                    tmp_path: Path) -> None:
+    skill = command_skill(tmp_path / "noread", '["./prog.sh"]', "#!/bin/sh\necho '{}'\n")
+    payload = ('{"blob": "' + "x" * 500_000 + '"}').encode()
+    result = make_sandbox(skill).execute(request(skill, payload))
+    assert result.ok, result.error
+    assert result.json() == {}
+
+
+def test_descendants_left_by_a_successful_execution_are_killed(
+        make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path]) -> None:
+    code = ("import os, sys, time\ndef run(input):\n"
+            "    pid = os.fork()\n"
+            "    if pid == 0:\n"
+            "        os.setsid()\n"
+            "        if os.fork():\n"
+            "            os._exit(0)\n"
+            "        print(os.getpid(), file=sys.stderr, flush=True)\n"
+            "        time.sleep(60)\n"  # holds stdout/stderr open, outside the process group
+            "        os._exit(0)\n"
+            "    os.waitpid(pid, 0)\n"
+            "    time.sleep(0.1)\n"
+            "    return 'done'\n")
+    skill = Skill.from_dir(skill_dir(code))
+    sandbox = make_sandbox(skill)
+    result = sandbox.execute(request(skill))
+    assert result.ok, result.error
+    grandchild = int(result.stderr.split()[0])
+    assert not wait_until_gone({grandchild})
+    assert sandbox.execute(request(skill)).ok
