@@ -256,3 +256,21 @@ def test_mixed_outcomes_under_load_do_not_disturb_each_other(
             assert result.error == f"ValueError: {index}"
         else:
             assert result.status is ExecutionStatus.TIMEOUT
+
+
+def test_killed_zygote_is_restarted_once_for_many_concurrent_callers(
+        make_sandbox: Callable[..., Sandbox], example: Callable[[str], Skill]) -> None:
+    echo = example("echo")
+    sandbox = make_sandbox(echo, max_concurrency=2)
+    first = sandbox.zygote_info(echo.id)
+    psutil.Process(first["pid"]).kill()
+    assert not wait_until_gone({first["pid"]})
+
+    def call(index: int) -> ExecutionResult:
+        return sandbox.execute(ExecutionRequest(skill_id=echo.id, input=f"[{index}]".encode()))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(call, range(16)))
+    assert [result.json() for result in results] == [[index] for index in range(16)]
+    after = sandbox.zygote_info(echo.id)
+    assert after["starts"] == first["starts"] + 1 and after["alive"]
