@@ -93,10 +93,9 @@ class CallableTool:
     async def arun(self, arguments: dict[str, Any], ctx: ToolContext) -> Any:
         if self.is_async:
             return await _bounded(self.fn(*self._args(arguments, ctx)), ctx)
-        future = asyncio.get_running_loop().run_in_executor(
-            None, lambda: self.fn(*self._args(arguments, ctx)))
+        future = _start_thread(lambda: self.fn(*self._args(arguments, ctx)), ctx)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), ctx.timeout)
+            return await asyncio.wait_for(asyncio.wrap_future(future), ctx.timeout)
         except TimeoutError:
             raise _timeout(ctx) from None
 
@@ -113,17 +112,25 @@ def _timeout(ctx: ToolContext) -> ToolError:
                      f"{ctx.timeout:g}s")
 
 
-def _run_in_thread(call: Callable[[], Any], timeout: float | None, ctx: ToolContext) -> Any:
-    """Run `call` in a daemon thread and wait at most `timeout`; a late thread is abandoned."""
+def _start_thread(call: Callable[[], Any], ctx: ToolContext) -> Future[Any]:
+    """Run `call` in its own daemon thread: a tool that never returns is abandoned at the
+    deadline without holding a pool worker or an event loop's shutdown."""
     future: Future[Any] = Future()
 
     def target() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
         try:
             future.set_result(call())
         except BaseException as exc:
             future.set_exception(exc)
 
     threading.Thread(target=target, name=f"tool-{ctx.tool}", daemon=True).start()
+    return future
+
+
+def _run_in_thread(call: Callable[[], Any], timeout: float | None, ctx: ToolContext) -> Any:
+    future = _start_thread(call, ctx)
     try:
         return future.result(timeout=timeout)
     except TimeoutError:
