@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -89,8 +90,11 @@ class Sandbox:
         self.max_concurrency = max_concurrency or os.cpu_count() or 1
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
-        self.workdir_root = workdir_root or os.path.join(tempfile.gettempdir(),
-                                                         f"skill-sandbox-{os.getpid()}")
+        # Our own folder unless one is given: removed again by close(), never shared with
+        # another Sandbox that might still be using it.
+        self._owns_workdir_root = workdir_root is None
+        self.workdir_root = workdir_root or tempfile.mkdtemp(
+            prefix=f"skill-sandbox-{os.getpid()}-")
         self.tail_bytes = tail_bytes
         self._skills: dict[str, _Loaded] = {}
         self._lock = threading.Lock()
@@ -333,6 +337,8 @@ class Sandbox:
         for item in loaded:
             item.zygote.stop(timeout=2.0)
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._owns_workdir_root:
+            shutil.rmtree(self.workdir_root, ignore_errors=True)
 
     def __enter__(self) -> Sandbox:
         return self

@@ -607,3 +607,26 @@ def test_descendants_left_by_a_successful_execution_are_killed(
     grandchild = int(result.stderr.split()[0])
     assert not wait_until_gone({grandchild})
     assert sandbox.execute(request(skill)).ok
+
+
+def test_default_workdir_root_is_private_and_removed_by_close(
+        example: Callable[[str], Skill]) -> None:
+    first, second = Sandbox([example("echo")]), Sandbox()
+    try:
+        assert first.workdir_root != second.workdir_root
+        assert first.execute(request("examples/echo", "1")).ok
+        assert Path(first.workdir_root).is_dir()
+    finally:
+        first.close()
+        second.close()
+    assert not Path(first.workdir_root).exists()
+    assert not Path(second.workdir_root).exists()
+
+
+def test_a_given_workdir_root_is_left_in_place(make_sandbox: Callable[..., Sandbox],
+                                              example: Callable[[str], Skill],
+                                              tmp_path: Path) -> None:
+    sandbox = make_sandbox(example("echo"), workdir_root=str(tmp_path / "mine"))
+    assert sandbox.execute(request("examples/echo", "1")).ok
+    sandbox.close()
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []

@@ -44,7 +44,7 @@ from worker.protocol import (
 
 RESULT_DECODER = msgspec.msgpack.Decoder(ChildResult)
 REPORT_DECODER = msgspec.msgpack.Decoder(ReportMessage)
-FAST = settings(max_examples=200, deadline=None)
+FAST = settings(max_examples=200, deadline=None, database=None)
 
 text = st.text(max_size=200)
 child_results = st.builds(
