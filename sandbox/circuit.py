@@ -92,7 +92,9 @@ class InMemoryCircuitBreaker:
 
     `clock` is a monotonic seconds function, injectable so tests drive time without sleeping.
     A probe whose outcome is never recorded stops counting against `half_open_max_probes`
-    after `probe_timeout` seconds (default: the cooldown).
+    after `probe_timeout` seconds (default: the cooldown). The failure-rate window is kept as
+    10 buckets, so memory stays constant at any call rate and an outcome leaves the window
+    between `window` and 1.1 x `window` seconds after it was recorded.
     """
 
     _BUCKETS = 10
