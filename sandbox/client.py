@@ -120,14 +120,21 @@ class _Target:
 
 
 def _input_problem(request: ExecutionRequest) -> ExecutionResult | None:
-    """The same answer `Sandbox` gives for input that is not JSON, without a round trip."""
-    try:
-        msgspec.json.decode(request.input)
-    except msgspec.DecodeError as exc:
-        return ExecutionResult(status=ExecutionStatus.REJECTED,
-                               error=f"runtime: invalid input: input is not JSON: {exc}",
-                               request_id=request.request_id, skill_id=request.skill_id)
-    return None
+    """The answer `Sandbox` gives for input that is not JSON or a timeout that is not
+    positive, without a round trip (the daemon would refuse the body with a 4xx instead)."""
+    problem = ""
+    if request.timeout is not None and not request.timeout > 0:
+        problem = f"timeout must be positive, got {request.timeout}"
+    else:
+        try:
+            msgspec.json.decode(request.input)
+        except msgspec.DecodeError as exc:
+            problem = f"input is not JSON: {exc}"
+    if not problem:
+        return None
+    return ExecutionResult(status=ExecutionStatus.REJECTED,
+                           error=f"runtime: invalid input: {problem}",
+                           request_id=request.request_id, skill_id=request.skill_id)
 
 
 def _execute_body(request: ExecutionRequest) -> bytes:

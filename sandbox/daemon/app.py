@@ -229,7 +229,7 @@ class Api:
 
     async def skills(self, request: Request) -> Response:
         service = self.service
-        skills = [info for skill in service.sandbox.skills()
+        skills = [info for skill in sorted(service.sandbox.skills(), key=lambda item: item.id)
                   if (info := service.skill_info(skill.id)) is not None]
         return JSONResponse({"skills": skills, "errors": service.skill_errors})
 

@@ -394,7 +394,7 @@ class Service:
     def status(self) -> dict[str, Any]:
         snap = self.snapshot()
         skills = []
-        for skill in self.sandbox.skills():
+        for skill in sorted(self.sandbox.skills(), key=lambda item: item.id):
             try:
                 zygote = self.sandbox.zygote_info(skill.id)
             except KeyError:

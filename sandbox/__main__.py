@@ -1,0 +1,5 @@
+"""`python -m sandbox ...` is `skill-sandbox ...`."""
+
+from sandbox.cli import main
+
+main(prog_name="skill-sandbox")
