@@ -7,6 +7,7 @@
         print(result.status, result.output, result.resource_usage)
 """
 
+from sandbox.circuit import CircuitBreaker, CircuitState, InMemoryCircuitBreaker
 from sandbox.errors import (
     CircuitOpen,
     ExecutionCanceled,
@@ -19,23 +20,60 @@ from sandbox.errors import (
     SkillLoadError,
     SkillNotLoaded,
 )
+from sandbox.execlog import (
+    ExecutionLogger,
+    ExecutionLogRecord,
+    JsonlExecutionLogger,
+    LoggingExecutionLogger,
+    MultiExecutionLogger,
+    SqliteExecutionLogger,
+)
 from sandbox.manifest import LimitsConfig, Permissions, SkillManifest
+from sandbox.plans import (
+    ExecutionContext,
+    ExecutionPlan,
+    ExecutionStep,
+    InvalidPlan,
+    PlanFailed,
+    StepResult,
+    StepType,
+)
+from sandbox.policy import ExecutionPolicy, Policy, PolicyError, RateLimit, TenantPolicy
 from sandbox.sandbox import Sandbox
 from sandbox.skill import Skill
+from sandbox.tools import HttpToolRunner, ToolContext, ToolError, ToolRunner
 from worker.protocol import ExecutionRequest, ExecutionResult, ExecutionStatus, ResourceUsage
 from worker.runtime import SkillContext
 
 __all__ = [
+    "CircuitBreaker",
     "CircuitOpen",
+    "CircuitState",
     "ExecutionCanceled",
+    "ExecutionContext",
+    "ExecutionLogRecord",
+    "ExecutionLogger",
+    "ExecutionPlan",
+    "ExecutionPolicy",
     "ExecutionRequest",
     "ExecutionResult",
     "ExecutionStatus",
+    "ExecutionStep",
     "ExecutionTimeout",
+    "HttpToolRunner",
+    "InMemoryCircuitBreaker",
     "InvalidInput",
+    "InvalidPlan",
+    "JsonlExecutionLogger",
     "LimitsConfig",
+    "LoggingExecutionLogger",
+    "MultiExecutionLogger",
     "Permissions",
+    "PlanFailed",
+    "Policy",
+    "PolicyError",
     "PolicyRejected",
+    "RateLimit",
     "ResourceExhausted",
     "ResourceUsage",
     "Sandbox",
@@ -46,4 +84,11 @@ __all__ = [
     "SkillLoadError",
     "SkillManifest",
     "SkillNotLoaded",
+    "SqliteExecutionLogger",
+    "StepResult",
+    "StepType",
+    "TenantPolicy",
+    "ToolContext",
+    "ToolError",
+    "ToolRunner",
 ]

@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +23,16 @@ from typing import Any
 
 import msgspec
 
+from sandbox.circuit import CircuitBreaker, InMemoryCircuitBreaker
+from sandbox.control import admission_error, log_execution, settle
 from sandbox.errors import SkillLoadError
+from sandbox.execlog.records import ExecutionLogger, StepInfo
 from sandbox.execution import CANCELED_ERROR, TIMEOUT_ERROR, WORKER_ERROR, Execution, ExecutionSpec
+from sandbox.planrun import arun_plan, run_plan
+from sandbox.plans import ExecutionContext, ExecutionPlan, StepResult
+from sandbox.policy import ExecutionPolicy
 from sandbox.skill import Skill
+from sandbox.tools import ToolRegistry, ToolRunner
 from sandbox.zygote import BASE_ENV, ZygoteDied, ZygoteProcess
 from worker.protocol import ExecutionRequest, ExecutionResult, ExecutionStatus, Limits
 
@@ -82,11 +89,19 @@ class Sandbox:
 
     `max_concurrency` bounds simultaneous executions (default: the CPU count); callers beyond
     it wait for a slot within their own timeout.
+
+    Control: `policy` (any object with `check(request, skill) -> None | reason`, e.g.
+    `Policy`) is asked before any worker is touched; `circuit_breaker` defaults to an
+    `InMemoryCircuitBreaker` (pass `False` to run without one); `logger` (an
+    `ExecutionLogger`, e.g. `SqliteExecutionLogger`) records every execution and plan step.
+    The sandbox does not close the logger: its owner does.
     """
 
     def __init__(self, skills: Iterable[Skill | str | os.PathLike[str]] = (), *,
                  max_concurrency: int | None = None, workdir_root: str | None = None,
-                 tail_bytes: int = 8192) -> None:
+                 tail_bytes: int = 8192, policy: ExecutionPolicy | None = None,
+                 circuit_breaker: CircuitBreaker | bool | None = None,
+                 logger: ExecutionLogger | None = None) -> None:
         self.max_concurrency = max_concurrency or os.cpu_count() or 1
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
@@ -96,6 +111,14 @@ class Sandbox:
         self.workdir_root = workdir_root or tempfile.mkdtemp(
             prefix=f"skill-sandbox-{os.getpid()}-")
         self.tail_bytes = tail_bytes
+        self.policy = policy
+        self.circuit_breaker: CircuitBreaker | None = None
+        if circuit_breaker is None or circuit_breaker is True:
+            self.circuit_breaker = InMemoryCircuitBreaker()
+        elif circuit_breaker is not False:
+            self.circuit_breaker = circuit_breaker
+        self.logger = logger
+        self.tools = ToolRegistry()
         self._skills: dict[str, _Loaded] = {}
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
@@ -178,18 +201,26 @@ class Sandbox:
 
     def execute(self, request: ExecutionRequest) -> ExecutionResult:
         """Run one execution to its end. Every outcome is a result; nothing the skill does raises."""
-        token = self._register_token(request.request_id)
-        try:
-            return self._execute(request, token)
-        finally:
-            self._release_token(request.request_id, token)
+        return self._execute_step(request, None)
 
     async def aexecute(self, request: ExecutionRequest) -> ExecutionResult:
         """`execute` for asyncio. Cancelling the awaiting task kills the execution and reaps it
         before `CancelledError` propagates."""
+        return await self._aexecute_step(request, None)
+
+    def _execute_step(self, request: ExecutionRequest, step: StepInfo | None) -> ExecutionResult:
+        """`execute`, with the plan step it belongs to (for the execution log)."""
+        token = self._register_token(request.request_id)
+        try:
+            return self._execute(request, token, step)
+        finally:
+            self._release_token(request.request_id, token)
+
+    async def _aexecute_step(self, request: ExecutionRequest,
+                             step: StepInfo | None) -> ExecutionResult:
         token = self._register_token(request.request_id)
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self._execute, request, token)
+        future = loop.run_in_executor(self._executor, self._execute, request, token, step)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -224,7 +255,15 @@ class Sandbox:
                 del self._tokens[request_id]
         token.close()
 
-    def _execute(self, request: ExecutionRequest, token: _CancelToken) -> ExecutionResult:
+    def _execute(self, request: ExecutionRequest, token: _CancelToken,
+                 step: StepInfo | None = None) -> ExecutionResult:
+        result = self._admit_and_run(request, token)
+        log_execution(self.logger, request, result, step)
+        return result
+
+    def _admit_and_run(self, request: ExecutionRequest, token: _CancelToken) -> ExecutionResult:
+        """Admission in order — skill loaded, input, policy, circuit breaker — then the run.
+        A rejection never touches a worker; whatever is admitted is settled exactly once."""
         started = time.monotonic()
 
         def early(status: ExecutionStatus, error: str) -> ExecutionResult:
@@ -243,7 +282,20 @@ class Sandbox:
         problem = skill.input_problem(request.input)
         if problem:
             return early(ExecutionStatus.REJECTED, f"{INVALID_INPUT}: {problem}")
-        limits = _limits_for(skill, request)
+        rejection = admission_error(self.policy, self.circuit_breaker, request, skill)
+        if rejection:
+            return early(ExecutionStatus.REJECTED, rejection)
+        result: ExecutionResult | None = None
+        try:
+            result = self._run_in_slot(request, token, loaded, started, early)
+            return result
+        finally:
+            settle(self.policy, self.circuit_breaker, request, skill, result)
+
+    def _run_in_slot(self, request: ExecutionRequest, token: _CancelToken, loaded: _Loaded,
+                     started: float,
+                     early: Callable[[ExecutionStatus, str], ExecutionResult]) -> ExecutionResult:
+        limits = _limits_for(loaded.skill, request)
         if not self._acquire_slot(token, limits.timeout):
             if token.canceled:
                 return early(ExecutionStatus.CANCELED, CANCELED_ERROR)
@@ -317,6 +369,26 @@ class Sandbox:
                 return f"{WORKER_ERROR}: {exc}"
         return ""
 
+    # -- plans and tools ------------------------------------------------------------------
+
+    def register_tool(self, name: str, tool: Callable[..., Any] | ToolRunner) -> None:
+        """Make `tool` callable from `tool` steps: a trusted callable `fn(arguments)` or
+        `fn(arguments, ctx)`, sync or async, or a `ToolRunner` such as `HttpToolRunner`."""
+        self.tools.register(name, tool)
+
+    def has_tool(self, name: str) -> bool:
+        return name in self.tools
+
+    def execute_plan(self, plan: ExecutionPlan,
+                     ec: ExecutionContext | None = None) -> list[StepResult]:
+        """Run the plan's steps in order; return their results, or raise `InvalidPlan` (before
+        any step) or `PlanFailed` (carrying the failing step's result). See `sandbox.planrun`."""
+        return run_plan(self, plan, ec or ExecutionContext(assistant_id=plan.assistant_id))
+
+    async def aexecute_plan(self, plan: ExecutionPlan,
+                            ec: ExecutionContext | None = None) -> list[StepResult]:
+        return await arun_plan(self, plan, ec or ExecutionContext(assistant_id=plan.assistant_id))
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -339,6 +411,7 @@ class Sandbox:
         self._executor.shutdown(wait=True, cancel_futures=True)
         if self._owns_workdir_root:
             shutil.rmtree(self.workdir_root, ignore_errors=True)
+        self.tools.close()
 
     def __enter__(self) -> Sandbox:
         return self
