@@ -38,6 +38,9 @@ class ZygoteProcess:
         self.rss_kb = 0
         self.starts = 0
         self._process: subprocess.Popen[bytes] | None = None
+        #: Set when a fork request could not be sent: the zygote is gone even if `poll()` (which
+        #: answers "still running" while another thread is inside waitpid) has not seen it yet.
+        self._broken = False
         self._control: socket.socket | None = None
         self._lock = threading.Lock()
         self._encoder = msgspec.msgpack.Encoder()
@@ -66,6 +69,7 @@ class ZygoteProcess:
             _kill_and_reap(process)
             raise
         self._process, self._control = process, ours
+        self._broken = False
         self.pid, self.rss_kb = message.pid, message.rss_kb
         self.starts += 1
 
@@ -85,7 +89,7 @@ class ZygoteProcess:
         return message
 
     def alive(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return not self._broken and self._process is not None and self._process.poll() is None
 
     def fork(self, command: ForkCommand, fds: list[int]) -> None:
         """Ask the zygote for one execution child; the fds are duplicated into it."""
@@ -96,6 +100,7 @@ class ZygoteProcess:
             try:
                 socket.send_fds(self._control, [payload], fds)
             except OSError as exc:
+                self._broken = True  # under the lock: this is the current zygote's socket
                 raise ZygoteDied(f"{self.skill_id}: zygote is gone ({exc.strerror})") from None
 
     def stop(self, timeout: float = 5.0) -> None:
