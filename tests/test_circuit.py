@@ -230,7 +230,7 @@ def _counting(sandbox: Sandbox) -> list[str]:
         calls.append(request.request_id)
         return original(loaded, request, *args)
 
-    sandbox._run = run  # type: ignore[method-assign]
+    sandbox._run = run  # type: ignore[method-assign,assignment]
     return calls
 
 

@@ -219,7 +219,7 @@ def test_denial_is_rejected_with_the_seed_message_and_no_worker(
         ran.append(request.skill_id)
         return original(loaded, request, *args)
 
-    sandbox._run = counting  # type: ignore[method-assign]
+    sandbox._run = counting  # type: ignore[method-assign,assignment]
     result = sandbox.execute(_request("admin/wipe"))
     assert result.status is ExecutionStatus.REJECTED
     assert result.error == REJECTED + "tenant 'acme' may not run skill 'admin/wipe'"

@@ -76,8 +76,8 @@ def registry_server() -> Iterator[ThreadingHTTPServer]:
 
 @pytest.fixture
 def runner(registry_server: ThreadingHTTPServer) -> Iterator[HttpToolRunner]:
-    host, port = registry_server.server_address[:2]
-    http_runner = HttpToolRunner(f"http://{host}:{port}/", max_response_bytes=4096)
+    port = registry_server.server_address[1]
+    http_runner = HttpToolRunner(f"http://127.0.0.1:{port}/", max_response_bytes=4096)
     yield http_runner
     http_runner.close()
 
