@@ -111,3 +111,20 @@ def run_skill(make_sandbox: Callable[..., Sandbox],
         return sandbox.execute(ExecutionRequest(skill_id=skill.id, input=data, **request))
 
     return run
+
+
+def execution_survivors(sandbox: Sandbox, timeout: float = 5.0) -> set[int]:
+    """Processes still alive below the sandbox's zygotes (its executions and anything they
+    left behind, whatever pid namespace they see themselves in) after up to `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive: set[int] = set()
+        for skill in sandbox.skills():
+            try:
+                zygote = psutil.Process(sandbox.zygote_info(skill.id)["pid"])
+                alive |= {p.pid for p in zygote.children(recursive=True) if _alive(p.pid)}
+            except psutil.NoSuchProcess:
+                continue
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.02)

@@ -23,7 +23,7 @@ from sandbox import (
     SkillFailed,
     SkillNotLoaded,
 )
-from tests.conftest import descendants, wait_until_gone
+from tests.conftest import descendants, execution_survivors, wait_until_gone
 
 Run = Callable[..., ExecutionResult]
 
@@ -426,12 +426,13 @@ def test_command_output_is_checked_against_output_schema(make_sandbox: Callable[
 def test_command_obeys_the_timeout_and_its_children_die(make_sandbox: Callable[..., Sandbox],
                                                         tmp_path: Path) -> None:
     skill = command_skill(tmp_path / "slow", '["./prog.sh"]',
-                          "#!/bin/sh\nsleep 60 &\necho $! >&2\nsleep 60\n")
-    result = make_sandbox(skill).execute(request(skill, timeout=0.5))
+                          "#!/bin/sh\nsleep 60 &\necho started >&2\nsleep 60\n")
+    sandbox = make_sandbox(skill)
+    result = sandbox.execute(request(skill, timeout=0.5))
     assert result.status is ExecutionStatus.TIMEOUT
     assert result.error.startswith("runtime: execution timeout")
-    background = int(result.stderr.split()[0])
-    assert not wait_until_gone({background})
+    assert result.stderr == "started\n"
+    assert not execution_survivors(sandbox)
 
 
 # -- zygotes and the sandbox's own lifecycle ----------------------------------------------------
@@ -594,7 +595,7 @@ def test_descendants_left_by_a_successful_execution_are_killed(
             "        os.setsid()\n"
             "        if os.fork():\n"
             "            os._exit(0)\n"
-            "        print(os.getpid(), file=sys.stderr, flush=True)\n"
+            "        print('escaped', file=sys.stderr, flush=True)\n"
             "        time.sleep(60)\n"  # holds stdout/stderr open, outside the process group
             "        os._exit(0)\n"
             "    os.waitpid(pid, 0)\n"
@@ -604,8 +605,8 @@ def test_descendants_left_by_a_successful_execution_are_killed(
     sandbox = make_sandbox(skill)
     result = sandbox.execute(request(skill))
     assert result.ok, result.error
-    grandchild = int(result.stderr.split()[0])
-    assert not wait_until_gone({grandchild})
+    assert result.json() == "done"
+    assert not execution_survivors(sandbox)
     assert sandbox.execute(request(skill)).ok
 
 
