@@ -15,14 +15,17 @@ or of the request itself raise the `SandboxError` family (`DaemonUnavailable`, `
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import socket
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote
 
+import httpcore
 import httpx
 import msgspec
+from httpcore._backends.sync import SyncStream  # the stream type the sync backend returns
 
 from sandbox.errors import SandboxError, SkillNotLoaded
 from sandbox.plans import ExecutionContext, ExecutionPlan, InvalidPlan, PlanFailed, StepResult
@@ -70,6 +73,35 @@ class DaemonBusy(DaemonError):
     """Too many executions in flight on the daemon; retry later."""
 
     message = "runtime: daemon busy"
+
+
+class _UnixBackend(httpcore.SyncBackend):
+    """httpcore's sync backend leaves the socket of a failed Unix-socket connect to the garbage
+    collector (a ResourceWarning and an fd held meanwhile); this one closes it at once."""
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None) -> Any:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+            sock.settimeout(timeout)
+            sock.connect(path)
+        except TimeoutError as exc:
+            sock.close()
+            raise httpcore.ConnectTimeout(str(exc)) from exc
+        except OSError as exc:
+            sock.close()
+            raise httpcore.ConnectError(str(exc)) from exc
+        return SyncStream(sock)
+
+
+def _unix_transport(path: Path) -> httpx.HTTPTransport:
+    transport = httpx.HTTPTransport(uds=str(path))
+    transport._pool = httpcore.ConnectionPool(uds=str(path), network_backend=_UnixBackend(),
+                                              max_connections=100, max_keepalive_connections=20,
+                                              keepalive_expiry=5.0)
+    return transport
 
 
 def _env_token(env: Mapping[str, str]) -> str | None:
@@ -256,8 +288,7 @@ class SandboxClient:
                  env: Mapping[str, str] | None = None) -> None:
         self.target = _Target(socket, url, token, env)
         self.timeout = timeout
-        transport = httpx.HTTPTransport(uds=str(self.target.socket)) \
-            if self.target.socket else None
+        transport = _unix_transport(self.target.socket) if self.target.socket else None
         self._http = httpx.Client(base_url=self.target.url, transport=transport,
                                   headers=self.target.headers(),
                                   timeout=httpx.Timeout(timeout, connect=5.0))
