@@ -10,15 +10,20 @@ most the time left before `ec.deadline`. The first step that fails stops the pla
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from sandbox.execlog.records import DEFAULT_MAX_OUTPUT_BYTES, StepInfo, record_for_step
+from sandbox.execlog.records import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    ExecutionLogRecord,
+    StepInfo,
+    record_for_step,
+)
 from sandbox.plans import (
     ExecutionContext,
     ExecutionPlan,
@@ -114,9 +119,10 @@ class _Run:
         self.names.append(step.name)
         self.outputs.append(result.output)
 
-    def tool_record_args(self, result: StepResult) -> tuple[Any, ...]:
+    def record(self, result: StepResult) -> ExecutionLogRecord:
+        """The log record of a step that did not go through `execute` (tools, stopped steps)."""
         limit = getattr(self.sandbox.logger, "max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES)
-        return (record_for_step(self.ec, result, limit),)
+        return record_for_step(self.ec, result, limit)
 
 
 def _type(step: ExecutionStep) -> str:
@@ -190,12 +196,12 @@ def run_plan(sandbox: Sandbox, plan: ExecutionPlan, ec: ExecutionContext) -> lis
 def _run_step(run: _Run, index: int, step: ExecutionStep) -> StepResult:
     prepared = run.prepare(index, step)
     if prepared.stopped is not None:
-        _call_logger(run.sandbox, "log_step", *run.tool_record_args(prepared.stopped))
+        _call_logger(run.sandbox, "log_step", run.record(prepared.stopped))
         return prepared.stopped
     assert prepared.arguments is not None
     if step.type is StepType.SKILL:
         request = run.skill_request(step, prepared.arguments, prepared.timeout)
-        cancel: Callable[[], object] = lambda: run.sandbox.cancel(request.request_id)  # noqa: E731
+        cancel = functools.partial(run.sandbox.cancel, request.request_id)
         run.ec._add_cancel_callback(cancel)
         try:
             result = run.sandbox._execute_step(request, run.step_info(index))
@@ -210,7 +216,7 @@ def _run_step(run: _Run, index: int, step: ExecutionStep) -> StepResult:
         step_result = tool_step_result(index, step, started, exc=exc)
     else:
         step_result = tool_step_result(index, step, started, output)
-    _call_logger(run.sandbox, "log_step", *run.tool_record_args(step_result))
+    _call_logger(run.sandbox, "log_step", run.record(step_result))
     return step_result
 
 
@@ -241,12 +247,12 @@ async def _arun_step(run: _Run, index: int, step: ExecutionStep) -> StepResult:
     prepared = run.prepare(index, step)
     if prepared.stopped is not None:
         await asyncio.to_thread(_call_logger, run.sandbox, "log_step",
-                                *run.tool_record_args(prepared.stopped))
+                                run.record(prepared.stopped))
         return prepared.stopped
     assert prepared.arguments is not None
     if step.type is StepType.SKILL:
         request = run.skill_request(step, prepared.arguments, prepared.timeout)
-        cancel: Callable[[], object] = lambda: run.sandbox.cancel(request.request_id)  # noqa: E731
+        cancel = functools.partial(run.sandbox.cancel, request.request_id)
         run.ec._add_cancel_callback(cancel)
         try:
             result = await run.sandbox._aexecute_step(request, run.step_info(index))
@@ -262,5 +268,5 @@ async def _arun_step(run: _Run, index: int, step: ExecutionStep) -> StepResult:
     else:
         step_result = tool_step_result(index, step, started, output)
     await asyncio.to_thread(_call_logger, run.sandbox, "log_step",
-                            *run.tool_record_args(step_result))
+                            run.record(step_result))
     return step_result

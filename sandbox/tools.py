@@ -145,9 +145,9 @@ class ToolRegistry:
         self._lock = threading.Lock()
 
     def register(self, name: str, tool: Callable[..., Any] | ToolRunner) -> None:
-        if not isinstance(name, str) or not name.strip() or name != name.strip():
-            raise ValueError(f"a tool name must be a non-empty string without surrounding "
-                             f"whitespace, got {name!r}")
+        if not isinstance(name, str) or not name or any(ch.isspace() for ch in name):
+            raise ValueError(f"a tool name must be a non-empty string without whitespace, "
+                             f"got {name!r}")
         if any(ch in name for ch in "{}#"):
             raise ValueError(f"tool name {name!r} may not contain '{{', '}}' or '#' "
                              "(they are template syntax)")

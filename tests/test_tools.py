@@ -167,8 +167,8 @@ def test_http_tool_in_a_plan_between_two_skills(
 
 def test_registry_rejects_bad_names_and_non_callables() -> None:
     registry = ToolRegistry()
-    with pytest.raises(ValueError, match="non-empty string"):
-        registry.register(" x", lambda a: a)
+    with pytest.raises(ValueError, match="non-empty string without whitespace"):
+        registry.register("web search", lambda a: a)
     with pytest.raises(ValueError, match="may not contain"):
         registry.register("a{{b", lambda a: a)
     with pytest.raises(TypeError, match="a tool must be callable, got int"):
