@@ -333,3 +333,22 @@ def test_concurrent_executions_against_an_opening_circuit(
     assert statuses.count(ExecutionStatus.FAILED) == len(calls)
     assert statuses.count(ExecutionStatus.REJECTED) == 24 - len(calls)
     assert statuses.count(ExecutionStatus.REJECTED) > 0
+
+
+def test_concurrent_async_executions_against_an_opening_circuit(
+        make_sandbox: Callable[..., Sandbox], flaky: Path, clock: FakeClock) -> None:
+    import asyncio
+
+    breaker = InMemoryCircuitBreaker(clock=clock, failure_threshold=2)
+    sandbox = make_sandbox(flaky, circuit_breaker=breaker, max_concurrency=2)
+    calls = _counting(sandbox)
+
+    async def main() -> list[ExecutionStatus]:
+        results = await asyncio.gather(*(sandbox.aexecute(_request(fail=True))
+                                         for _ in range(12)))
+        return [result.status for result in results]
+
+    statuses = asyncio.run(main())
+    assert breaker.state("t/flaky") is CircuitState.OPEN
+    assert statuses.count(ExecutionStatus.FAILED) == len(calls) >= 2
+    assert statuses.count(ExecutionStatus.REJECTED) == 12 - len(calls)

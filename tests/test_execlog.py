@@ -80,6 +80,24 @@ def test_every_execute_is_logged_with_identities_and_cost(logged: Sandbox,
     assert before <= record.timestamp <= datetime.now(UTC)
 
 
+def test_async_executions_and_plans_are_logged(logged: Sandbox,
+                                               db: SqliteExecutionLogger) -> None:
+    import asyncio
+
+    async def main() -> None:
+        await logged.aexecute(ExecutionRequest(skill_id="t/tokens", input=b'{"text": "a"}',
+                                               request_id="async-1"))
+        await logged.aexecute_plan(ExecutionPlan("a", [
+            ExecutionStep("t/tokens", "skill", {"text": "b c"})]),
+            ExecutionContext(request_id="async-plan"))
+
+    asyncio.run(main())
+    assert [(r.step_type, r.status) for r in db.by_request_id("async-1")] == [
+        ("skill", "success")]
+    assert [(r.step_type, r.status, r.tokens) for r in db.by_request_id("async-plan")] == [
+        ("plan", "started", 0), ("skill", "success", 2), ("plan", "success", 0)]
+
+
 def test_failures_and_rejections_are_logged_too(logged: Sandbox,
                                                 db: SqliteExecutionLogger) -> None:
     logged.execute(ExecutionRequest(skill_id="t/fail", input=b'{"n": 1}', request_id="f"))
