@@ -623,10 +623,17 @@ def doctor(as_json: bool) -> None:
         fail("the capability report (sandbox.capabilities) is not part of this build",
              EXIT_FAILED, as_json, "unavailable")
     if as_json:
-        report = capabilities.detect()
-        to_dict = getattr(report, "to_dict", None)
-        emit_json(to_dict() if callable(to_dict) else report)
-        sys.exit(EXIT_OK)
+        import dataclasses
+
+        report = capabilities.report() if hasattr(capabilities, "report") \
+            else capabilities.detect()
+        data = dataclasses.asdict(report) \
+            if dataclasses.is_dataclass(report) and not isinstance(report, type) else report
+        all_active = getattr(report, "all_active", True)
+        if isinstance(data, dict):
+            data["all_active"] = all_active
+        emit_json(data)
+        sys.exit(EXIT_OK if all_active else EXIT_FAILED)
     sys.exit(capabilities.main() or EXIT_OK)
 
 
