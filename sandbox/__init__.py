@@ -8,6 +8,7 @@
 """
 
 from sandbox.circuit import CircuitBreaker, CircuitState, InMemoryCircuitBreaker
+from sandbox.client import AsyncSandboxClient, DaemonError, DaemonUnavailable, SandboxClient
 from sandbox.errors import (
     CircuitOpen,
     ExecutionCanceled,
@@ -46,9 +47,12 @@ from worker.protocol import ExecutionRequest, ExecutionResult, ExecutionStatus, 
 from worker.runtime import SkillContext
 
 __all__ = [
+    "AsyncSandboxClient",
     "CircuitBreaker",
     "CircuitOpen",
     "CircuitState",
+    "DaemonError",
+    "DaemonUnavailable",
     "ExecutionCanceled",
     "ExecutionContext",
     "ExecutionLogRecord",
@@ -77,6 +81,7 @@ __all__ = [
     "ResourceExhausted",
     "ResourceUsage",
     "Sandbox",
+    "SandboxClient",
     "SandboxError",
     "Skill",
     "SkillContext",
