@@ -290,6 +290,8 @@ class Service:
             self._fingerprints.pop(skill_id, None)
             self._starts.pop(skill_id, None)
             report.removed.append(skill_id)
+        for names in (report.added, report.reloaded, report.unchanged, report.removed):
+            names.sort()
         return report
 
     def _load(self, item: Found, report: ReloadReport) -> bool:
