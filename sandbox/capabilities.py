@@ -1,0 +1,352 @@
+"""What this host can isolate with, which layers a `Sandbox` will use, and the `doctor` report.
+
+`detect()` reads the host once per process: kernel, architecture, root or not, Landlock ABI,
+cgroup hierarchies and whether they are writable, and — by trying them for real in a fresh
+interpreter (`worker.probe`) — seccomp, mount/network/PID/user namespaces and the uid switch.
+`plan_layers()` turns that and the operator's `IsolationConfig` into the mechanisms to use;
+`capability_report()` says, layer by layer, what is active and why anything is not. A layer the
+host lacks is reported, never silently dropped; one listed in `IsolationConfig.required` makes
+the `Sandbox` refuse to start instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from sandbox import cgroups
+from sandbox.errors import SandboxError
+
+#: Mechanisms an operator can require or disable by name.
+MECHANISMS = ("uid", "mountns", "netns", "landlock", "seccomp", "cgroups")
+_PROBE_TIMEOUT = 20.0
+
+
+class IsolationUnavailable(SandboxError):
+    """A layer listed in `IsolationConfig.required` is not available on this host."""
+
+
+@dataclass(frozen=True)
+class IsolationConfig:
+    """The operator's choices; the defaults use every layer the host has.
+
+    `uid_base`/`uid_count`: the pool of uids (and equal gids) executions run as when the
+    supervisor is root — one per concurrent execution, so executions cannot signal or read each
+    other. Pick a range no real account or container uses. `workdir_mb`: size of each
+    execution's tmpfs workdir. `read_only`: more paths every skill may read. `disabled` and
+    `required`: mechanism names from `MECHANISMS`.
+    """
+
+    uid_base: int = 1_000_000_000
+    uid_count: int = 1024
+    workdir_mb: int = 64
+    read_only: tuple[str, ...] = ()
+    disabled: frozenset[str] = frozenset()
+    required: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        for which in ("disabled", "required"):
+            unknown = sorted(set(getattr(self, which)) - set(MECHANISMS))
+            if unknown:
+                raise ValueError(f"IsolationConfig.{which}: unknown mechanism(s) "
+                                 f"{', '.join(unknown)}; known: {', '.join(MECHANISMS)}")
+        clash = sorted(set(self.disabled) & set(self.required))
+        if clash:
+            raise ValueError(f"IsolationConfig: {', '.join(clash)} both required and disabled")
+        if not 0 < self.uid_base < 2**32 - 1 - self.uid_count or self.uid_count < 1:
+            raise ValueError(f"IsolationConfig: uid_base={self.uid_base}, uid_count="
+                             f"{self.uid_count} is not a valid range of unprivileged uids")
+        if self.workdir_mb < 1:
+            raise ValueError(f"IsolationConfig.workdir_mb must be at least 1, got "
+                             f"{self.workdir_mb}")
+        for path in self.read_only:
+            if not os.path.isabs(path):
+                raise ValueError(f"IsolationConfig.read_only: {path!r} is not an absolute path")
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """Facts about the host, as detected; `probes` maps a mechanism to "" (works) or why not."""
+
+    kernel: str
+    arch: str
+    euid: int
+    landlock_abi: int
+    probes: dict[str, str]
+    cgroup_v1: dict[str, str]
+    cgroup_v1_problem: str
+    cgroup_v2: str
+
+    def works(self, mechanism: str) -> bool:
+        return self.probes.get(mechanism, "not probed") == ""
+
+
+@dataclass(frozen=True)
+class IsolationPlan:
+    """The mechanisms a `Sandbox` uses, and for each one it does not, the reason."""
+
+    config: IsolationConfig
+    uid: bool
+    mountns: bool
+    netns: bool
+    landlock_abi: int
+    seccomp: bool
+    cgroups: bool
+    off: dict[str, str] = field(default_factory=dict)
+
+    def zygote_settings(self, network: bool, workdir_root: str) -> dict[str, object]:
+        """`worker.isolation.Settings` for a skill's zygote."""
+        return {
+            "network": network,
+            "drop_uid": self.uid,
+            "mount_ns": self.mountns,
+            "net_ns": self.netns and not network,
+            "seccomp": self.seccomp,
+            "seccomp_network": self.seccomp and not network and not self.netns,
+            "landlock_abi": self.landlock_abi,
+            "workdir_root": workdir_root,
+            "read_only": list(self.config.read_only),
+        }
+
+    @property
+    def workdir_bytes(self) -> int:
+        return self.config.workdir_mb << 20 if self.mountns else 0
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    status: str  # "active" | "fallback" | "unavailable"
+    detail: str
+
+
+@dataclass(frozen=True)
+class CapabilityReport:
+    host: HostInfo
+    layers: list[Layer]
+
+    @property
+    def all_active(self) -> bool:
+        return all(layer.status == "active" for layer in self.layers)
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+
+def _probe(uid: int) -> dict[str, str]:
+    """Run `worker.probe` in a fresh interpreter (never fork the threaded supervisor)."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-B", "-m", "worker.probe", str(uid)],
+            capture_output=True, text=True, timeout=_PROBE_TIMEOUT, check=False,
+            env={"PATH": "/usr/bin:/bin"}, cwd="/",
+        )
+        results: dict[str, str] = json.loads(done.stdout)
+        return results
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+        reason = f"the probe failed: {exc}"
+        return {name: reason for name in (*MECHANISMS, "setuid", "pidns", "userns")}
+
+
+def _cgroup_facts() -> tuple[dict[str, str], str, str]:
+    try:
+        v1 = cgroups.v1_hierarchies()
+    except OSError as exc:
+        v1, problem = {}, f"cannot read the cgroup hierarchy: {exc}"
+    else:
+        missing = [name for name in cgroups.CONTROLLERS if name not in v1]
+        problem = f"no cgroup v1 hierarchy for {', '.join(missing)}" if missing else ""
+    if not problem:
+        for controller, path in v1.items():
+            probe = os.path.join(path, f"skill-sandbox-probe-{os.getpid()}")
+            try:
+                os.mkdir(probe)
+                os.rmdir(probe)
+            except OSError as exc:
+                problem = f"{path} is not writable ({exc.strerror}) for {controller}"
+                break
+    v2 = ""
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            if fields[fields.index("-") + 1] == "cgroup2":
+                v2 = fields[4]
+                break
+    return v1, problem, v2
+
+
+@functools.lru_cache(maxsize=4)
+def detect(uid: int = IsolationConfig.uid_base) -> HostInfo:
+    """The host's isolation facts (cached: the kernel does not change under a process)."""
+    from worker import landlock
+
+    v1, problem, v2 = _cgroup_facts()
+    return HostInfo(kernel=platform.release(), arch=platform.machine(), euid=os.geteuid(),
+                    landlock_abi=landlock.abi_version(), probes=_probe(uid), cgroup_v1=v1,
+                    cgroup_v1_problem=problem, cgroup_v2=v2)
+
+
+def plan_layers(host: HostInfo, config: IsolationConfig) -> IsolationPlan:
+    """Which mechanisms to use; raises `IsolationUnavailable` if a required one is off."""
+    off: dict[str, str] = {}
+    root = host.euid == 0
+
+    def usable(name: str, works: bool, reason: str) -> bool:
+        if name in config.disabled:
+            off[name] = "disabled by IsolationConfig"
+        elif not works:
+            off[name] = reason
+        return name not in off
+
+    not_root = f"the supervisor is not root (euid {host.euid})"
+    uid = usable("uid", root and host.works("setuid"),
+                 not_root if not root else f"setresuid failed: {host.probes.get('setuid')}")
+    mountns = usable("mountns", root and host.works("mountns"),
+                     not_root if not root else host.probes.get("mountns", ""))
+    netns = usable("netns", root and host.works("netns"),
+                   not_root if not root else host.probes.get("netns", ""))
+    landlock_ok = usable("landlock", host.landlock_abi > 0 and host.works("landlock"),
+                         "the kernel has no Landlock (5.13+, CONFIG_SECURITY_LANDLOCK, "
+                         "landlock in lsm=)" if not host.landlock_abi
+                         else host.probes.get("landlock", ""))
+    seccomp = usable("seccomp", host.works("seccomp"), host.probes.get("seccomp", ""))
+    cgroup_ok = usable("cgroups", root and not host.cgroup_v1_problem,
+                       not_root if not root else host.cgroup_v1_problem)
+    plan = IsolationPlan(config=config, uid=uid, mountns=mountns, netns=netns,
+                         landlock_abi=host.landlock_abi if landlock_ok else 0, seccomp=seccomp,
+                         cgroups=cgroup_ok, off=off)
+    missing = sorted(name for name in config.required if name in off)
+    if missing:
+        raise IsolationUnavailable("required isolation unavailable: " + "; ".join(
+            f"{name}: {off[name]}" for name in missing))
+    return plan
+
+
+def capability_report(host: HostInfo, plan: IsolationPlan) -> CapabilityReport:
+    """Layer by layer: active, on a fallback, or unavailable — with the mechanism or reason."""
+    config, off = plan.config, plan.off
+    layers = [Layer("hygiene", "active" if host.works("no_new_privs") else "unavailable",
+                    "no_new_privs; environment scrubbed to an allow-list plus the manifest's "
+                    "env; every fd closed but the execution's pipes; RLIMIT_CORE=0; umask 077")]
+    if plan.uid:
+        layers.append(Layer("identity", "active",
+                            f"each concurrent execution runs as its own uid/gid (pool of "
+                            f"{config.uid_count} from {config.uid_base}), no groups, no "
+                            "capabilities"))
+    else:
+        layers.append(Layer("identity", "unavailable",
+                            f"executions run as the supervisor's uid: {off['uid']}"))
+    hidden = []
+    if plan.uid:
+        hidden.append("own uid (no /proc/<pid>/environ or mem of, or signals to, the "
+                      "supervisor and zygote)")
+    if plan.landlock_abi:
+        hidden.append("Landlock limits /proc to the execution's own pid")
+    if plan.landlock_abi >= 6:
+        hidden.append("Landlock scopes signals and abstract unix sockets to the execution")
+    if plan.seccomp:
+        hidden.append("seccomp refuses ptrace, process_vm_*, pidfd_getfd")
+    pidns = ("PID namespace available but not used: it costs an extra fork per execution"
+             if host.works("pidns") else f"no PID namespace: {host.probes.get('pidns')}")
+    layers.append(Layer("supervisor hidden",
+                        "active" if (plan.uid or plan.landlock_abi) and plan.seccomp
+                        else "fallback" if hidden else "unavailable",
+                        "; ".join([*hidden, pidns])))
+    if plan.seccomp:
+        from worker.seccomp import X86_64_DENIED
+
+        layers.append(Layer("seccomp", "active",
+                            f"deny-list of {len(X86_64_DENIED)} syscalls (ptrace, mount, bpf, "
+                            "kexec, modules, keyctl, userfaultfd, unshare/setns, io_uring, ...) "
+                            "and clone without namespace flags, inherited from the zygote"))
+    else:
+        layers.append(Layer("seccomp", "unavailable", off["seccomp"]))
+    if plan.netns:
+        layers.append(Layer("network", "active", "skills without network = true get a network "
+                                                 "namespace of their own (no interface up)"))
+    elif plan.seccomp:
+        layers.append(Layer("network", "fallback",
+                            f"seccomp limits socket() to AF_UNIX (no netns: {off['netns']})"))
+    else:
+        layers.append(Layer("network", "unavailable",
+                            f"no netns ({off['netns']}) and no seccomp ({off['seccomp']})"))
+    files = []
+    if plan.landlock_abi:
+        files.append(f"Landlock ABI {plan.landlock_abi}: read-only interpreter, site-packages, "
+                     "skill and system paths, read-write only the workdir")
+    if plan.mountns:
+        files.append(f"mount namespace: read-only view, hidden paths exposed read-only, "
+                     f"{config.workdir_mb} MB tmpfs workdir per execution")
+    status = "active" if plan.landlock_abi and plan.mountns else "fallback" if files \
+        else "unavailable"
+    if not plan.landlock_abi:
+        files.append(f"no Landlock ({off['landlock']}): files any user may read stay readable")
+    if not plan.mountns:
+        files.append(f"no mount namespace ({off['mountns']}): workdir on the host disk, "
+                     "RLIMIT_FSIZE only")
+    layers.append(Layer("filesystem", status, "; ".join(files)))
+    if plan.cgroups:
+        layers.append(Layer("processes", "active",
+                            "cgroup v1 per execution: pids.max, memory limit and peak, every "
+                            "process killed at the end; subreaper sweep as a backstop"))
+    else:
+        layers.append(Layer("processes", "fallback",
+                            f"no cgroups ({off['cgroups']}): process-group kill, subreaper "
+                            "sweep and psutil tree watch"))
+    return CapabilityReport(host=host, layers=layers)
+
+
+def report(config: IsolationConfig | None = None) -> CapabilityReport:
+    config = config or IsolationConfig()
+    host = detect(config.uid_base)
+    try:
+        plan = plan_layers(host, config)
+    except IsolationUnavailable:
+        plan = plan_layers(host, IsolationConfig(
+            uid_base=config.uid_base, uid_count=config.uid_count, workdir_mb=config.workdir_mb,
+            read_only=config.read_only, disabled=config.disabled))
+    return capability_report(host, plan)
+
+
+def format_report(result: CapabilityReport) -> str:
+    host = result.host
+    who = "root" if host.euid == 0 else f"euid {host.euid}"
+    cgroup_v1 = ("v1 " + ", ".join(f"{name} at {path}" for name, path in
+                                   sorted(host.cgroup_v1.items()))) if host.cgroup_v1 else "no v1"
+    facts = [
+        ("kernel", f"Linux {host.kernel} {host.arch}, running as {who}"),
+        ("landlock", f"ABI {host.landlock_abi}" if host.landlock_abi else "not available"),
+        *((name, "available" if host.works(name) else f"unavailable: {host.probes.get(name)}")
+          for name in ("seccomp", "userns", "pidns", "netns", "mountns", "setuid")),
+        ("cgroup", f"{cgroup_v1}; "
+                   + ("writable" if not host.cgroup_v1_problem else host.cgroup_v1_problem)
+                   + (f"; v2 mounted at {host.cgroup_v2} (not used)" if host.cgroup_v2 else "")),
+    ]
+    lines = ["skill-sandbox doctor", "", "host:"]
+    lines += [f"  {name:<10} {value}" for name, value in facts]
+    lines += ["", "layers:"]
+    width = max(len(layer.name) for layer in result.layers)
+    for layer in result.layers:
+        lines.append(f"  {layer.status:<12} {layer.name:<{width}}  {layer.detail}")
+    lines += ["", "every layer active" if result.all_active
+              else "some layers are not active: executions still run, with the others"]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    """Print the doctor report; exit status 1 when a layer is not fully active."""
+    result = report()
+    print(format_report(result))
+    return 0 if result.all_active else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
