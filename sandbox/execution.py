@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from sandbox.cgroups import CgroupRoot, ExecutionCgroup
 from sandbox.skill import Skill
 from sandbox.watch import TreeWatch
 from sandbox.zygote import ZygoteProcess
@@ -107,6 +108,8 @@ class ExecutionSpec:
     #: The caller's whole timeout, for the error text: `limits.timeout` is what is left of it
     #: after waiting for a concurrency slot.
     requested_timeout: float | None = None
+    #: Where per-execution cgroups are made (None: no cgroups on this host or by choice).
+    cgroups: CgroupRoot | None = None
 
 
 def _set_nonblocking(*fds: int) -> None:
@@ -123,6 +126,9 @@ class Execution:
         self.stderr = Tail(spec.tail_bytes)
         self.start = time.monotonic()
         self.deadline = self.start + spec.limits.timeout
+        self.cgroup: ExecutionCgroup | None = None
+        self.cgroup_limit = ""  # the cgroup limit the execution ran into, if any
+        self.cgroup_peak = 0
 
     # -- the whole life of one execution ---------------------------------------------------
 
@@ -132,6 +138,12 @@ class Execution:
         fds: list[int] = []
         report: socket.socket | None = None
         try:
+            isolation = dict(spec.isolation)
+            if spec.cgroups is not None:
+                disk = isolation.get("disk_bytes", 0)  # tmpfs pages count as its memory
+                memory = (spec.limits.memory_mb << 20) + (disk if isinstance(disk, int) else 0)
+                self.cgroup = spec.cgroups.new_execution(spec.limits.max_processes, memory)
+                isolation["cgroups"] = self.cgroup.procs_files
             request_r, request_w = os.pipe2(os.O_CLOEXEC)
             result_r, result_w = os.pipe2(os.O_CLOEXEC)
             stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
@@ -144,7 +156,7 @@ class Execution:
                 tenant_id=spec.tenant_id, user_id=spec.user_id,
                 deadline=time.time() + spec.limits.timeout, limits=spec.limits,
                 workdir=workdir, env={"HOME": workdir, "TMPDIR": workdir, **spec.env},
-                isolation=spec.isolation,
+                isolation=isolation,
             )
             try:
                 spec.zygote.fork(command, [request_r, result_w, stdout_w, stderr_w,
@@ -158,6 +170,8 @@ class Execution:
             self._loop(report, request_w, result_r, stdout_r, stderr_r, fds)
         finally:
             self._kill()
+            if self.cgroup is not None:
+                self._finish_cgroup(self.cgroup)
             if self.state.pidfd >= 0:
                 os.close(self.state.pidfd)
             if report is not None:
@@ -296,8 +310,30 @@ class Execution:
 
     # -- limits ---------------------------------------------------------------------------
 
+    def _finish_cgroup(self, group: ExecutionCgroup) -> None:
+        """Kill whatever is left (setsid escapees too), keep the figures, remove the cgroup."""
+        group.kill_all()
+        self.cgroup_peak = group.peak_memory_bytes()
+        self.cgroup_limit = self.cgroup_limit or self._cgroup_limit_hit(group)
+        assert self.spec.cgroups is not None
+        self.spec.cgroups.finish(group)
+
+    def _cgroup_limit_hit(self, group: ExecutionCgroup) -> str:
+        limits = self.spec.limits
+        if group.oom_killed():
+            return f"memory: the execution's processes used more than {limits.memory_mb} MB"
+        if group.pids_limit_hit():
+            return (f"processes: the execution reached its limit of {limits.max_processes} "
+                    "processes/threads")
+        return ""
+
     def _check_tree(self) -> None:
         state = self.state
+        if self.cgroup is not None and not self.cgroup_limit:
+            self.cgroup_limit = self._cgroup_limit_hit(self.cgroup)
+            if self.cgroup_limit:
+                self._kill(self.cgroup_limit)
+                return
         if state.watch is None and state.started is not None and state.exited is None:
             try:  # created on first use: quick executions never pay for psutil
                 state.watch = TreeWatch(state.started.pid)
@@ -369,6 +405,9 @@ class Execution:
             error = f"{TIMEOUT_ERROR} after {timeout:g}s"
         elif killed:
             error = f"{EXHAUSTED_ERROR}: {killed}"
+        elif self.cgroup_limit and not (frame is not None and frame.ok and exited is not None
+                                        and exited.wait_status == 0):
+            error = f"{EXHAUSTED_ERROR}: {self.cgroup_limit}"
         elif exited is None:
             error = f"{WORKER_ERROR}: the skill's zygote died during the execution"
         elif usage.cpu_time_ms >= limits.cpu_time * 1000 and _signalled(exited.wait_status):
@@ -440,6 +479,8 @@ class Execution:
         if state.watch is not None:
             cpu = max(cpu, state.watch.peak_cpu_seconds)
             memory_kb = max(memory_kb, state.watch.peak_memory_bytes // 1024)
+        if self.cgroup_peak:  # what the kernel charged to the execution itself: the real peak
+            memory_kb = self.cgroup_peak // 1024
         return ResourceUsage(cpu_time_ms=round(cpu * 1000), memory_mb=round(memory_kb / 1024))
 
     _exited_at: float = 0.0

@@ -8,6 +8,7 @@ within their own deadline); each execution is a fresh fork of the skill's zygote
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -23,6 +24,14 @@ from typing import Any
 
 import msgspec
 
+from sandbox.capabilities import (
+    CapabilityReport,
+    IsolationConfig,
+    capability_report,
+    detect,
+    plan_layers,
+)
+from sandbox.cgroups import CgroupRoot
 from sandbox.circuit import CircuitBreaker, InMemoryCircuitBreaker
 from sandbox.control import admission_error, log_execution, settle
 from sandbox.errors import SkillLoadError
@@ -33,6 +42,7 @@ from sandbox.plans import ExecutionContext, ExecutionPlan, StepResult
 from sandbox.policy import ExecutionPolicy
 from sandbox.skill import Skill
 from sandbox.tools import ToolRegistry, ToolRunner
+from sandbox.uidpool import UidPool, UidPoolExhausted
 from sandbox.zygote import BASE_ENV, ZygoteDied, ZygoteProcess
 from worker.protocol import ExecutionRequest, ExecutionResult, ExecutionStatus, Limits
 
@@ -84,6 +94,18 @@ def _limits_for(skill: Skill, request: ExecutionRequest) -> Limits:
     )
 
 
+def _make_traversable(root: str, owned: bool) -> None:
+    """Execution uids pass through the workdir root to their own (0700) workdirs."""
+    os.makedirs(root, mode=0o711, exist_ok=True)
+    mode = os.stat(root).st_mode
+    if mode & 0o001:
+        return
+    if not owned:
+        raise ValueError(f"workdir_root {root} (mode {mode & 0o777:04o}) must be traversable "
+                         "by the execution uids (o+x) when executions drop root")
+    os.chmod(root, 0o711)
+
+
 class Sandbox:
     """Runs untrusted skills. Thread- and task-safe; use as a context manager or call `close()`.
 
@@ -101,15 +123,26 @@ class Sandbox:
                  max_concurrency: int | None = None, workdir_root: str | None = None,
                  tail_bytes: int = 8192, policy: ExecutionPolicy | None = None,
                  circuit_breaker: CircuitBreaker | bool | None = None,
-                 logger: ExecutionLogger | None = None) -> None:
+                 logger: ExecutionLogger | None = None,
+                 isolation: IsolationConfig | None = None) -> None:
         self.max_concurrency = max_concurrency or os.cpu_count() or 1
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        # Isolation layers: what the host supports, minus what the operator disabled (raises
+        # IsolationUnavailable when a required one is missing). See sandbox.capabilities.
+        self.isolation = isolation or IsolationConfig()
+        self._host = detect(self.isolation.uid_base)
+        self._plan = plan_layers(self._host, self.isolation)
+        self._uids = (UidPool.shared(self.isolation.uid_base, self.isolation.uid_count)
+                      if self._plan.uid else None)
         # Our own folder unless one is given: removed again by close(), never shared with
         # another Sandbox that might still be using it.
         self._owns_workdir_root = workdir_root is None
         self.workdir_root = workdir_root or tempfile.mkdtemp(
             prefix=f"skill-sandbox-{os.getpid()}-")
+        if self._plan.uid:  # execution uids must reach their workdirs inside it
+            _make_traversable(self.workdir_root, self._owns_workdir_root)
+        self._cgroups = self._make_cgroups()
         self.tail_bytes = tail_bytes
         self.policy = policy
         self.circuit_breaker: CircuitBreaker | None = None
@@ -195,7 +228,22 @@ class Sandbox:
         return self._ensure_zygote(loaded)
 
     def _isolation_for(self, skill: Skill) -> dict[str, Any]:
-        return {"network": skill.manifest.permissions.network}
+        return self._plan.zygote_settings(skill.manifest.permissions.network, self.workdir_root)
+
+    def capabilities(self) -> CapabilityReport:
+        """The isolation layers this sandbox applies, each active / fallback / unavailable
+        with its mechanism or the reason (`sandbox.capabilities.format_report` prints it)."""
+        return capability_report(self._host, self._plan)
+
+    def _make_cgroups(self) -> CgroupRoot | None:
+        if not self._plan.cgroups:
+            return None
+        try:
+            return CgroupRoot.create()
+        except OSError as exc:  # detected as writable, yet not: say so in the report
+            self._plan = dataclasses.replace(
+                self._plan, cgroups=False, off={**self._plan.off, "cgroups": str(exc)})
+            return None
 
     # -- executing ------------------------------------------------------------------------
 
@@ -339,20 +387,32 @@ class Sandbox:
             if error:
                 return ExecutionResult(status=ExecutionStatus.FAILED, error=error,
                                        request_id=request.request_id, skill_id=skill.id)
+            try:
+                uid = self._uids.acquire(limits.timeout) if self._uids is not None else -1
+            except UidPoolExhausted as exc:
+                return ExecutionResult(status=ExecutionStatus.FAILED,
+                                       error=f"{WORKER_ERROR}: {exc}",
+                                       request_id=request.request_id, skill_id=skill.id)
+            isolation = {**self._isolation_for(skill), "uid": uid, "gid": uid,
+                         "disk_bytes": self._plan.workdir_bytes}
             spec = ExecutionSpec(
                 skill=skill, zygote=loaded.zygote, exec_id=uuid.uuid4().hex,
                 request_id=request.request_id, tenant_id=request.tenant_id,
                 user_id=request.user_id, input=request.input, limits=limits,
                 env={**BASE_ENV, **skill.manifest.permissions.env},
-                isolation=self._isolation_for(skill), workdir_root=self.workdir_root,
+                isolation=isolation, workdir_root=self.workdir_root,
                 tail_bytes=self.tail_bytes, cancel_fd=token.read_fd,
                 requested_timeout=_limits_for(skill, request).timeout,
+                cgroups=self._cgroups,
             )
             try:
                 return Execution(spec).run()
             except ZygoteDied:
                 if attempt:
                     raise
+            finally:
+                if self._uids is not None:
+                    self._uids.release(uid)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _ensure_zygote(self, loaded: _Loaded) -> str:
@@ -409,6 +469,8 @@ class Sandbox:
         for item in loaded:
             item.zygote.stop(timeout=2.0)
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._cgroups is not None:
+            self._cgroups.close()
         if self._owns_workdir_root:
             shutil.rmtree(self.workdir_root, ignore_errors=True)
         self.tools.close()

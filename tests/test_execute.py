@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -455,11 +456,21 @@ def test_killed_zygote_is_restarted_on_the_next_execute(make_sandbox: Callable[.
 
 def test_zygote_killed_mid_execution_gives_a_failed_result(
         make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path]) -> None:
-    code = ("import os, signal, time\ndef run(input):\n"
-            "    os.kill(os.getppid(), signal.SIGKILL)\n    time.sleep(5)\n")
+    code = "import time\ndef run(input):\n    time.sleep(5)\n"
     skill = Skill.from_dir(skill_dir(code, "[limits]\ntimeout = 5"))
     sandbox = make_sandbox(skill)
+    zygote = psutil.Process(sandbox.zygote_info(skill.id)["pid"])
+
+    def kill_zygote_once_running() -> None:  # from outside: the skill itself may not
+        deadline = time.monotonic() + 5
+        while not zygote.children() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        zygote.kill()
+
+    killer = threading.Thread(target=kill_zygote_once_running)
+    killer.start()
     result = sandbox.execute(request(skill))
+    killer.join()
     assert result.status is ExecutionStatus.FAILED
     assert result.error.startswith("runtime: worker failure")
     again = Skill.from_dir(skill_dir("def run(input):\n    return 'fine'\n"))

@@ -50,12 +50,13 @@ class ZygoteConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Running:
-    __slots__ = ("pid", "pidfd", "report")
+    __slots__ = ("pid", "pidfd", "report", "workdir")
 
-    def __init__(self, pid: int, pidfd: int, report: socket.socket) -> None:
+    def __init__(self, pid: int, pidfd: int, report: socket.socket, workdir: str) -> None:
         self.pid = pid
         self.pidfd = pidfd
         self.report = report
+        self.workdir = workdir
 
 
 def _rss_kb() -> int:
@@ -86,7 +87,7 @@ class Zygote:
         code = self.config.code
         if code.kind == "python" and not code.spawn:
             self.precompiled = child.compile_entrypoint(code)
-        isolation.apply_zygote_layers(self.config.isolation)
+        isolation.apply_zygote_layers(self.config.isolation, code)
         isolation.become_subreaper()
         # Objects alive now are shared copy-on-write with every child: keep the collector from
         # touching (and so copying) them in each execution.
@@ -132,10 +133,12 @@ class Zygote:
     def fork_execution(self, command: ForkCommand, fds: list[int]) -> None:
         report = socket.socket(fileno=fds[-1])
         zygote_rss = _rss_kb()
+        isolation.before_fork(command)
         pid = os.fork()
         if pid == 0:  # the execution child: never returns
             child.run_execution(self.config.code, self.config.preload, command, fds,
                                 self.precompiled, os.getppid())
+        isolation.after_fork(command, pid)
         for fd in fds[:-1]:
             os.close(fd)
         pidfd = os.pidfd_open(pid)
@@ -144,8 +147,9 @@ class Zygote:
                 pid=pid, zygote_rss_kb=zygote_rss))], [pidfd])
         except OSError:
             os.kill(pid, signal.SIGKILL)  # nobody is listening for this execution any more
-        self.running[pid] = _Running(pid, pidfd, report)
+        self.running[pid] = _Running(pid, pidfd, report, command.workdir)
         self.selector.register(pidfd, selectors.EVENT_READ, self.running[pid])
+        isolation.prepare_next()
 
     def handle_exit(self, running: _Running) -> None:
         # The execution's process group may still hold descendants: end them with it. The
@@ -167,6 +171,7 @@ class Zygote:
         except OSError:
             pass
         running.report.close()
+        isolation.release_execution(running.workdir)
 
     def sweep_orphans(self) -> None:
         """Kill and reap every child that is not an execution: orphans that reparented here."""
