@@ -388,3 +388,20 @@ def test_a_client_hanging_up_cancels_its_execution(
     wait_for(lambda: _inflight(item) == 0, what="the slot to be free")
     assert wait_until_gone({child.pid for child in psutil.Process(zygote).children()}) == set()
     assert item.stop() == 0
+
+
+def test_reloading_an_unchanged_policy_keeps_its_rate_limit_state(
+        daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[default]\nallowed_skills = ["*"]\n'
+                      'rate_limit = { rate = 0.001, burst = 1 }\n')
+    item = daemon([ECHO], args=["--policy", str(policy)]).start()
+    with item.client() as client:
+        assert client.execute(ExecutionRequest(skill_id="examples/echo")).ok
+        assert "rate limit" in client.execute(ExecutionRequest(skill_id="examples/echo")).error
+        client.reload()  # same file: the bucket stays empty, no free burst
+        assert "rate limit" in client.execute(ExecutionRequest(skill_id="examples/echo")).error
+        policy.write_text('[default]\nallowed_skills = ["*"]\n')
+        client.reload()
+        assert client.execute(ExecutionRequest(skill_id="examples/echo")).ok
+    assert item.stop() == 0

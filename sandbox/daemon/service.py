@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sandbox.circuit import InMemoryCircuitBreaker
@@ -30,7 +29,7 @@ from sandbox.policy import Policy, PolicyError
 from sandbox.sandbox import Sandbox
 from sandbox.skill import Skill
 from sandbox.tools import HttpToolRunner
-from worker.protocol import ExecutionRequest, ExecutionResult, ExecutionStatus
+from worker.protocol import ExecutionResult, ExecutionStatus
 
 log = jsonlog.get_logger("service")
 
@@ -193,15 +192,6 @@ class Service:
         if not self.inflight:
             self._idle.set()
 
-    async def execute(self, request: ExecutionRequest) -> ExecutionResult:
-        self.admit(request.request_id)
-        try:
-            result = await self.sandbox.aexecute(request)
-        finally:
-            self.release(request.request_id)
-        self.record(result, tenant_id=request.tenant_id)
-        return result
-
     def record(self, result: ExecutionResult, *, tenant_id: str = "") -> None:
         self.metrics.observe(result)
         level = logging.INFO if result.status is ExecutionStatus.SUCCESS else logging.WARNING
@@ -257,9 +247,15 @@ class Service:
             with self._token_lock:
                 self._token = token
         try:
-            self.policy.replace(load_policy(config))
+            policy = load_policy(config)
         except ConfigError as exc:
             report.errors.append(f"{exc} (keeping the previous policy)")
+        else:
+            current = self.policy.current
+            unchanged = isinstance(current, Policy) and isinstance(policy, Policy) and \
+                current.model_dump() == policy.model_dump()
+            if not unchanged:  # an unchanged file keeps its rate-limit buckets and counters
+                self.policy.replace(policy)
         self.config = config
 
     def bearer_token(self) -> str | None:
@@ -416,7 +412,3 @@ class Service:
             "execution_log": self.config.execution_log or None,
             "skills": skills, "skill_errors": self.skill_errors,
         }
-
-    @property
-    def skills_dirs(self) -> list[Path]:
-        return list(self.config.skills)
