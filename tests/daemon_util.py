@@ -156,6 +156,7 @@ class Daemon:
     def client(self, **options: Any) -> Any:
         from sandbox.client import SandboxClient
 
+        options.setdefault("timeout", 30.0)  # a hung daemon fails the test, not the run
         return SandboxClient(self.socket, env={}, **options)
 
     # -- its log --

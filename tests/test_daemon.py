@@ -405,3 +405,25 @@ def test_reloading_an_unchanged_policy_keeps_its_rate_limit_state(
         client.reload()
         assert client.execute(ExecutionRequest(skill_id="examples/echo")).ok
     assert item.stop() == 0
+
+
+def test_a_zygote_that_cannot_boot_is_retried_with_backoff_and_not_ready(
+        daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    root = tmp_path / "skills"
+    skill = write_skill(root, "fragile", "def run(input):\n    return 'ok'\n")
+    item = daemon([root], args=["--zygote-backoff-max", "2"]).start()
+    with item.client() as client:
+        (skill / "main.py").write_text("def run(input) return\n")  # no longer compiles
+        os.kill(client.skill("test/fragile")["zygote"]["pid"], signal.SIGKILL)
+        failures = wait_for(lambda: item.find_events("zygote restart failed")[1:],
+                            what="two failed restarts")
+        assert [event["retry_in"] for event in item.find_events("zygote restart failed")][:2] \
+            == [1.0, 2.0]
+        assert "SyntaxError" in failures[0]["error"]
+        assert not client.ready()
+        with item.http() as http:
+            assert http.get("/readyz").json()["zygotes_down"] == ["test/fragile"]
+        (skill / "main.py").write_text("def run(input):\n    return 'healed'\n")
+        wait_for(client.ready, timeout=15, what="the zygote to come back")
+        assert client.execute(ExecutionRequest(skill_id="test/fragile")).json() == "healed"
+    assert item.stop() == 0
