@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -116,8 +115,7 @@ def run(config: BenchConfig) -> Report:
     with Progress(_planned_work(config, bool(bwrap), not daemon_problem),
                   enabled=config.progress) as progress:
         progress.phase("starting zygotes and workers")
-        workdirs = tempfile.TemporaryDirectory(prefix="skill-sandbox-bench-")
-        sandbox = Sandbox(skills, max_concurrency=concurrency, workdir_root=workdirs.name)
+        sandbox = Sandbox(skills, max_concurrency=concurrency)
         series: list[Series] = []
         pool = None
         try:
@@ -165,7 +163,6 @@ def run(config: BenchConfig) -> Report:
             for item in series:
                 item.close()
             sandbox.close()
-            workdirs.cleanup()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
     report.duration_s = time.monotonic() - started
