@@ -27,7 +27,13 @@ from starlette.types import ASGIApp
 
 from sandbox.daemon import jsonlog, notify
 from sandbox.daemon.app import build_app
-from sandbox.daemon.config import ConfigError, DaemonConfig, TcpAddress, load_config
+from sandbox.daemon.config import (
+    ConfigError,
+    DaemonConfig,
+    TcpAddress,
+    env_values,
+    load_config,
+)
 from sandbox.daemon.service import Service
 
 log = jsonlog.get_logger("server")
@@ -296,8 +302,6 @@ def serve(config_path: str | os.PathLike[str] | None = None,
         jsonlog.event(log, logging.ERROR, "invalid configuration", error=str(exc))
         return EXIT_CONFIG
     jsonlog.configure(config.log_level, config.log_format)
-    from sandbox.daemon.config import env_values
-
     _, unknown = env_values(os.environ if env is None else env)
     if unknown:
         jsonlog.event(log, logging.WARNING, "unknown SKILL_SANDBOX_* environment variables "
