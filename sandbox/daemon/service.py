@@ -116,9 +116,16 @@ class Service:
                 self.execution_log.close()
             raise
         runners: dict[str, HttpToolRunner] = {}
-        for name, url in config.tools.items():
-            runner = runners.setdefault(url, HttpToolRunner(url))
-            self.sandbox.register_tool(name, runner)
+        try:
+            for name, url in config.tools.items():
+                if url not in runners:
+                    runners[url] = HttpToolRunner(url)
+                self.sandbox.register_tool(name, runners[url])
+        except ValueError as exc:
+            self.sandbox.close()
+            if self.execution_log is not None:
+                self.execution_log.close()
+            raise ConfigError(f"field 'tools': {exc}") from None
         self.metrics = Metrics(self.snapshot)
         self.started_at = time.time()
         self.draining = False
