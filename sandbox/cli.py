@@ -529,6 +529,13 @@ def _age(seconds: float) -> str:
     return text
 
 
+def _isolation_summary(layers: list[dict[str, str]]) -> str:
+    active = sum(layer["status"] == "active" for layer in layers)
+    weak = [f"{layer['name']} {layer['status']}" for layer in layers
+            if layer["status"] != "active"]
+    return f"{active}/{len(layers)} layers active" + (f" ({', '.join(weak)})" if weak else "")
+
+
 @main.command(context_settings=CONTEXT)
 @client_options
 @json_option
@@ -554,6 +561,7 @@ def status(socket: Path | None, url: str | None, token: str | None, as_json: boo
                           f"{data['queue_depth']}; max {data['max_concurrency']} + queue "
                           f"{data['max_queue']})"),
             ("exec log", data["execution_log"] or "off"),
+            ("isolation", _isolation_summary(data.get("isolation") or [])),
         ]))
         click.echo()
         rows = [[item["id"], item["version"], item["zygote_pid"],

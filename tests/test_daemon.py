@@ -427,3 +427,24 @@ def test_a_zygote_that_cannot_boot_is_retried_with_backoff_and_not_ready(
         wait_for(client.ready, timeout=15, what="the zygote to come back")
         assert client.execute(ExecutionRequest(skill_id="test/fragile")).json() == "healed"
     assert item.stop() == 0
+
+
+def test_disabled_isolation_layers_are_reported_at_start_and_in_status(
+        daemon: Callable[..., Daemon]) -> None:
+    item = daemon([ECHO], args=["--isolation-disabled", "netns"]).start()
+    with item.client() as client:
+        layers = {layer["name"]: layer for layer in client.status()["isolation"]}
+        assert client.execute(ExecutionRequest(skill_id="examples/echo")).ok
+    assert layers["network"]["status"] != "active"
+    assert all(set(layer) == {"name", "status", "detail"} for layer in layers.values())
+    [warning] = item.find_events("isolation layers not fully active")
+    assert "network" in warning
+    assert item.stop() == 0
+
+
+def test_a_required_layer_that_is_disabled_refuses_to_start(
+        daemon: Callable[..., Daemon]) -> None:
+    item = daemon([ECHO], args=["--isolation-disabled", "seccomp",
+                                "--isolation-required", "seccomp"])
+    assert item.spawn().wait(timeout=20) == 2
+    assert "both required and disabled" in item.log_text()

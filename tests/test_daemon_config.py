@@ -145,3 +145,17 @@ def test_discovery_reports_each_broken_skill_and_loads_the_rest(tmp_path: Path) 
     assert any("field 'id'" in error and "bad" in error for error in found.errors)
     assert any("is also the id of" in error for error in found.errors)
     assert any("absent: skills directory does not exist" in error for error in found.errors)
+
+
+def test_isolation_settings_are_checked_and_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"flag --isolation-disabled .*unknown mechanism\(s\) "
+                                          "magic"):
+        load_config(None, env={}, flags={"isolation.disabled": ["magic"]})
+    path = _write(tmp_path, "[isolation]\ndisabled = ['netns']\nrequired = ['netns']\n")
+    with pytest.raises(ConfigError, match="both required and disabled"):
+        load_config(path, env={})
+    config = load_config(None, env={"SKILL_SANDBOX_ISOLATION_DISABLED": "netns:cgroups",
+                                    "SKILL_SANDBOX_ISOLATION_WORKDIR_MB": "32"})
+    isolation = config.isolation.to_config()
+    assert isolation.disabled == frozenset({"netns", "cgroups"})
+    assert isolation.workdir_mb == 32

@@ -78,6 +78,40 @@ class CircuitConfig(_Strict):
     cooldown: float = Field(default=30.0, gt=0, description="seconds open before half-open probes")
 
 
+class IsolationSettings(_Strict):
+    """The kernel layers around every execution (see `skill-sandbox doctor`); unset keys keep
+    the library's defaults, which use every layer the host has."""
+
+    uid_base: int | None = Field(default=None, gt=0,
+                                 description="first uid of the per-execution uid pool (as root)")
+    uid_count: int | None = Field(default=None, gt=0, description="size of the uid pool")
+    workdir_mb: int | None = Field(default=None, gt=0,
+                                   description="size of each execution's tmpfs workdir")
+    read_only: list[str] = Field(default_factory=list,
+                                 description="extra absolute paths every skill may read")
+    disabled: list[str] = Field(default_factory=list,
+                                description="mechanisms to switch off (uid, mountns, netns, "
+                                "landlock, seccomp, cgroups)")
+    required: list[str] = Field(default_factory=list,
+                                description="mechanisms without which the daemon refuses to "
+                                "start")
+
+    @model_validator(mode="after")
+    def _valid(self) -> IsolationSettings:
+        self.to_config()  # the library's own checks, reported against these keys
+        return self
+
+    def to_config(self) -> Any:
+        """A `sandbox.capabilities.IsolationConfig` (imported here: it is not light)."""
+        from sandbox.capabilities import IsolationConfig
+
+        values: dict[str, Any] = {key: value for key in ("uid_base", "uid_count", "workdir_mb")
+                                  if (value := getattr(self, key)) is not None}
+        return IsolationConfig(read_only=tuple(self.read_only),
+                               disabled=frozenset(self.disabled),
+                               required=frozenset(self.required), **values)
+
+
 @dataclass(frozen=True)
 class TcpAddress:
     host: str
@@ -139,6 +173,7 @@ class DaemonConfig(_Strict):
                                   "tool registry (POST {url}/invoke)")
     limits: LimitsDefaults = LimitsDefaults()
     circuit: CircuitConfig = CircuitConfig()
+    isolation: IsolationSettings = IsolationSettings()
 
     @field_validator("tcp")
     @classmethod
@@ -367,6 +402,9 @@ def _describe(error: ValidationError, sources: Mapping[str, str],
             source = sources.get(".".join(parts[:end]))
             if source:
                 break
+        if source is None and dotted:  # a check on a whole section: name who set its keys
+            children = [value for key, value in sources.items() if key.startswith(dotted + ".")]
+            source = "; ".join(children) or None
         if source is None:
             where = f"{Path(path).resolve()}: " if path is not None else "config: "
             source = f"{where}field '{dotted}'" if dotted else where.rstrip(": ")

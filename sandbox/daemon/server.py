@@ -241,6 +241,10 @@ class Daemon:
         serving = [asyncio.create_task(server.serve(sockets=[sock]))
                    for server, sock in zip(servers, listeners, strict=True)]
         self._spawn(service.watch_zygotes())
+        weak = {layer["name"]: f"{layer['status']}: {layer['detail']}"
+                for layer in service.isolation_layers() if layer["status"] != "active"}
+        if weak:
+            jsonlog.event(log, logging.WARNING, "isolation layers not fully active", **weak)
         jsonlog.event(log, logging.INFO, "listening", pid=os.getpid(), **listening,
                       skills=len(service.sandbox.skills()), skill_errors=len(report.errors))
         if config.notify:

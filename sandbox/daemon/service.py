@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sandbox.capabilities import IsolationUnavailable
 from sandbox.circuit import InMemoryCircuitBreaker
 from sandbox.daemon import jsonlog, logquery
 from sandbox.daemon.config import ConfigError, DaemonConfig
@@ -35,7 +36,7 @@ log = jsonlog.get_logger("service")
 
 #: Settings a running daemon cannot change; a reload that sees them changed says so.
 RESTART_ONLY = ("socket", "tcp", "max_concurrency", "workdir_root", "execution_log",
-                "max_body_bytes", "tools", "circuit")
+                "max_body_bytes", "tools", "circuit", "isolation")
 
 
 def load_policy(config: DaemonConfig) -> Policy | None:
@@ -110,10 +111,13 @@ class Service:
                                    if config.workdir_root else None,
                                    policy=self.policy,
                                    circuit_breaker=self.breaker or False,
-                                   logger=self.execution_log)
-        except BaseException:
+                                   logger=self.execution_log,
+                                   isolation=config.isolation.to_config())
+        except BaseException as exc:
             if self.execution_log is not None:
                 self.execution_log.close()
+            if isinstance(exc, IsolationUnavailable):
+                raise ConfigError(f"field 'isolation.required': {exc}") from None
             raise
         runners: dict[str, HttpToolRunner] = {}
         try:
@@ -417,5 +421,11 @@ class Service:
             "max_concurrency": self.sandbox.max_concurrency, "max_queue": self.config.max_queue,
             "listening": self.listening,
             "execution_log": self.config.execution_log or None,
+            "isolation": self.isolation_layers(),
             "skills": skills, "skill_errors": self.skill_errors,
         }
+
+    def isolation_layers(self) -> list[dict[str, str]]:
+        """Each kernel layer: active, fallback (and what replaces it) or unavailable (why)."""
+        return [{"name": layer.name, "status": layer.status, "detail": layer.detail}
+                for layer in self.sandbox.capabilities().layers]
