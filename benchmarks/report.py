@@ -171,6 +171,16 @@ def render_table(report: Report) -> str:
     return "\n".join(out)
 
 
+def _layers(isolation: Any) -> str:
+    """`name (status)` for each layer of `Sandbox.capabilities()`, or what was said instead."""
+    layers = isolation.get("layers") if isinstance(isolation, dict) else None
+    if not isinstance(layers, list):
+        return str(isolation or "not reported")
+    names = [f"{layer.get('name')} ({layer.get('status')})" for layer in layers
+             if isinstance(layer, dict)]
+    return ", ".join(names) or "none reported"
+
+
 def render(report: Report, json_path: Path | None) -> str:
     machine = report.machine
     python = report.python
@@ -183,6 +193,7 @@ def render(report: Report, json_path: Path | None) -> str:
         f"python {python.get('version')} ({python.get('executable')}), "
         f"commit {commit.get('sha', '')[:12]}{' (dirty)' if commit.get('dirty') else ''}, "
         f"load average at start {machine.get('load_average')}",
+        f"isolation layers: {_layers(report.extra.get('isolation'))}",
         "",
         render_table(report),
     ]
