@@ -33,13 +33,14 @@ class _Strict(BaseModel):
 class LimitsConfig(_Strict):
     """Per-skill ceilings. Defaults follow openbotstack: 30 s wall, 5 s CPU, 128 MB."""
 
-    timeout: float = Field(30.0, gt=0, description="wall-clock seconds")
-    cpu_time: float = Field(5.0, gt=0, description="CPU seconds, whole process tree")
-    memory_mb: int = Field(128, gt=0, description="memory above the worker's baseline")
-    max_processes: int = Field(32, gt=0, description="processes and threads in the tree")
-    max_output_bytes: int = Field(1 << 20, gt=0, description="result, stdout, stderr each")
-    max_file_bytes: int = Field(16 << 20, gt=0, description="largest file the skill may write")
-    max_open_files: int = Field(256, ge=16)
+    timeout: float = Field(default=30.0, gt=0, description="wall-clock seconds")
+    cpu_time: float = Field(default=5.0, gt=0, description="CPU seconds, whole process tree")
+    memory_mb: int = Field(default=128, gt=0, description="memory above the worker's baseline")
+    max_processes: int = Field(default=32, gt=0, description="processes and threads in the tree")
+    max_output_bytes: int = Field(default=1 << 20, gt=0, description="result, stdout, stderr each")
+    max_file_bytes: int = Field(default=16 << 20, gt=0,
+                                description="largest file the skill may write")
+    max_open_files: int = Field(default=256, ge=16)
 
 
 class Permissions(_Strict):

@@ -83,7 +83,7 @@ class ZygoteProcess:
             code = process.wait(timeout=5)
             raise SkillLoadError(f"{self.skill_id}: zygote exited with status {code} "
                                  "before it was ready")
-        message = msgspec.msgpack.decode(data, type=ZygoteMessage)
+        message: ZygoteReady | ZygoteFailed = msgspec.msgpack.decode(data, type=ZygoteMessage)
         if isinstance(message, ZygoteFailed):
             raise SkillLoadError(f"{self.skill_id}: zygote failed to start: {message.error}")
         return message
