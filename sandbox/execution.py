@@ -139,6 +139,9 @@ class Execution:
         report: socket.socket | None = None
         try:
             isolation = dict(spec.isolation)
+            uid = isolation.get("uid", -1)
+            if isinstance(uid, int) and uid >= 0 and not isolation.get("disk_bytes"):
+                os.chown(workdir, uid, uid)  # no tmpfs of its own: the uid must own the dir
             if spec.cgroups is not None:
                 disk = isolation.get("disk_bytes", 0)  # tmpfs pages count as its memory
                 memory = (spec.limits.memory_mb << 20) + (disk if isinstance(disk, int) else 0)
@@ -410,7 +413,9 @@ class Execution:
             error = f"{EXHAUSTED_ERROR}: {self.cgroup_limit}"
         elif exited is None:
             error = f"{WORKER_ERROR}: the skill's zygote died during the execution"
-        elif usage.cpu_time_ms >= limits.cpu_time * 1000 and _signalled(exited.wait_status):
+        elif _signal_of(exited.wait_status) == signal.SIGXCPU or (
+                usage.cpu_time_ms >= limits.cpu_time * 1000 and _signalled(exited.wait_status)):
+            # SIGXCPU comes only from RLIMIT_CPU (rusage, tick-sampled, may read a bit less)
             error = f"{EXHAUSTED_ERROR}: cpu time: used more than {limits.cpu_time:g}s"
         elif _signal_of(exited.wait_status) == signal.SIGXFSZ:
             error = f"{EXHAUSTED_ERROR}: file size: a file grew past {limits.max_file_bytes} bytes"

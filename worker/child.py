@@ -75,7 +75,7 @@ def run_execution(code: SkillCode, preload: list[str], command: ForkCommand, fds
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         kind = "command" if code.kind == "command" else "python"
-        isolation.enter_execution(command)  # cgroups, tmpfs workdir, Landlock: still root
+        isolation.enter_execution(command)  # in its cgroups, then Landlock: still root
         _place_fds(fds, kind)
         os.chdir(command.workdir)
         os.environ.clear()

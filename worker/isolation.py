@@ -128,13 +128,15 @@ def apply_zygote_layers(settings: dict[str, Any], code: SkillCode | None = None)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     code = code or SkillCode(skill_dir="/", kind="python")
     paths = code_paths(code, config.read_only)
+    readable = [path for path in paths if os.path.isdir(path)]
+    reach = readable + ([config.workdir_root] if config.workdir_root else [])
     if config.mount_ns:
         namespaces.enter_mount_namespace()
         if config.drop_uid:
-            readable = [path for path in paths if os.path.isdir(path)]
-            namespaces.expose(readable + ([config.workdir_root] if config.workdir_root else []))
-            namespaces.check_readable(readable)
+            namespaces.expose(reach)
         namespaces.read_only_view(["/sys/fs/cgroup"])
+    if config.drop_uid:  # a clear error at boot, not an odd failure in every execution
+        namespaces.check_reachable(reach, readable)
     if config.net_ns:
         namespaces.unshare(namespaces.CLONE_NEWNET)
     if config.landlock_abi:

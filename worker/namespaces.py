@@ -106,7 +106,7 @@ def expose(paths: list[str]) -> None:
 
     Covers each blocking ancestor with a tmpfs that holds read-only binds of the needed paths
     beneath it (opened before the cover goes on). Repeats for ancestors only visible through
-    an earlier bind; raises `PermissionError` naming the path when one stays unreachable.
+    an earlier bind (`check_reachable` says which path stays out of reach, if any).
     """
     for _ in range(8):
         blocked = {path: hidden_ancestor(path) for path in paths}
@@ -132,17 +132,18 @@ def expose(paths: list[str]) -> None:
         finally:
             for fd in fds.values():
                 os.close(fd)
+
+
+def check_reachable(paths: list[str], readable: list[str]) -> None:
+    """Raise `PermissionError` naming the first of `paths` a stranger cannot reach, or of
+    `readable` one it cannot list."""
     for path in paths:
         ancestor = hidden_ancestor(path)
         if ancestor is not None:
             mode = stat.S_IMODE(os.stat(ancestor).st_mode)
             raise PermissionError(f"{path} is not reachable by the execution uid: {ancestor} "
                                   f"has mode {mode:04o}")
-
-
-def check_readable(paths: list[str]) -> None:
-    """Raise `PermissionError` naming the first of `paths` a stranger cannot list."""
-    for path in paths:
+    for path in readable:
         mode = stat.S_IMODE(os.stat(path).st_mode)
         if (mode & 0o005) != 0o005:
             raise PermissionError(f"{path} is not readable by the execution uid (mode "

@@ -154,6 +154,10 @@ def call_skill(code: SkillCode, command: ForkCommand, precompiled: CodeType | No
         if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
             return ChildResult(ok=False, limit="file size", error=f"OSError: {exc}",
                                tokens_used=ctx.tokens_used)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # the workdir's tmpfs is full: its size is the execution's disk quota
+            return ChildResult(ok=False, limit="disk", error=f"OSError: {exc}",
+                               tokens_used=ctx.tokens_used)
         if isinstance(exc, RuntimeError) and str(exc) == "can't start new thread":
             # pthread_create failed: the task cap or the data limit (thread stacks count)
             return ChildResult(ok=False, limit="threads", error=f"RuntimeError: {exc}",

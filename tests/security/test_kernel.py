@@ -1,0 +1,95 @@
+"""The kernel surface and the execution's identity: denied syscalls through ctypes, and who the
+skill runs as (uid, groups, capabilities, no_new_privs, seccomp, environment, umask)."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+
+from sandbox import ExecutionStatus
+from tests.security.hostile import Hostile, requires
+
+#: x86_64 numbers; the skill calls them raw through ctypes, past anything Python checks.
+_DENIED = {
+    "unshare(CLONE_NEWUSER)": (272, 0x10000000),
+    "unshare(CLONE_NEWNS)": (272, 0x20000),
+    "setns": (308, 0, 0),
+    "mount": (165, 0, 0, 0, 0, 0),
+    "umount2": (166, 0, 0),
+    "pivot_root": (155, 0, 0),
+    "chroot": (161, 0),
+    "bpf": (321, 0, 0, 0),
+    "perf_event_open": (298, 0, 0, -1, -1, 0),
+    "kexec_load": (246, 0, 0, 0, 0),
+    "init_module": (175, 0, 0, 0),
+    "keyctl": (250, 0, 0, 0, 0, 0),
+    "add_key": (248, 0, 0, 0, 0, 0),
+    "userfaultfd": (323, 0),
+    "io_uring_setup": (425, 1, 0),
+    "fsopen": (430, 0, 0),
+    "open_by_handle_at": (304, 0, 0, 0),
+    "reboot": (169, 0, 0, 0, 0),
+    "swapon": (167, 0, 0),
+    "acct": (163, 0),
+    "pidfd_getfd": (438, 0, 0, 0),
+}
+
+
+@requires("seccomp")
+def test_ctypes_calls_to_denied_syscalls_fail_with_eperm(hostile: Callable[..., Hostile]) -> None:
+    attack = hostile("""
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+
+        def attack(input):
+            outcome = {}
+            for name, call in input["calls"].items():
+                ctypes.set_errno(0)
+                result = libc.syscall(*(ctypes.c_long(value) for value in call))
+                outcome[name] = ctypes.get_errno() if result == -1 else f"returned {result}"
+            with open("/proc/self/status") as status:
+                outcome["mode"] = [line.split()[1] for line in status
+                                   if line.startswith("Seccomp:")][0]
+            return outcome
+    """)
+    result = attack.run(calls=_DENIED)
+    assert result.status is ExecutionStatus.SUCCESS, result
+    outcome = result.json()
+    assert outcome.pop("mode") == "2"  # SECCOMP_MODE_FILTER
+    assert outcome == dict.fromkeys(_DENIED, errno.EPERM)
+    attack.assert_still_serving()
+
+
+@requires("identity")
+def test_the_skill_runs_unprivileged_in_a_scrubbed_process(
+        hostile: Callable[..., Hostile]) -> None:
+    attack = hostile("""
+        def attack(input):
+            with open("/proc/self/status") as handle:
+                status = dict(line.rstrip("\\n").split(":\\t", 1) for line in handle)
+            umask = os.umask(0)
+            return {
+                "ids": [*os.getresuid(), *os.getresgid()],
+                "groups": os.getgroups(),
+                "caps": [status[key] for key in ("CapInh", "CapPrm", "CapEff", "CapAmb")],
+                "no_new_privs": status["NoNewPrivs"],
+                "umask": umask,
+                "env": sorted(os.environ),
+                "core": __import__("resource").getrlimit(__import__("resource").RLIMIT_CORE),
+                "workdir_owner": os.stat(".").st_uid,
+                "workdir_mode": os.stat(".").st_mode & 0o777,
+            }
+    """)
+    result = attack.run()
+    assert result.status is ExecutionStatus.SUCCESS, result
+    seen = result.json()
+    uid = seen["ids"][0]
+    assert uid != 0 and seen["ids"] == [uid] * 6  # real, effective, saved: uid and gid alike
+    assert seen["groups"] == []
+    assert seen["caps"] == ["0000000000000000"] * 4
+    assert seen["no_new_privs"] == "1"
+    assert seen["umask"] == 0o077
+    assert seen["env"] == ["HOME", "LANG", "LC_ALL", "PATH", "TMPDIR"]
+    assert seen["core"] == [0, 0]
+    assert seen["workdir_owner"] == uid and seen["workdir_mode"] == 0o700
+    attack.assert_still_serving()
