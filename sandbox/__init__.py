@@ -7,6 +7,7 @@
         print(result.status, result.output, result.resource_usage)
 """
 
+from sandbox.capabilities import CapabilityReport, IsolationConfig, IsolationUnavailable
 from sandbox.circuit import CircuitBreaker, CircuitState, InMemoryCircuitBreaker
 from sandbox.client import AsyncSandboxClient, DaemonError, DaemonUnavailable, SandboxClient
 from sandbox.errors import (
@@ -48,6 +49,7 @@ from worker.runtime import SkillContext
 
 __all__ = [
     "AsyncSandboxClient",
+    "CapabilityReport",
     "CircuitBreaker",
     "CircuitOpen",
     "CircuitState",
@@ -68,6 +70,8 @@ __all__ = [
     "InMemoryCircuitBreaker",
     "InvalidInput",
     "InvalidPlan",
+    "IsolationConfig",
+    "IsolationUnavailable",
     "JsonlExecutionLogger",
     "LimitsConfig",
     "LoggingExecutionLogger",

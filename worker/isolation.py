@@ -1,14 +1,20 @@
 """Kernel-level containment applied inside the worker processes.
 
-`apply_zygote_layers` runs once in the zygote: no_new_privs, its own mount namespace (hidden
-paths exposed read-only, the whole view read-only) and network namespace, the compiled Landlock
-plan, and the seccomp deny-list every fork inherits. In each execution child,
-`enter_execution` (still root) joins the execution's cgroups and mounts its tmpfs workdir, then
-`apply_child_layers` sets rlimits, drops to the execution's uid/gid, applies Landlock and a last
-seccomp filter before any skill code runs. `release_execution` runs in the zygote after the reap.
+Once, in the zygote (`apply_zygote_layers`): no_new_privs and no core dumps; as root, its own
+mount namespace (paths the execution uids cannot reach exposed read-only, the whole view made
+read-only) and, for skills without the network permission, its own network namespace; the
+Landlock plan (read-only paths opened once); the seccomp deny-list, which every fork inherits.
 
-Which layers run is the supervisor's decision (it detects what the host supports and says so);
-this module only applies what the settings ask for, and fails loudly if it cannot.
+Per execution, in the zygote: `before_fork` mounts the tmpfs workdir, `after_fork` moves the
+child into its cgroups and opens the gate it waits at, `prepare_next` readies the next Landlock
+ruleset, `release_execution` detaches the workdir after the reap. In the child, before any skill
+code: `enter_execution` (gate, then Landlock) and `apply_child_layers` (umask, rlimits, the
+execution's own uid/gid, a last seccomp filter for mount/umount2). Work is done in the zygote
+wherever it can be: there it costs microseconds, in a fresh fork every touched page is a
+copy-on-write fault.
+
+Which layers run is the supervisor's decision (it detects what the host supports and reports
+it); this module applies what the settings ask for and fails loudly when it cannot.
 """
 
 from __future__ import annotations

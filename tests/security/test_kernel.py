@@ -4,9 +4,11 @@ skill runs as (uid, groups, capabilities, no_new_privs, seccomp, environment, um
 from __future__ import annotations
 
 import errno
+import json
 from collections.abc import Callable
+from pathlib import Path
 
-from sandbox import ExecutionStatus
+from sandbox import ExecutionRequest, ExecutionStatus, Sandbox, Skill
 from tests.security.hostile import Hostile, requires
 
 #: x86_64 numbers; the skill calls them raw through ctypes, past anything Python checks.
@@ -93,3 +95,55 @@ def test_the_skill_runs_unprivileged_in_a_scrubbed_process(
     assert seen["core"] == [0, 0]
     assert seen["workdir_owner"] == uid and seen["workdir_mode"] == 0o700
     attack.assert_still_serving()
+
+
+_SPAWN_SKILL = """\
+import os
+
+
+def run(input):
+    try:
+        open("/etc/shadow").read()
+        shadow = "read"
+    except OSError:
+        shadow = "denied"
+    with open("/proc/self/status") as status:
+        fields = dict(line.rstrip("\\n").split(":\\t", 1) for line in status)
+    return {"uid": os.getuid(), "shadow": shadow, "seccomp": fields["Seccomp"],
+            "no_new_privs": fields["NoNewPrivs"]}
+"""
+
+_COMMAND = r"""
+uid=$(id -u)
+if cat /etc/shadow >/dev/null 2>&1; then shadow=read; else shadow=denied; fi
+if touch /tmp/skill-sandbox-escape-$$ 2>/dev/null; then tmp=written; else tmp=denied; fi
+seccomp=none
+while read -r key value; do [ "$key" = "Seccomp:" ] && seccomp=$value; done < /proc/self/status
+printf '{"uid": %s, "shadow": "%s", "tmp": "%s", "seccomp": "%s"}' \
+    "$uid" "$shadow" "$tmp" "$seccomp"
+"""
+
+
+@requires("identity", "filesystem", "seccomp")
+def test_layers_hold_across_exec_in_spawn_and_command_skills(
+        make_sandbox: Callable[..., Sandbox], tmp_path: Path) -> None:
+    spawn = tmp_path / "spawn"
+    spawn.mkdir()
+    (spawn / "main.py").write_text(_SPAWN_SKILL)
+    (spawn / "skill.toml").write_text('id = "test/spawn"\nentrypoint = "main:run"\n'
+                                      'isolation = "spawn"\n')
+    command = tmp_path / "command"
+    command.mkdir()
+    (command / "skill.toml").write_text(
+        f'id = "test/command"\ncommand = ["/bin/sh", "-c", {json.dumps(_COMMAND)}]\n')
+    sandbox = make_sandbox(Skill.from_dir(spawn), Skill.from_dir(command))
+    spawned = sandbox.execute(ExecutionRequest(skill_id="test/spawn"))
+    assert spawned.status is ExecutionStatus.SUCCESS, spawned
+    assert spawned.json()["uid"] != 0
+    assert spawned.json() | {"uid": 0} == {"uid": 0, "shadow": "denied", "seccomp": "2",
+                                           "no_new_privs": "1"}
+    commanded = sandbox.execute(ExecutionRequest(skill_id="test/command"))
+    assert commanded.status is ExecutionStatus.SUCCESS, commanded
+    assert commanded.json()["uid"] != 0
+    assert commanded.json() | {"uid": 0} == {"uid": 0, "shadow": "denied", "tmp": "denied",
+                                             "seccomp": "2"}
