@@ -194,6 +194,17 @@ def detect(uid: int = IsolationConfig.uid_base) -> HostInfo:
                     cgroup_v1_problem=problem, cgroup_v2=v2)
 
 
+def _hidden_interpreter() -> str:
+    """The interpreter directory an unprivileged uid cannot reach (pyenv under /root), or ""."""
+    from worker.namespaces import hidden_ancestor
+
+    for prefix in {sys.base_prefix, sys.prefix}:
+        path = os.path.realpath(prefix)
+        if hidden_ancestor(path + "/bin"):
+            return path
+    return ""
+
+
 def plan_layers(host: HostInfo, config: IsolationConfig) -> IsolationPlan:
     """Which mechanisms to use; raises `IsolationUnavailable` if a required one is off."""
     off: dict[str, str] = {}
@@ -217,6 +228,10 @@ def plan_layers(host: HostInfo, config: IsolationConfig) -> IsolationPlan:
                          "the kernel has no Landlock (5.13+, CONFIG_SECURITY_LANDLOCK, "
                          "landlock in lsm=)" if not host.landlock_abi
                          else host.probes.get("landlock", ""))
+    if uid and not mountns:  # nothing can expose an interpreter under a 0700 home: say so
+        hidden = _hidden_interpreter()
+        uid = usable("uid", not hidden, f"{hidden} is not reachable by other uids and the "
+                                        "mount namespace that would expose it is off")
     seccomp = usable("seccomp", host.works("seccomp"), host.probes.get("seccomp", ""))
     cgroup_ok = usable("cgroups", root and not host.cgroup_v1_problem,
                        not_root if not root else host.cgroup_v1_problem)

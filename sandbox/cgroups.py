@@ -4,8 +4,9 @@ double forks included — whatever it did.
 
 The supervisor owns their life: `CgroupRoot` makes one parent per `Sandbox` under the
 supervisor's own cgroups (so limits set above it still apply), `ExecutionCgroup` one child per
-execution with a random name (pid-derived names collide across PID namespaces). The execution
-child joins them itself, while still root, before any skill code runs.
+concurrent execution with a random name (pid-derived names collide across PID namespaces),
+reused once emptied. The zygote moves each execution child into them right after the fork;
+the child waits for that before it runs anything else.
 
 cgroup v2 is detected and reported by `sandbox.capabilities` but not driven here.
 """
@@ -16,6 +17,7 @@ import contextlib
 import os
 import secrets
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -87,20 +89,65 @@ def _kill_member(pid: int, directory: str) -> None:
         os.close(pidfd)
 
 
+def _counter(path: str, key: str) -> int:
+    """The value of `key` in a flat-keyed cgroup file (pids.events, memory.oom_control)."""
+    try:
+        text = _read(path)
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return 0
+
+
+def _number(path: str) -> int:
+    try:
+        return int(_read(path))
+    except (OSError, ValueError):
+        return 0
+
+
 @dataclass
 class ExecutionCgroup:
-    """One execution's `pids` and `memory` cgroups."""
+    """One execution's `pids` and `memory` cgroups.
+
+    Emptied groups are reused by later executions (a memory cgroup costs ~0.1 ms to make and
+    remove): counters are read as differences from `begin`, and the peak is reset there.
+    """
 
     pids: str
     memory: str
+    limits: tuple[int, int] = (0, 0)
+    killed: int = 0  # processes `kill_all` had to kill in this execution
+    _limit_events: int = 0
+    _oom_kills: int = 0
+    _usage: int = 0
 
     @property
     def procs_files(self) -> list[str]:
         return [os.path.join(self.pids, "cgroup.procs"), os.path.join(self.memory, "cgroup.procs")]
 
+    def begin(self, max_tasks: int, memory_bytes: int) -> None:
+        """Set the limits (if they differ from the last execution's) and the baselines."""
+        if self.limits != (max_tasks, memory_bytes):
+            _write(os.path.join(self.pids, "pids.max"), str(max_tasks))
+            _write(os.path.join(self.memory, "memory.limit_in_bytes"), str(memory_bytes))
+            with contextlib.suppress(OSError):  # only where swap accounting exists
+                _write(os.path.join(self.memory, "memory.memsw.limit_in_bytes"),
+                       str(memory_bytes))
+            self.limits = (max_tasks, memory_bytes)
+        self._limit_events = _counter(os.path.join(self.pids, "pids.events"), "max")
+        self._oom_kills = _counter(os.path.join(self.memory, "memory.oom_control"), "oom_kill")
+        # Resets the peak to the current charge: what earlier executions left cached.
+        _write(os.path.join(self.memory, "memory.max_usage_in_bytes"), "0")
+        self._usage = _number(os.path.join(self.memory, "memory.usage_in_bytes"))
+        self.killed = 0
+
     def kill_all(self, deadline: float = KILL_DEADLINE) -> bool:
         """Kill every process in the execution until none is left; False if some outlived the
-        deadline (they stay capped, and `remove` is retried by the root)."""
+        deadline (they stay capped, and the group is retried later)."""
         end = time.monotonic() + deadline
         while True:
             members = _procs(self.pids)  # a process leaves it only by root's hand
@@ -110,30 +157,21 @@ class ExecutionCgroup:
                 return False
             for pid in members:
                 _kill_member(pid, self.pids)
+            self.killed += len(members)
             time.sleep(0.001)
 
     def pids_limit_hit(self) -> bool:
-        """Whether a fork or thread was refused for the pids limit."""
-        try:
-            events = _read(os.path.join(self.pids, "pids.events"))
-        except OSError:
-            return False
-        return any(line.split()[1] != "0" for line in events.splitlines()
-                   if line.startswith("max "))
+        """Whether a fork or thread was refused for the pids limit during this execution."""
+        return _counter(os.path.join(self.pids, "pids.events"), "max") > self._limit_events
 
     def oom_killed(self) -> bool:
-        try:
-            control = _read(os.path.join(self.memory, "memory.oom_control"))
-        except OSError:
-            return False
-        return any(line.split()[1] != "0" for line in control.splitlines()
-                   if line.startswith("oom_kill "))
+        oom_kills = _counter(os.path.join(self.memory, "memory.oom_control"), "oom_kill")
+        return oom_kills > self._oom_kills
 
     def peak_memory_bytes(self) -> int:
-        try:
-            return int(_read(os.path.join(self.memory, "memory.max_usage_in_bytes")))
-        except (OSError, ValueError):
-            return 0
+        """The most memory charged to this execution at once, files in its tmpfs included."""
+        peak = _number(os.path.join(self.memory, "memory.max_usage_in_bytes"))
+        return max(0, peak - self._usage)
 
     def remove(self) -> bool:
         removed = True
@@ -147,12 +185,53 @@ class ExecutionCgroup:
         return removed
 
 
+_PREFIX = "skill-sandbox-"
+
+
+def _pid_namespace() -> int:
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
+def _sweep_abandoned(directory: str) -> None:
+    """Remove the empty cgroups of supervisors that died without `close()` (SIGKILL, crash).
+
+    Only parents made in this PID namespace are judged (elsewhere the pid means nothing), a
+    live pid keeps them, and rmdir refuses any cgroup that still holds a process.
+    """
+    namespace = str(_pid_namespace())
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        fields = entry[len(_PREFIX):].split("-")
+        if not entry.startswith(_PREFIX) or len(fields) != 3 or fields[0] != namespace:
+            continue
+        try:
+            os.kill(int(fields[1]), 0)
+            continue  # alive (or a reused pid: leave it, a later sweep gets it)
+        except ProcessLookupError:
+            pass
+        except (PermissionError, ValueError):
+            continue
+        parent = os.path.join(directory, entry)
+        with contextlib.suppress(OSError):
+            for child in os.listdir(parent):
+                if os.path.isdir(os.path.join(parent, child)):
+                    os.rmdir(os.path.join(parent, child))
+            os.rmdir(parent)
+
+
 class CgroupRoot:
-    """The per-`Sandbox` parent cgroups; `new_execution` makes the per-execution children."""
+    """The per-`Sandbox` parent cgroups and a pool of emptied execution cgroups to reuse."""
+
+    MAX_IDLE = 64
 
     def __init__(self, parents: dict[str, str]) -> None:
         self.parents = parents
+        self._idle: list[ExecutionCgroup] = []
         self._stale: list[ExecutionCgroup] = []
+        self._lock = threading.Lock()
 
     @classmethod
     def create(cls) -> CgroupRoot:
@@ -161,10 +240,11 @@ class CgroupRoot:
         missing = [controller for controller in CONTROLLERS if controller not in own]
         if missing:
             raise OSError(f"no cgroup v1 hierarchy for {', '.join(missing)}")
-        name = f"skill-sandbox-{secrets.token_hex(6)}"
+        name = f"{_PREFIX}{_pid_namespace()}-{os.getpid()}-{secrets.token_hex(4)}"
         parents: dict[str, str] = {}
         try:
             for controller in CONTROLLERS:
+                _sweep_abandoned(own[controller])
                 path = os.path.join(own[controller], name)
                 os.mkdir(path, 0o755)
                 parents[controller] = path
@@ -175,40 +255,43 @@ class CgroupRoot:
         return cls(parents)
 
     def new_execution(self, max_tasks: int, memory_bytes: int) -> ExecutionCgroup:
-        self._retry_stale()
-        name = secrets.token_hex(8)
-        group = ExecutionCgroup(os.path.join(self.parents["pids"], name),
-                                os.path.join(self.parents["memory"], name))
-        os.mkdir(group.pids, 0o755)
+        with self._lock:
+            group = self._idle.pop() if self._idle else None
+        if group is None:
+            name = secrets.token_hex(8)
+            group = ExecutionCgroup(os.path.join(self.parents["pids"], name),
+                                    os.path.join(self.parents["memory"], name))
+            os.mkdir(group.pids, 0o755)
+            try:
+                os.mkdir(group.memory, 0o755)
+            except OSError:
+                group.remove()
+                raise
         try:
-            os.mkdir(group.memory, 0o755)
-            _write(os.path.join(group.pids, "pids.max"), str(max_tasks))
-            _write(os.path.join(group.memory, "memory.limit_in_bytes"), str(memory_bytes))
-            with contextlib.suppress(OSError):  # only where swap accounting exists
-                _write(os.path.join(group.memory, "memory.memsw.limit_in_bytes"),
-                       str(memory_bytes))
+            group.begin(max_tasks, memory_bytes)
         except OSError:
             group.remove()
             raise
         return group
 
-    def finish(self, group: ExecutionCgroup) -> None:
-        """Kill what is left and remove the cgroups; leftovers are retried later."""
-        group.kill_all()
-        if not group.remove():
-            self._stale.append(group)
-
-    def _retry_stale(self) -> None:
-        stale, self._stale = self._stale, []
-        for group in stale:
-            group.kill_all(deadline=0.0)
-            if not group.remove():
+    def finish(self, group: ExecutionCgroup, reuse: bool = True) -> None:
+        """Kill what is left; keep the group for reuse if the execution ended cleanly (a bomb's
+        dying processes free kernel memory for a while and would skew the next peak)."""
+        emptied = group.kill_all()
+        with self._lock:
+            if not emptied:
                 self._stale.append(group)
+                return
+            if reuse and not group.killed and len(self._idle) < self.MAX_IDLE:
+                self._idle.append(group)
+                return
+        group.remove()
 
     def close(self) -> None:
         """Remove every cgroup this root made (their processes are killed first)."""
-        self._retry_stale()
-        for group in self._stale:
+        with self._lock:
+            groups, self._idle, self._stale = self._idle + self._stale, [], []
+        for group in groups:
             group.kill_all()
             group.remove()
         for path in self.parents.values():

@@ -319,7 +319,7 @@ class Execution:
         self.cgroup_peak = group.peak_memory_bytes()
         self.cgroup_limit = self.cgroup_limit or self._cgroup_limit_hit(group)
         assert self.spec.cgroups is not None
-        self.spec.cgroups.finish(group)
+        self.spec.cgroups.finish(group, reuse=not self.cgroup_limit)
 
     def _cgroup_limit_hit(self, group: ExecutionCgroup) -> str:
         limits = self.spec.limits
