@@ -14,6 +14,7 @@ is killed and reaped.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import selectors
@@ -133,7 +134,15 @@ class Zygote:
     def fork_execution(self, command: ForkCommand, fds: list[int]) -> None:
         report = socket.socket(fileno=fds[-1])
         zygote_rss = _rss_kb()
-        isolation.before_fork(command)
+        try:
+            isolation.before_fork(command)
+        except OSError as exc:  # this execution cannot be isolated: refuse it, keep serving
+            with contextlib.suppress(OSError):
+                os.write(fds[3], f"skill-sandbox: execution set-up failed: {exc}\n".encode())
+            for fd in fds[:-1]:
+                os.close(fd)
+            report.close()  # the supervisor sees no child: a worker failure, for this one only
+            return
         pid = os.fork()
         if pid == 0:  # the execution child: never returns
             child.run_execution(self.config.code, self.config.preload, command, fds,
