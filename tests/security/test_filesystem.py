@@ -195,3 +195,27 @@ def test_no_file_of_the_execution_is_left_behind(hostile: Callable[..., Hostile]
     assert second.json()["seen"] == ["deep", "fifo", "link"]  # a fresh, empty workdir again
     assert os.listdir(workdir_root) == []
     attack.assert_still_serving()
+
+
+@requires("filesystem")
+def test_an_operator_allowed_directory_is_readable_but_not_writable(
+        hostile: Callable[..., Hostile], host_secret: tuple[Path, str]) -> None:
+    secret_path, secret = host_secret
+    attack = hostile("""
+        def attack(input):
+            with open(input["path"]) as handle:
+                content = handle.read()
+            try:
+                with open(input["path"] + ".copy", "w") as handle:
+                    handle.write(content)
+                written = "written"
+            except OSError as exc:
+                written = f"denied {errno.errorcode.get(exc.errno, exc.errno)}"
+            return {"content": content, "write": written}
+    """, isolation=IsolationConfig(read_only=(str(secret_path.parent),)))
+    result = attack.run(path=str(secret_path))
+    assert result.status is ExecutionStatus.SUCCESS, result
+    assert result.json()["content"] == secret
+    assert result.json()["write"].startswith("denied ")
+    assert not secret_path.with_suffix(".txt.copy").exists()
+    attack.assert_still_serving()
