@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 CONTROLLERS = ("pids", "memory")
+_UNLIMITED = 1 << 63
 KILL_DEADLINE = 2.0
 
 
@@ -119,7 +120,7 @@ class ExecutionCgroup:
 
     pids: str
     memory: str
-    limits: tuple[int, int] = (0, 0)
+    limits: tuple[int, int] = (0, _UNLIMITED)  # a new cgroup's: no limits yet
     killed: int = 0  # processes `kill_all` had to kill in this execution
     _limit_events: int = 0
     _oom_kills: int = 0
@@ -133,10 +134,14 @@ class ExecutionCgroup:
         """Set the limits (if they differ from the last execution's) and the baselines."""
         if self.limits != (max_tasks, memory_bytes):
             _write(os.path.join(self.pids, "pids.max"), str(max_tasks))
-            _write(os.path.join(self.memory, "memory.limit_in_bytes"), str(memory_bytes))
-            with contextlib.suppress(OSError):  # only where swap accounting exists
-                _write(os.path.join(self.memory, "memory.memsw.limit_in_bytes"),
-                       str(memory_bytes))
+            # v1 wants limit <= memsw.limit at every step: raise memsw first, lower it last.
+            files = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+            if memory_bytes > self.limits[1]:
+                files.reverse()
+            for name in files:
+                path = os.path.join(self.memory, name)
+                if name == files[0] or os.path.exists(path):  # memsw: only with swap accounting
+                    _write(path, str(memory_bytes))
             self.limits = (max_tasks, memory_bytes)
         self._limit_events = _counter(os.path.join(self.pids, "pids.events"), "max")
         self._oom_kills = _counter(os.path.join(self.memory, "memory.oom_control"), "oom_kill")
@@ -257,17 +262,18 @@ class CgroupRoot:
     def new_execution(self, max_tasks: int, memory_bytes: int) -> ExecutionCgroup:
         with self._lock:
             group = self._idle.pop() if self._idle else None
-        if group is None:
-            name = secrets.token_hex(8)
-            group = ExecutionCgroup(os.path.join(self.parents["pids"], name),
-                                    os.path.join(self.parents["memory"], name))
-            os.mkdir(group.pids, 0o755)
+        if group is not None:
             try:
-                os.mkdir(group.memory, 0o755)
-            except OSError:
+                group.begin(max_tasks, memory_bytes)
+                return group
+            except OSError:  # e.g. a lower limit than what it still holds: start afresh
                 group.remove()
-                raise
+        name = secrets.token_hex(8)
+        group = ExecutionCgroup(os.path.join(self.parents["pids"], name),
+                                os.path.join(self.parents["memory"], name))
+        os.mkdir(group.pids, 0o755)
         try:
+            os.mkdir(group.memory, 0o755)
             group.begin(max_tasks, memory_bytes)
         except OSError:
             group.remove()

@@ -8,8 +8,9 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
+from pathlib import Path
 
-from sandbox import ExecutionStatus
+from sandbox import ExecutionRequest, ExecutionStatus, Sandbox, Skill
 from sandbox.cgroups import CgroupRoot
 from tests.conftest import ROOT
 from tests.security.hostile import EXHAUSTED, Hostile, requires
@@ -71,3 +72,18 @@ def test_cgroups_of_a_killed_supervisor_are_swept_by_the_next() -> None:
     finally:
         root.close()
     assert not any(os.path.exists(path) for path in root.parents.values())
+
+
+@requires("processes")
+def test_skills_with_different_limits_share_the_cgroup_pool(
+        make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path]) -> None:
+    code = "def run(input):\n    return len(b'z' * (input['mb'] << 20))\n"
+    small = Skill.from_dir(skill_dir(code, "[limits]\nmemory_mb = 32\nmax_processes = 4\n"))
+    large = Skill.from_dir(skill_dir(code, "[limits]\nmemory_mb = 256\nmax_processes = 64\n"))
+    sandbox = make_sandbox(small, large, max_concurrency=1)
+    for skill, mb in [(small, 8), (large, 100), (small, 8), (large, 100), (small, 8)]:
+        result = sandbox.execute(ExecutionRequest(skill_id=skill.id,
+                                                  input=f'{{"mb": {mb}}}'.encode()))
+        assert result.status is ExecutionStatus.SUCCESS, result
+        assert result.json() == mb << 20
+        assert result.resource_usage.memory_mb >= mb
