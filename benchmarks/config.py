@@ -25,6 +25,8 @@ class BenchConfig:
     leak_runs: int = 10_000
     leak_concurrency: int = 4
     daemon_runs: int = 1000
+    idle_runs: int = 30  # executions after an idle gap (each costs the gap: 100 ms)
+    idle_gap_ms: float = 100.0
     output: Path | None = None
     progress: bool = True
     quick: bool = False
@@ -34,7 +36,7 @@ class BenchConfig:
         values: dict[str, object] = {
             "latency_runs": 20, "spawn_runs": 4, "block": 5, "warmup": 2,
             "throughput_runs": 24, "fib_ms": 10.0, "fib_runs": 3, "leak_runs": 100,
-            "daemon_runs": 10, "quick": True,
+            "daemon_runs": 10, "idle_runs": 3, "idle_gap_ms": 20.0, "quick": True,
         }
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
@@ -83,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--leak-runs", type=_positive,
                         help="executions between the supervisor RSS/fd readings")
     parser.add_argument("--daemon-runs", type=_positive, help="requests to the daemon")
+    parser.add_argument("--idle-runs", type=_positive,
+                        help="executions measured after the sandbox sat idle")
+    parser.add_argument("--idle-gap-ms", type=float, help="that idle time, in ms")
     parser.add_argument("--output", "-o", type=Path,
                         help="JSON file to write (default: bench-results/bench-<time>.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -91,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     args = build_parser().parse_args(argv)
-    if args.fib_ms is not None and not args.fib_ms > 0:
-        build_parser().error(f"--fib-ms must be positive, got {args.fib_ms}")
+    for flag, value in (("--fib-ms", args.fib_ms), ("--idle-gap-ms", args.idle_gap_ms)):
+        if value is not None and not value > 0:
+            build_parser().error(f"{flag} must be positive, got {value}")
     overrides = {
         field.name: getattr(args, field.name)
         for field in dataclasses.fields(BenchConfig)

@@ -45,6 +45,21 @@ class SandboxSeries(Series):
         check_result(result, self.expected)
 
 
+class IdleSandboxSeries(SandboxSeries):
+    """The same execution after the sandbox sat idle for `gap` seconds: what a request pays when
+    requests do not arrive back to back (caches cold, kernel fast paths expired)."""
+
+    def __init__(self, runs: int, sandbox: Sandbox, skill_id: str, payload: bytes,
+                 expected: Any, key: str, label: str, gap: float) -> None:
+        super().__init__(runs, sandbox, skill_id, payload, expected, key, label)
+        self.gap = gap
+
+    def run(self, count: int) -> None:
+        for _ in range(count):
+            time.sleep(self.gap)
+            super().run(1)
+
+
 # -- throughput -----------------------------------------------------------------------------
 
 

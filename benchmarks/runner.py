@@ -47,13 +47,18 @@ def _fib_weight(config: BenchConfig) -> int:
     return max(1, round(config.fib_ms / 2.5))
 
 
+def _idle_weight(config: BenchConfig) -> int:
+    return max(1, round(config.idle_gap_ms / 2.5))
+
+
 def _planned_work(config: BenchConfig, with_bwrap: bool, with_daemon: bool) -> int:
     spawned = (3 if with_bwrap else 2) * config.spawn_runs * baselines.SPAWN_WEIGHT
     latency = 5 * config.latency_runs + spawned
     throughput = 2 * config.throughput_runs * len(config.concurrency)
     fib = 2 * config.fib_runs * _fib_weight(config)
     daemon_runs = 2 * config.daemon_runs if with_daemon else 0
-    return latency + throughput + fib + config.leak_runs + daemon_runs
+    idle = config.idle_runs * _idle_weight(config)
+    return latency + throughput + fib + config.leak_runs + daemon_runs + idle
 
 
 def _latency_figure(series: Series, section: str) -> Figure:
@@ -145,6 +150,7 @@ def run(config: BenchConfig) -> Report:
             _baseline_figures(report, floor, lean, reused, spawn_base, bwrap_series,
                               bwrap_problem)
             _latency_figures(report, fork_echo, command, spawn_mode)
+            _idle_latency(report, config, sandbox, payload, expected, progress)
             _footprint_figures(report, sandbox, [skill.id for skill in skills])
             _throughput(report, config, sandbox, pool, payload, expected, progress)
             _cpu_overhead(report, config, sandbox, fib_id, progress)
@@ -221,6 +227,22 @@ def _latency_figures(report: Report, fork_echo: Series, command: Series,
     if bwrap is not None and bwrap.summary is not None:
         ratio = _ratio(spawn.summary, bwrap.summary)
         spawn.checks.append(Check(f"{ratio:.2f}x bubblewrap + fresh python", ratio=ratio))
+
+
+def _idle_latency(report: Report, config: BenchConfig, sandbox: Any, payload: bytes,
+                  expected: Any, progress: Progress) -> None:
+    gap = config.idle_gap_ms / 1e3
+    idle = project.IdleSandboxSeries(config.idle_runs, sandbox, ECHO_ID, payload, expected,
+                                     "fork_echo_after_idle",
+                                     f"echo, fork mode, after {config.idle_gap_ms:g} ms idle",
+                                     gap)
+    progress.phase(f"latency: {idle.label}")
+    idle.run(config.idle_runs)
+    progress.advance(config.idle_runs * _idle_weight(config))
+    figure = report.add(_latency_figure(idle, "latency"))
+    fork = report.figure("fork_echo")
+    ratio = _ratio(figure.summary, fork.summary if fork else None)
+    figure.checks.append(Check(f"{ratio:.2f}x back-to-back fork-mode echo", ratio=ratio))
 
 
 def _footprint_figures(report: Report, sandbox: Any, skill_ids: Sequence[str]) -> None:

@@ -17,7 +17,8 @@ from benchmarks.stats import percentile, summarize
 ROOT = Path(__file__).resolve().parent.parent
 
 LATENCY_FIGURES = ("floor", "floor_lean", "reused_worker", "spawn_baseline", "fork_echo",
-                   "command_echo", "spawn_echo", "fib_in_process", "fib_sandbox")
+                   "fork_echo_after_idle", "command_echo", "spawn_echo", "fib_in_process",
+                   "fib_sandbox")
 LEVELS = (1, 2, 4, 8)
 #: Every target of the performance issue (the daemon's only once the daemon exists).
 ISSUE_TARGETS = {"fork_echo": 3, "throughput_c4": 1, "fib_sandbox": 1, "supervisor_rss": 1,
@@ -54,6 +55,7 @@ def test_quick_run_measures_every_latency_figure(quick_run: tuple[str, dict[str,
     assert figures["floor"]["latency_ms"]["n"] == config.latency_runs
     assert figures["spawn_baseline"]["latency_ms"]["n"] == config.spawn_runs
     assert figures["fib_sandbox"]["latency_ms"]["n"] == config.fib_runs
+    assert figures["fork_echo_after_idle"]["latency_ms"]["n"] == config.idle_runs
 
 
 @pytest.mark.timeout(60)
