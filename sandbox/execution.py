@@ -134,7 +134,7 @@ class Execution:
 
     def run(self) -> ExecutionResult:
         spec = self.spec
-        workdir = _make_workdir(spec.workdir_root)
+        workdir = _make_workdir(spec.workdir_root, spec.exec_id)
         fds: list[int] = []
         report: socket.socket | None = None
         try:
@@ -181,7 +181,7 @@ class Execution:
                 report.close()
             for fd in fds:
                 os.close(fd)
-            shutil.rmtree(workdir, ignore_errors=True)
+            _remove_workdir(workdir)
         return self._judge()
 
     # -- the poll loop --------------------------------------------------------------------
@@ -197,8 +197,19 @@ class Execution:
             poller.register(fd, select.POLLIN)
         poller.register(report.fileno(), select.POLLIN)
         poller.register(spec.cancel_fd, select.POLLIN)
-        writing = True
-        poller.register(request_w, select.POLLOUT)
+        # An empty pipe takes a small input at once: no poll round for the common case.
+        try:
+            pending_input = pending_input[os.write(request_w, pending_input[:_READ_CHUNK]):]
+        except BlockingIOError:
+            pass
+        except BrokenPipeError:
+            pending_input = memoryview(b"")
+        writing = bool(pending_input)
+        if writing:
+            poller.register(request_w, select.POLLOUT)
+        else:
+            os.close(request_w)
+            fds.remove(request_w)
         next_sample = self.start + FIRST_SAMPLE_AFTER
 
         while True:
@@ -339,7 +350,9 @@ class Execution:
                 return
         if state.watch is None and state.started is not None and state.exited is None:
             try:  # created on first use: quick executions never pay for psutil
-                state.watch = TreeWatch(state.started.pid)
+                cgroup = self.cgroup
+                state.watch = (TreeWatch(state.started.pid) if cgroup is None else
+                               TreeWatch(state.started.pid, cgroup.members, cgroup.memory_bytes))
             except Exception:  # noqa: BLE001 - already gone: the exit report follows
                 return
         watch = state.watch
@@ -491,11 +504,24 @@ class Execution:
     _exited_at: float = 0.0
 
 
-def _make_workdir(root: str) -> str:
-    import tempfile
+def _make_workdir(root: str, exec_id: str) -> str:
+    """A fresh, private directory named after the (random) execution id."""
+    path = os.path.join(root, f"exec-{exec_id}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileNotFoundError:  # the root went away (or was never made): make it once more
+        os.makedirs(root, mode=0o711, exist_ok=True)
+        os.mkdir(path, 0o700)
+    return path
 
-    os.makedirs(root, mode=0o711, exist_ok=True)
-    return tempfile.mkdtemp(prefix="exec-", dir=root)
+
+def _remove_workdir(path: str) -> None:
+    """Most executions leave the directory empty (or wrote to a tmpfs detached by the zygote):
+    one rmdir; a tree only when the skill left files behind."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _signalled(status: int) -> bool:

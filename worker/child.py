@@ -78,8 +78,7 @@ def run_execution(code: SkillCode, preload: list[str], command: ForkCommand, fds
         isolation.enter_execution(command)  # in its cgroups, then Landlock: still root
         _place_fds(fds, kind)
         os.chdir(command.workdir)
-        os.environ.clear()
-        os.environ.update(command.env)
+        _replace_environment(command.env)
         isolation.apply_child_layers(command, code)
         if code.kind == "command":
             _exec_command(code, command)
@@ -91,6 +90,16 @@ def run_execution(code: SkillCode, preload: list[str], command: ForkCommand, fds
         finally:
             os._exit(EXIT_SETUP_FAILED)
     runtime.run_and_exit(code, command, precompiled, RESULT_FD, REQUEST_FD)
+
+
+def _replace_environment(env: dict[str, str]) -> None:
+    """Make the environment exactly `env`, touching only what differs (each putenv/unsetenv
+    costs copy-on-write faults in a fresh fork)."""
+    for name in [name for name in os.environ if name not in env]:
+        del os.environ[name]
+    for name, value in env.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 def _exec_command(code: SkillCode, command: ForkCommand) -> None:

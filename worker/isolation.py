@@ -161,6 +161,16 @@ def apply_zygote_layers(settings: dict[str, Any], code: SkillCode | None = None)
             _Zygote.child_filter = seccomp.Filter(seccomp.build_mount_filter())
 
 
+_data_baseline = 0
+
+
+def note_data_baseline() -> None:
+    """Remember the zygote's data segment, so a child need not read /proc to learn it: at the
+    fork the child's is the same."""
+    global _data_baseline
+    _data_baseline = _data_baseline_bytes()
+
+
 def _data_baseline_bytes() -> int:
     """The process's data segment now: the memory limit is granted on top of it."""
     with open("/proc/self/status", "rb") as status:
@@ -185,7 +195,8 @@ def apply_rlimits(command: ForkCommand) -> None:
     cpu_seconds = max(1, math.ceil(limits.cpu_time))
     # SIGXCPU at the soft limit (catchable), SIGKILL one second later (not).
     _set_limit(resource.RLIMIT_CPU, cpu_seconds, cpu_seconds + 1)
-    _set_limit(resource.RLIMIT_DATA, _data_baseline_bytes() + limits.memory_mb * _MB)
+    _set_limit(resource.RLIMIT_DATA,
+               (_data_baseline or _data_baseline_bytes()) + limits.memory_mb * _MB)
     _set_limit(resource.RLIMIT_FSIZE, limits.max_file_bytes)
     _set_limit(resource.RLIMIT_NOFILE, limits.max_open_files)
     _set_limit(resource.RLIMIT_CORE, 0)

@@ -41,6 +41,8 @@ from worker.protocol import (
 #: it received and does not retry in a loop.
 EXIT_BOOT_FAILED = 3
 MAX_CONTROL_MESSAGE = 1 << 16
+#: The zygote's RSS (the baseline subtracted from a child's peak) is re-read every this many forks.
+RSS_REFRESH_FORKS = 64
 _FDS_PER_EXECUTION = 5
 
 
@@ -76,6 +78,8 @@ class Zygote:
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(ForkCommand)
         self.children_file = f"/proc/self/task/{os.getpid()}/children"
+        self.rss_kb = 0
+        self.forks = 0
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -94,6 +98,8 @@ class Zygote:
         # touching (and so copying) them in each execution.
         gc.collect()
         gc.freeze()
+        self.rss_kb = _rss_kb()
+        isolation.note_data_baseline()
 
     # -- serving ----------------------------------------------------------------------------
 
@@ -101,13 +107,19 @@ class Zygote:
         self.selector.register(self.control, selectors.EVENT_READ, None)
         while True:
             timeout = 0.05 if self.doomed else 1.0
-            for key, _ in self.selector.select(timeout):
+            events = self.selector.select(timeout)
+            exited = False
+            for key, _ in events:
                 if key.data is None:
                     if not self.handle_control():
                         return
                 else:
                     self.handle_exit(key.data)
-            self.sweep_orphans()
+                    exited = True
+            # Orphans appear when an execution ends (or escapes while running): look after an
+            # exit, while some are dying, and when idle — not on every fork request.
+            if exited or self.doomed or not events:
+                self.sweep_orphans()
 
     def handle_control(self) -> bool:
         try:
@@ -133,7 +145,11 @@ class Zygote:
 
     def fork_execution(self, command: ForkCommand, fds: list[int]) -> None:
         report = socket.socket(fileno=fds[-1])
-        zygote_rss = _rss_kb()
+        self.forks += 1
+        if self.forks % RSS_REFRESH_FORKS == 0:  # it drifts slowly; reading it costs ~30 µs
+            self.rss_kb = _rss_kb()
+            isolation.note_data_baseline()
+        zygote_rss = self.rss_kb
         try:
             isolation.before_fork(command)
         except OSError as exc:  # this execution cannot be isolated: refuse it, keep serving
@@ -237,7 +253,7 @@ def main() -> None:
             control.send(encoder.encode(ZygoteFailed(error=detail)))
         finally:
             os._exit(EXIT_BOOT_FAILED)
-    control.send(encoder.encode(ZygoteReady(pid=os.getpid(), rss_kb=_rss_kb(),
+    control.send(encoder.encode(ZygoteReady(pid=os.getpid(), rss_kb=zygote.rss_kb,
                                             python=sys.version.split()[0])))
     try:
         zygote.serve()
