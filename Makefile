@@ -3,7 +3,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck bench clean
+.PHONY: install run test lint bench clean
 
 install: $(STAMP)
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PYTHON) -m sandbox.demo skills_examples
 
-test: $(STAMP)
+test: lint
 	$(PYTHON) -m pytest
 
 lint: $(STAMP)

@@ -39,7 +39,7 @@ def admission_error(policy: ExecutionPolicy | None, breaker: CircuitBreaker | No
     if policy is not None:
         try:
             reason = policy.check(request, skill)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a broken policy rejects, never crashes
             _log.exception("policy %r raised for %s", policy, request.skill_id)
             return f"{POLICY_REJECTED}: the policy check raised {type(exc).__name__}: {exc}"
         if reason:
@@ -75,7 +75,7 @@ def _release(policy: ExecutionPolicy | None, request: ExecutionRequest, skill: S
         return
     try:
         release(request, skill)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken policy must not fail the execution
         _log.exception("policy %r failed to release %s", policy, request.request_id)
 
 
@@ -87,5 +87,5 @@ def log_execution(logger: ExecutionLogger | None, request: ExecutionRequest,
     try:
         limit = getattr(logger, "max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES)
         logger.log_step(record_for_execution(request, result, step, limit))
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken logger must not fail the execution
         _log.exception("execution logger %r failed for request %s", logger, request.request_id)

@@ -10,6 +10,7 @@ closed and the workdir is removed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -256,10 +257,9 @@ class Execution:
                     poller.unregister(fd)
                     if not state.killed_for:
                         self._kill("canceled")
-                elif fd == report.fileno():
-                    if not self._receive_report(report):
-                        poller.unregister(fd)
-                        state.report_closed = True
+                elif fd == report.fileno() and not self._receive_report(report):
+                    poller.unregister(fd)
+                    state.report_closed = True
 
     def _next_wake(self, now: float, next_sample: float) -> float:
         state = self.state
@@ -382,14 +382,10 @@ class Execution:
         state = self.state
         assert state.started is not None
         if state.pidfd >= 0:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(state.pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(state.started.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     # -- the verdict ----------------------------------------------------------------------
 

@@ -172,7 +172,7 @@ def _call_logger(sandbox: Sandbox, method: str, *args: Any) -> None:
         return
     try:
         getattr(logger, method)(*args)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken logger must not fail the plan
         _log.exception("execution logger %r failed in %s", logger, method)
 
 
@@ -212,7 +212,7 @@ def _run_step(run: _Run, index: int, step: ExecutionStep) -> StepResult:
     ctx = run.tool_context(index, step, prepared.timeout)
     try:
         output = run.sandbox.tools.call(step.name, prepared.arguments, ctx)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a tool's failure is its step's result
         step_result = tool_step_result(index, step, started, exc=exc)
     else:
         step_result = tool_step_result(index, step, started, output)
@@ -263,7 +263,7 @@ async def _arun_step(run: _Run, index: int, step: ExecutionStep) -> StepResult:
     ctx = run.tool_context(index, step, prepared.timeout)
     try:
         output = await run.sandbox.tools.acall(step.name, prepared.arguments, ctx)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a tool's failure is its step's result
         step_result = tool_step_result(index, step, started, exc=exc)
     else:
         step_result = tool_step_result(index, step, started, output)

@@ -8,6 +8,7 @@ within their own deadline); each execution is a fresh fork of the skill's zygote
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -62,10 +63,8 @@ class _CancelToken:
     def cancel(self) -> None:
         if not self.canceled:
             self.canceled = True
-            try:
+            with contextlib.suppress(OSError):
                 os.write(self.write_fd, b"x")
-            except OSError:
-                pass
 
     def close(self) -> None:
         os.close(self.read_fd)
@@ -248,7 +247,8 @@ class Sandbox:
     # -- executing ------------------------------------------------------------------------
 
     def execute(self, request: ExecutionRequest) -> ExecutionResult:
-        """Run one execution to its end. Every outcome is a result; nothing the skill does raises."""
+        """Run one execution to its end. Every outcome is a result: nothing a skill does
+        raises here."""
         return self._execute_step(request, None)
 
     async def aexecute(self, request: ExecutionRequest) -> ExecutionResult:

@@ -122,7 +122,7 @@ def _start_thread(call: Callable[[], Any], ctx: ToolContext) -> Future[Any]:
             return
         try:
             future.set_result(call())
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
             future.set_exception(exc)
 
     threading.Thread(target=target, name=f"tool-{ctx.tool}", daemon=True).start()

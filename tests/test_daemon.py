@@ -62,7 +62,7 @@ def _run_in_thread(function: Callable[[], Any]) -> tuple[threading.Thread, dict[
     def target() -> None:
         try:
             outcome["value"] = function()
-        except BaseException as exc:  # handed to the test, which asserts on it
+        except BaseException as exc:  # noqa: BLE001 - handed to the test, which asserts on it
             outcome["error"] = exc
 
     thread = threading.Thread(target=target, daemon=True)

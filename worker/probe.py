@@ -33,7 +33,7 @@ def _in_child(probe: Callable[[], None]) -> str:
         message = ""
         try:
             probe()
-        except BaseException as exc:  # the error is the answer
+        except BaseException as exc:  # noqa: BLE001 - the error is the answer
             message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         os.write(write_end, message.encode()[:1000] or b"ok")
         os._exit(0)

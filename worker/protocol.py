@@ -20,7 +20,7 @@ import msgspec
 FRAME_HEADER = struct.Struct(">I")
 
 
-class ExecutionStatus(str, enum.Enum):
+class ExecutionStatus(enum.StrEnum):
     """Outcome of one execution; the values are openbotstack's, byte for byte."""
 
     SUCCESS = "success"
@@ -47,7 +47,7 @@ def _new_request_id() -> str:
 
 
 class ExecutionRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """Input to one execution. `input` is JSON bytes; `timeout` overrides the skill's, in seconds."""
+    """Input to one execution. `input` is JSON bytes; `timeout` (seconds) overrides the skill's."""
 
     skill_id: str
     input: bytes = b"{}"

@@ -7,6 +7,7 @@ garbage, hit a limit — ends here as a frame or as a process exit the superviso
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import inspect
 import os
@@ -116,7 +117,7 @@ def _convert_input(function: Any, data: Any) -> Any:
         if validate is not None:
             return validate(data)
         return msgspec.convert(data, type=annotation)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any conversion error is the skill's input error
         raise InvalidInput(str(exc)) from None
 
 
@@ -212,10 +213,8 @@ def run_and_exit(code: SkillCode, command: ForkCommand, precompiled: CodeType | 
         result = call_skill(code, command, precompiled, _read_all(request_fd))
         frame = encode_frame(result)
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 stream.flush()
-            except (OSError, ValueError):
-                pass
         _write_all(result_fd, frame)
     except BaseException:  # noqa: BLE001 - a broken pipe or worse: the exit code says so
         status = 70

@@ -179,10 +179,8 @@ class Zygote:
     def handle_exit(self, running: _Running) -> None:
         # The execution's process group may still hold descendants: end them with it. The
         # zombie leader keeps the group id reserved until it is reaped just below.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(running.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         pid, status, usage = os.wait4(running.pid, os.WNOHANG)
         if pid == 0:
             return
@@ -191,10 +189,8 @@ class Zygote:
         del self.running[running.pid]
         report = ChildExited(pid=pid, wait_status=status, utime=usage.ru_utime,
                              stime=usage.ru_stime, maxrss_kb=usage.ru_maxrss)
-        try:
+        with contextlib.suppress(OSError):
             running.report.send(self.encoder.encode(report))
-        except OSError:
-            pass
         running.report.close()
         isolation.release_execution(running.workdir)
 
@@ -222,19 +218,13 @@ class Zygote:
 
     def shutdown(self) -> None:
         for running in list(self.running.values()):
-            try:
+            with contextlib.suppress(OSError):
                 os.killpg(running.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            try:
+            with contextlib.suppress(OSError):
                 os.kill(running.pid, signal.SIGKILL)
-            except OSError:
-                pass
         for running in list(self.running.values()):
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(running.pid, 0)
-            except ChildProcessError:
-                pass
         self.sweep_orphans()
 
 

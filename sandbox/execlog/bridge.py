@@ -55,7 +55,7 @@ class MultiExecutionLogger:
         for logger in self.loggers:
             try:
                 getattr(logger, method)(*args)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - every logger gets the record first
                 first = first or exc
         if first is not None:
             raise first
