@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sandbox.errors import SkillLoadError
+from sandbox.validation import describe
 
 NATIVE_MANIFEST = "skill.toml"
 OPENBOTSTACK_MANIFEST = "manifest.yaml"
@@ -112,15 +113,6 @@ class SkillManifest(_Strict):
         return "python" if self.entrypoint is not None else "command"
 
 
-def _format_validation_error(path: Path, error: ValidationError) -> str:
-    problems = []
-    for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "(manifest)"
-        message = item["msg"].removeprefix("Value error, ")
-        problems.append(f"{path}: field '{field}': {message}")
-    return "; ".join(problems)
-
-
 def _validate(path: Path, data: Any) -> SkillManifest:
     if not isinstance(data, dict):
         raise SkillLoadError(f"{path}: the manifest must be a table/mapping, "
@@ -128,7 +120,7 @@ def _validate(path: Path, data: Any) -> SkillManifest:
     try:
         return SkillManifest.model_validate(data)
     except ValidationError as exc:
-        raise SkillLoadError(_format_validation_error(path, exc)) from None
+        raise SkillLoadError(describe(exc, str(path), "(manifest)")) from None
 
 
 def load_native(path: Path) -> SkillManifest:

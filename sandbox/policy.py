@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from sandbox.errors import SandboxError
 from sandbox.skill import Skill
+from sandbox.validation import describe
 from worker.protocol import ExecutionRequest
 
 
@@ -137,12 +138,7 @@ class Policy(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = []
-            for item in exc.errors():
-                where = ".".join(str(part) for part in item["loc"]) or "(policy)"
-                problems.append(f"{source}: field '{where}': "
-                                f"{item['msg'].removeprefix('Value error, ')}")
-            raise PolicyError("; ".join(problems)) from None
+            raise PolicyError(describe(exc, source, "(policy)")) from None
 
     def tenant(self, tenant_id: str) -> TenantPolicy | None:
         found = self.tenants.get(tenant_id)

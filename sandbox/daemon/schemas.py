@@ -11,6 +11,7 @@ import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sandbox.plans import ExecutionContext, StepResult
+from sandbox.validation import field_problems
 from worker.protocol import ExecutionRequest, ExecutionResult
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
@@ -139,11 +140,8 @@ def parse_body(raw: bytes, model: type[M]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for item in exc.errors():
-            where = ".".join(str(part) for part in item["loc"]) or "(body)"
-            message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
-            problems.append({"field": where, "message": message})
+        problems = [{"field": field, "message": message}
+                    for field, message in field_problems(exc, "(body)")]
         text = "; ".join(f"field '{p['field']}': {p['message']}" for p in problems)
         raise BodyError(f"invalid request body: {text}", problems) from None
 
