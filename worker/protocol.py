@@ -158,12 +158,14 @@ class ChildStarted(msgspec.Struct, frozen=True, kw_only=True, tag="started"):
     """Zygote → supervisor on the execution's report socket; a pidfd travels beside it.
 
     `cgroups`: the pair the child runs in (a spare's, prepared earlier, or the command's own).
+    `spare`: whether a pre-forked spare took the request (else it was forked for it).
     `released`: pairs the zygote gave back unused since its last report.
     """
 
     pid: int
     zygote_rss_kb: int
     cgroups: list[str] = []
+    spare: bool = False
     released: list[list[str]] = []
 
 

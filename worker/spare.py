@@ -53,20 +53,19 @@ class Spare:
         self.ready = False
         self.born = time.monotonic()
 
-    def check_ready(self, timeout: float) -> bool:
-        """Whether the spare said ready (waiting up to `timeout` s for it); False once it is
-        dead or said anything else."""
+    def poll_ready(self) -> bool | None:
+        """Whether the spare has said ready, without waiting: True, False (not yet: still
+        setting up or joining its cgroups), None (dead, or it said something else)."""
         if self.ready:
             return True
         try:
-            self.sock.settimeout(timeout)
-            self.ready = self.sock.recv(16) == READY
-        except OSError:  # timeout included
+            data = self.sock.recv(16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
             return False
-        finally:
-            with contextlib.suppress(OSError):
-                self.sock.setblocking(True)
-        return self.ready
+        except OSError:
+            return None
+        self.ready = data == READY
+        return True if self.ready else None
 
     def hand_off(self, message: bytes, fds: list[int]) -> bool:
         """Send the request to the spare; False if it cannot take it (then it must be killed)."""

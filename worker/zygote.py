@@ -49,9 +49,8 @@ MAX_CONTROL_MESSAGE = 1 << 16
 #: The zygote's RSS (the baseline subtracted from a child's peak) is re-read every this many forks.
 RSS_REFRESH_FORKS = 64
 _FDS_PER_EXECUTION = 5
-#: How long a request waits for a spare still joining its cgroups before the zygote gives up on
-#: it and forks on request (which would pay the same join on the request path).
-SPARE_READY_WAIT = 1.0
+#: How long the zygote waits to reap a spare whose socket closed (it is exiting).
+SPARE_EXIT_WAIT = 1.0
 #: After this many spares in a row died before serving, the zygote forks no more spares until
 #: the next request (each request allows one more try): no fork loop if something kills them.
 MAX_SPARE_FAILURES = 3
@@ -218,7 +217,7 @@ class Zygote:
             os.close(fd)
         try:
             socket.send_fds(report, [self.encoder.encode(ChildStarted(
-                pid=pid, zygote_rss_kb=zygote_rss, cgroups=cgroups,
+                pid=pid, zygote_rss_kb=zygote_rss, cgroups=cgroups, spare=ready is not None,
                 released=self.released))], [pidfd])
             self.released = []
         except OSError:
@@ -233,19 +232,31 @@ class Zygote:
     # -- the spare --------------------------------------------------------------------------
 
     def usable_spare(self, ticket: list[str]) -> spare.Spare | None:
-        """The spare, if it can take a request with cgroup pair `ticket`; a broken one (dead,
-        never ready, or without cgroups when the request has them) is killed."""
+        """The spare, if it is ready for a request with cgroup pair `ticket`. One still setting
+        up is kept for the next request (this one is forked: waiting for the spare would stall
+        the zygote's loop for as long); a dead one, or one without cgroups when the request has
+        them, is retired."""
         current = self.spare
         if current is None:
             return None
-        if bool(current.cgroups) != bool(ticket) or not current.check_ready(SPARE_READY_WAIT):
+        if bool(current.cgroups) != bool(ticket):
             self.retire_spare(release=True)
             return None
-        return current
+        ready = current.poll_ready()
+        if ready is None:
+            self.spare_died(current)
+            return None
+        return current if ready else None
 
     def ensure_spare(self) -> None:
-        """Fork a spare if there is none and a cgroup pair for it; give back spare pairs."""
-        if self.spare is None and self.tickets and self.spare_failures < MAX_SPARE_FAILURES:
+        """Fork a spare if there is none and a cgroup pair for it; give back spare pairs.
+
+        Not while more than one execution runs: a spare costs ~0.2 ms more CPU than a fork on
+        request (the hand-off, copy-on-write faults shared three ways), which a busy zygote on
+        few cores pays in throughput; the join it saves matters after idle moments. The last
+        exit of a burst forks it."""
+        if (self.spare is None and self.tickets and self.spare_failures < MAX_SPARE_FAILURES
+                and len(self.running) <= 1):
             ticket = self.tickets.pop(0)
             try:
                 new = spare.fork_spare(self.config.code, self.config.preload, self.precompiled,
@@ -274,13 +285,16 @@ class Zygote:
         if data == spare.READY:
             current.ready = True
             return
-        # Its socket closed: it is exiting. Its set-up or cgroup join failed (its own exit
-        # code, or it does not end): the pair goes back to the supervisor. Killed from outside:
-        # the pair is sound and the replacement takes it.
-        status = _reap_within(current.pid, current.pidfd, SPARE_READY_WAIT)
+        self.spare_died(current)
+        self.ensure_spare()
+
+    def spare_died(self, current: spare.Spare) -> None:
+        """Its socket closed (or it said something else): it is exiting. Its set-up or cgroup
+        join failed (its own exit code, or it does not end): the pair goes back to the
+        supervisor. Killed from outside: the pair is sound and the replacement takes it."""
+        status = _reap_within(current.pid, current.pidfd, SPARE_EXIT_WAIT)
         failed = status is None or os.waitstatus_to_exitcode(status) == spare.EXIT_SPARE_FAILED
         self.retire_spare(release=failed, reaped=status is not None)
-        self.ensure_spare()
 
     def retire_spare(self, release: bool, reaped: bool = False) -> None:
         current, self.spare = self.spare, None
@@ -316,6 +330,8 @@ class Zygote:
             running.report.send(self.encoder.encode(report))
         running.report.close()
         isolation.release_execution(running.workdir)
+        if self.spare is None:
+            self.ensure_spare()
 
     def sweep_orphans(self) -> None:
         """Kill and reap every child that is not an execution: orphans that reparented here."""
