@@ -326,3 +326,50 @@ class CgroupRoot:
                         os.rmdir(full)
             with contextlib.suppress(OSError):
                 os.rmdir(path)
+
+
+class CgroupTickets:
+    """The cgroup pairs handed to one skill's zygote and not yet claimed by an execution.
+
+    Each pair is made for the skill's limits (tasks, memory + tmpfs workdir) before the
+    execution that will run in it exists: the zygote's spare child joins it while idle. A pair
+    is *issued* (made and sent: with a `ForkCommand`, or alone at boot and to refill), then
+    *claimed* by the execution whose child the zygote reports in it, or *released* back to the
+    root (the zygote gave it back, or stopped). Thread-safe.
+    """
+
+    def __init__(self, root: CgroupRoot, max_tasks: int, memory_bytes: int) -> None:
+        self.root = root
+        self.max_tasks = max_tasks
+        self.memory_bytes = memory_bytes
+        self._handed: dict[tuple[str, ...], ExecutionCgroup] = {}
+        self._lock = threading.Lock()
+
+    def issue(self) -> ExecutionCgroup:
+        group = self.root.new_execution(self.max_tasks, self.memory_bytes)
+        with self._lock:
+            self._handed[tuple(group.procs_files)] = group
+        return group
+
+    def claim(self, procs_files: list[str]) -> ExecutionCgroup | None:
+        """The pair the zygote says a child runs in; None if it is not one handed to it."""
+        with self._lock:
+            return self._handed.pop(tuple(procs_files), None)
+
+    def release(self, *pairs: list[str]) -> None:
+        """Take back pairs the zygote will not use (their processes, if any, are killed)."""
+        for procs_files in pairs:
+            group = self.claim(procs_files)
+            if group is not None:
+                self.root.finish(group)
+
+    def empty(self) -> bool:
+        with self._lock:
+            return not self._handed
+
+    def release_all(self) -> None:
+        """The zygote is gone: every pair it held comes back."""
+        with self._lock:
+            groups, self._handed = list(self._handed.values()), {}
+        for group in groups:
+            self.root.finish(group)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from sandbox.cgroups import CgroupRoot, ExecutionCgroup
+from sandbox.cgroups import ExecutionCgroup
 from sandbox.skill import Skill
 from sandbox.watch import TreeWatch
 from sandbox.zygote import ZygoteProcess
@@ -43,6 +43,7 @@ TIMEOUT_ERROR = "runtime: execution timeout"
 EXHAUSTED_ERROR = "runtime: resource exhausted"
 CANCELED_ERROR = "runtime: execution canceled"
 WORKER_ERROR = "runtime: worker failure"
+WORKER = "worker"  # `killed_for` prefix: the worker, not the skill, went wrong
 
 #: How long after a kill (or after the child exits) the pipes and the reap report may take.
 KILL_GRACE = 5.0
@@ -109,8 +110,6 @@ class ExecutionSpec:
     #: The caller's whole timeout, for the error text: `limits.timeout` is what is left of it
     #: after waiting for a concurrency slot.
     requested_timeout: float | None = None
-    #: Where per-execution cgroups are made (None: no cgroups on this host or by choice).
-    cgroups: CgroupRoot | None = None
 
 
 def _set_nonblocking(*fds: int) -> None:
@@ -143,11 +142,12 @@ class Execution:
             uid = isolation.get("uid", -1)
             if isinstance(uid, int) and uid >= 0 and not isolation.get("disk_bytes"):
                 os.chown(workdir, uid, uid)  # no tmpfs of its own: the uid must own the dir
-            if spec.cgroups is not None:
-                disk = isolation.get("disk_bytes", 0)  # tmpfs pages count as its memory
-                memory = (spec.limits.memory_mb << 20) + (disk if isinstance(disk, int) else 0)
-                self.cgroup = spec.cgroups.new_execution(spec.limits.max_processes, memory)
-                isolation["cgroups"] = self.cgroup.procs_files
+            tickets = spec.zygote.cgroups
+            if tickets is not None:
+                # For this execution's child if the zygote must fork it now; else for the
+                # spare that replaces the one (already in a pair of its own) taking it.
+                ticket = tickets.issue()
+                isolation["cgroups"] = ticket.procs_files
             request_r, request_w = os.pipe2(os.O_CLOEXEC)
             result_r, result_w = os.pipe2(os.O_CLOEXEC)
             stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
@@ -165,6 +165,10 @@ class Execution:
             try:
                 spec.zygote.fork(command, [request_r, result_w, stdout_w, stderr_w,
                                            report_theirs.fileno()])
+            except BaseException:
+                if tickets is not None:
+                    tickets.release(ticket.procs_files)
+                raise
             finally:
                 report_theirs.close()
                 for fd in (request_r, result_w, stdout_w, stderr_w):
@@ -313,6 +317,7 @@ class Execution:
             self.state.pidfd = fds[0] if fds else -1
             for fd in fds[1:]:
                 os.close(fd)
+            self._claim_cgroup(decoded)
             if self.state.killed_for:  # the kill was asked for before we had the pid
                 self._signal_tree()
         else:
@@ -322,6 +327,21 @@ class Execution:
             self._exited_at = time.monotonic()
         return True
 
+    def _claim_cgroup(self, started: ChildStarted) -> None:
+        """Take over the cgroup pair the child runs in; refill the zygote if it holds none."""
+        zygote = self.spec.zygote
+        tickets = zygote.cgroups
+        if tickets is None:
+            return
+        tickets.release(*started.released)
+        self.cgroup = tickets.claim(started.cgroups)
+        if self.cgroup is None:  # not in a pair of ours: it must not run
+            self.state.killed_for = f"{WORKER}: the child is not in a cgroup of this execution"
+            self.state.killed_at = time.monotonic()
+            self._signal_tree()
+        if zygote.prefork and tickets.empty():
+            zygote.offer_spare_cgroups()
+
     # -- limits ---------------------------------------------------------------------------
 
     def _finish_cgroup(self, group: ExecutionCgroup) -> None:
@@ -329,8 +349,9 @@ class Execution:
         group.kill_all()
         self.cgroup_peak = group.peak_memory_bytes()
         self.cgroup_limit = self.cgroup_limit or self._cgroup_limit_hit(group)
-        assert self.spec.cgroups is not None
-        self.spec.cgroups.finish(group, reuse=not self.cgroup_limit)
+        tickets = self.spec.zygote.cgroups
+        assert tickets is not None
+        tickets.root.finish(group, reuse=not self.cgroup_limit)
 
     def _cgroup_limit_hit(self, group: ExecutionCgroup) -> str:
         limits = self.spec.limits
@@ -411,6 +432,8 @@ class Execution:
         killed = state.killed_for
         if killed == "canceled":
             status, error = ExecutionStatus.CANCELED, CANCELED_ERROR
+        elif killed.startswith(WORKER):
+            error = f"{WORKER_ERROR}: {killed.removeprefix(WORKER + ': ')}"
         elif killed == "timeout":
             status = ExecutionStatus.TIMEOUT
             timeout = spec.requested_timeout or limits.timeout

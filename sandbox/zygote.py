@@ -14,8 +14,16 @@ from typing import Any
 
 import msgspec
 
+from sandbox.cgroups import CgroupTickets
 from sandbox.errors import SkillLoadError
-from worker.protocol import ForkCommand, SkillCode, ZygoteFailed, ZygoteMessage, ZygoteReady
+from worker.protocol import (
+    ForkCommand,
+    SkillCode,
+    SpareCgroups,
+    ZygoteFailed,
+    ZygoteMessage,
+    ZygoteReady,
+)
 
 #: The only variables a zygote starts with: it must never see the supervisor's secrets.
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
@@ -26,15 +34,23 @@ class ZygoteDied(RuntimeError):
 
 
 class ZygoteProcess:
-    """Starts, feeds and stops one zygote. `fork` is safe from many threads at once."""
+    """Starts, feeds and stops one zygote. `fork` is safe from many threads at once.
+
+    `cgroups`: where the cgroup pairs of this skill's executions come from (None: no cgroups).
+    `prefork`: keep a spare child forked and in its cgroups ahead of the next request (see
+    `worker.spare`); the zygote gets its first pair at boot, each `ForkCommand` brings the next.
+    """
 
     def __init__(self, skill_id: str, code: SkillCode, preload: list[str],
-                 isolation: dict[str, Any], start_timeout: float = 30.0) -> None:
+                 isolation: dict[str, Any], start_timeout: float = 30.0,
+                 cgroups: CgroupTickets | None = None, prefork: bool = True) -> None:
         self.skill_id = skill_id
         self.code = code
         self.preload = preload
         self.isolation = isolation
         self.start_timeout = start_timeout
+        self.cgroups = cgroups
+        self.prefork = prefork
         self.pid = 0
         self.rss_kb = 0
         self.starts = 0
@@ -73,6 +89,8 @@ class ZygoteProcess:
         self._broken = False
         self.pid, self.rss_kb = message.pid, message.rss_kb
         self.starts += 1
+        if self.prefork:
+            self.offer_spare_cgroups()
 
     def _await_boot(self, control: socket.socket, process: subprocess.Popen[bytes]) -> ZygoteReady:
         ready, _, _ = select.select([control], [], [], self.start_timeout)
@@ -104,6 +122,21 @@ class ZygoteProcess:
                 self._broken = True  # under the lock: this is the current zygote's socket
                 raise ZygoteDied(f"{self.skill_id}: zygote is gone ({exc.strerror})") from None
 
+    def offer_spare_cgroups(self) -> None:
+        """Give the zygote a cgroup pair for a spare (an empty one without cgroups): at boot,
+        and when an execution saw it hold none any more. Failures surface on the next fork."""
+        tickets = self.cgroups
+        group = tickets.issue() if tickets is not None else None
+        payload = self._encoder.encode(SpareCgroups(
+            cgroups=group.procs_files if group is not None else []))
+        with self._lock:
+            if self._control is not None:
+                with contextlib.suppress(OSError):
+                    self._control.send(payload)
+                    return
+        if tickets is not None and group is not None:
+            tickets.release(group.procs_files)
+
     def stop(self, timeout: float = 5.0) -> None:
         """EOF on the control socket tells the zygote to kill its executions and exit."""
         with self._lock:
@@ -116,6 +149,8 @@ class ZygoteProcess:
                 process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 _kill_and_reap(process)
+        if self.cgroups is not None:  # its spare is gone with it (parent-death signal)
+            self.cgroups.release_all()
 
 
 def _kill_and_reap(process: subprocess.Popen[bytes]) -> None:

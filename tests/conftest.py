@@ -43,12 +43,25 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _resident_spares(zygotes: set[int]) -> set[int]:
+    """Idle spare children of processes that were there before the test (a zygote of a daemon
+    shared by several tests forks a new spare after each execution): residents, not leftovers.
+    Spares of zygotes the test itself started are not excused."""
+    spares = set()
+    for pid in zygotes:
+        try:
+            spares.update(spare_pids(psutil.Process(pid)))
+        except psutil.NoSuchProcess:
+            continue
+    return spares
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_processes() -> Iterator[None]:
     """Fail any test that leaves a child, grandchild or escaped process of this test behind."""
     before = {p.pid for p in descendants()}
     yield
-    leftovers = {p.pid for p in descendants()} - before
+    leftovers = {p.pid for p in descendants()} - before - _resident_spares(before)
     survivors = wait_until_gone(leftovers)
     if survivors:
         for pid in survivors:
@@ -113,16 +126,48 @@ def run_skill(make_sandbox: Callable[..., Sandbox],
     return run
 
 
+#: `ps` name of a zygote's pre-forked spare child (worker.spare.SPARE_NAME) until it takes a
+#: request: it is no execution.
+SPARE_NAME = "sbx-spare"
+
+
+def execution_children(zygote: psutil.Process) -> list[psutil.Process]:
+    """The zygote's children that are executions (not its idle spare)."""
+    found = []
+    for child in zygote.children():
+        try:
+            if child.name() != SPARE_NAME:
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def spare_pids(zygote: psutil.Process) -> list[int]:
+    """The pid of the zygote's idle spare child ([] while it has none)."""
+    pids = []
+    for child in zygote.children():
+        try:
+            if child.name() == SPARE_NAME and _alive(child.pid):
+                pids.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return pids
+
+
 def execution_survivors(sandbox: Sandbox, timeout: float = 5.0) -> set[int]:
     """Processes still alive below the sandbox's zygotes (its executions and anything they
-    left behind, whatever pid namespace they see themselves in) after up to `timeout` s."""
+    left behind, whatever pid namespace they see themselves in, but not an idle spare) after up
+    to `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
         alive: set[int] = set()
         for skill in sandbox.skills():
             try:
                 zygote = psutil.Process(sandbox.zygote_info(skill.id)["pid"])
-                alive |= {p.pid for p in zygote.children(recursive=True) if _alive(p.pid)}
+                spares = set(spare_pids(zygote))
+                alive |= {p.pid for p in zygote.children(recursive=True)
+                          if p.pid not in spares and _alive(p.pid)}
             except psutil.NoSuchProcess:
                 continue
         if not alive or time.monotonic() >= deadline:

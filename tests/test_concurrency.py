@@ -22,7 +22,7 @@ from sandbox import (
     Sandbox,
     Skill,
 )
-from tests.conftest import wait_until_gone
+from tests.conftest import execution_children, wait_until_gone
 
 #: Sleeps, then says when it ran (wall-clock instants, taken inside the execution).
 INTERVAL = """\
@@ -49,7 +49,7 @@ def wait_for_execution_child(sandbox: Sandbox, skill_id: str, timeout: float = 5
     zygote = psutil.Process(sandbox.zygote_info(skill_id)["pid"])
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        children = zygote.children()
+        children = execution_children(zygote)
         if children:
             return children[0].pid
         time.sleep(0.01)

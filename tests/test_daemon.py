@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from conftest import wait_until_gone
+from conftest import execution_children, wait_until_gone
 from daemon_util import EXAMPLES, TOKEN, Daemon, metric, wait_for, write_skill
 
 from sandbox.client import DaemonBusy, DaemonUnavailable
@@ -202,8 +202,8 @@ def test_in_flight_work_past_the_grace_period_is_canceled_and_reaped(
     try:
         thread, outcome = _run_in_thread(lambda: client.execute(ExecutionRequest(
             skill_id="test/sleeper", input=b'{"seconds": 15}')))
-        wait_for(lambda: psutil.Process(zygote).children(), what="the execution child")
-        child = psutil.Process(zygote).children()[0].pid
+        wait_for(lambda: execution_children(psutil.Process(zygote)), what="the execution child")
+        child = execution_children(psutil.Process(zygote))[0].pid
         item.signal(signal.SIGTERM)
         thread.join(timeout=20)
         assert outcome["value"].status is ExecutionStatus.CANCELED
@@ -225,7 +225,7 @@ def test_kill_9_of_the_daemon_leaves_no_zygote_or_worker(
     try:
         thread, outcome = _run_in_thread(lambda: client.execute(ExecutionRequest(
             skill_id="test/sleeper", input=b'{"seconds": 15}')))
-        wait_for(lambda: psutil.Process(sleeper_zygote).children(), what="the worker")
+        wait_for(lambda: execution_children(psutil.Process(sleeper_zygote)), what="the worker")
         workers = {child.pid for child in psutil.Process(sleeper_zygote).children()}
         item.process.kill()  # type: ignore[union-attr]
         item.wait()
@@ -386,7 +386,8 @@ def test_a_client_hanging_up_cancels_its_execution(
     wait_for(lambda: item.find_events("caller disconnected; execution canceled",
                                       request_id="gone-1"), what="the cancel")
     wait_for(lambda: _inflight(item) == 0, what="the slot to be free")
-    assert wait_until_gone({child.pid for child in psutil.Process(zygote).children()}) == set()
+    executions = {child.pid for child in execution_children(psutil.Process(zygote))}
+    assert wait_until_gone(executions) == set()
     assert item.stop() == 0
 
 

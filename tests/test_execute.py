@@ -24,7 +24,12 @@ from sandbox import (
     SkillFailed,
     SkillNotLoaded,
 )
-from tests.conftest import descendants, execution_survivors, wait_until_gone
+from tests.conftest import (
+    descendants,
+    execution_children,
+    execution_survivors,
+    wait_until_gone,
+)
 
 Run = Callable[..., ExecutionResult]
 
@@ -463,7 +468,7 @@ def test_zygote_killed_mid_execution_gives_a_failed_result(
 
     def kill_zygote_once_running() -> None:  # from outside: the skill itself may not
         deadline = time.monotonic() + 5
-        while not zygote.children() and time.monotonic() < deadline:
+        while not execution_children(zygote) and time.monotonic() < deadline:
             time.sleep(0.01)
         zygote.kill()
 
@@ -514,9 +519,9 @@ def test_close_kills_running_executions_and_leaves_no_process(
     worker.start()
     zygote = psutil.Process(sandbox.zygote_info(sleeper.id)["pid"])
     deadline = time.monotonic() + 5
-    while not zygote.children() and time.monotonic() < deadline:
+    while not execution_children(zygote) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert zygote.children(), "the execution never started"
+    assert execution_children(zygote), "the execution never started"
     sandbox.close()
     worker.join(timeout=10)
     assert not worker.is_alive()

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from types import CodeType
+from typing import NoReturn
 
 from worker import isolation, runtime
 from worker.protocol import ForkCommand, SkillCode
@@ -42,11 +43,9 @@ def compile_entrypoint(code: SkillCode) -> CodeType | None:
 
 def _place_fds(fds: list[int], kind: str) -> None:
     """Move the execution's pipes onto fixed numbers and close every other descriptor."""
-    request_r, result_w, stdout_w, stderr_w, report = fds
-    os.close(report)
     # Park everything above the range we are about to fill, so no dup2 clobbers a source.
-    parked = [os.dup(fd) for fd in (request_r, result_w, stdout_w, stderr_w)]
-    for fd in (request_r, result_w, stdout_w, stderr_w):
+    parked = [os.dup(fd) for fd in fds]
+    for fd in fds:
         os.close(fd)
     request_r, result_w, stdout_w, stderr_w = parked
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -66,14 +65,34 @@ def _place_fds(fds: list[int], kind: str) -> None:
         os.close(REQUEST_FD)
 
 
+def become_execution_process(zygote_pid: int) -> None:
+    """What every child of the zygote does first, request or not: its own session and process
+    group (the unit the zygote and the supervisor kill), death with the zygote, default
+    signal dispositions."""
+    os.setsid()
+    isolation.die_with_parent(zygote_pid)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def run_execution(code: SkillCode, preload: list[str], command: ForkCommand, fds: list[int],
                   precompiled: CodeType | None, zygote_pid: int) -> None:
-    """Entry point of the forked child. Never returns."""
+    """Entry point of a child forked for a request. `fds` are the execution's four pipe ends
+    and its report socket (the zygote's business: closed at once). Never returns."""
     try:
-        os.setsid()
-        isolation.die_with_parent(zygote_pid)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
+        os.close(fds[4])
+        become_execution_process(zygote_pid)
+    except BaseException as exc:  # noqa: BLE001 - nothing may escape into the zygote's loop
+        setup_failed(exc)
+    run_command(code, preload, command, fds[:4], precompiled)
+
+
+def run_command(code: SkillCode, preload: list[str], command: ForkCommand, fds: list[int],
+                precompiled: CodeType | None) -> None:
+    """The per-request part, in a fresh fork or a spare handed `command`: cgroup gate and
+    Landlock, pipes on fixed fds, workdir, environment, rlimits and uid, then the skill.
+    `fds`: request (read), result, stdout, stderr (write). Never returns."""
+    try:
         kind = "command" if code.kind == "command" else "python"
         isolation.enter_execution(command)  # in its cgroups, then Landlock: still root
         _place_fds(fds, kind)
@@ -85,11 +104,15 @@ def run_execution(code: SkillCode, preload: list[str], command: ForkCommand, fds
         elif code.spawn:
             _exec_fresh_interpreter(code, preload, command)
     except BaseException as exc:  # noqa: BLE001 - nothing may escape into the zygote's loop
-        try:
-            os.write(2, f"skill-sandbox: execution set-up failed: {exc!r}\n".encode())
-        finally:
-            os._exit(EXIT_SETUP_FAILED)
+        setup_failed(exc)
     runtime.run_and_exit(code, command, precompiled, RESULT_FD, REQUEST_FD)
+
+
+def setup_failed(exc: BaseException) -> NoReturn:
+    try:
+        os.write(2, f"skill-sandbox: execution set-up failed: {exc!r}\n".encode())
+    finally:
+        os._exit(EXIT_SETUP_FAILED)
 
 
 def _replace_environment(env: dict[str, str]) -> None:

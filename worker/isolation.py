@@ -5,13 +5,14 @@ mount namespace (paths the execution uids cannot reach exposed read-only, the wh
 read-only) and, for skills without the network permission, its own network namespace; the
 Landlock plan (read-only paths opened once); the seccomp deny-list, which every fork inherits.
 
-Per execution, in the zygote: `before_fork` mounts the tmpfs workdir, `after_fork` moves the
-child into its cgroups and opens the gate it waits at, `prepare_next` readies the next Landlock
-ruleset, `release_execution` detaches the workdir after the reap. In the child, before any skill
-code: `enter_execution` (gate, then Landlock) and `apply_child_layers` (umask, rlimits, the
-execution's own uid/gid, a last seccomp filter for mount/umount2). Work is done in the zygote
-wherever it can be: there it costs microseconds, in a fresh fork every touched page is a
-copy-on-write fault.
+Per execution, in the zygote: `before_fork` mounts the tmpfs workdir, `after_fork` moves a
+child forked on request into its cgroups and opens the gate it waits at (a pre-forked spare
+joins its cgroups itself, before any request: `worker.spare`), `prepare_next` readies the next
+Landlock ruleset, `release_execution` detaches the workdir after the reap. In the child, before
+any skill code: `enter_execution` (gate, then Landlock) and `apply_child_layers` (umask,
+rlimits, the execution's own uid/gid, a last seccomp filter for mount/umount2). Work is done
+in the zygote wherever it can be: there it costs microseconds, in a fresh fork every touched
+page is a copy-on-write fault.
 
 Which layers run is the supervisor's decision (it detects what the host supports and reports
 it); this module applies what the settings ask for and fails loudly when it cannot.
@@ -209,10 +210,11 @@ def _int(isolation: dict[str, Any], key: str, default: int) -> int:
     return value if isinstance(value, int) else default
 
 
-def before_fork(command: ForkCommand) -> None:
-    """In the zygote: mount the execution's tmpfs workdir, and open the gate the child waits
-    at until `after_fork` has put it in its cgroups. Both are a few µs here, where a freshly
-    forked child would pay ~100 µs of copy-on-write faults for the same calls."""
+def before_fork(command: ForkCommand, gate: bool = True) -> None:
+    """In the zygote: mount the execution's tmpfs workdir, and (for a child forked now, not a
+    spare already in its cgroups) open the gate it waits at until `after_fork` has put it in
+    its cgroups. Both are a few µs here, where a freshly forked child would pay ~100 µs of
+    copy-on-write faults for the same calls."""
     isolation = command.isolation
     disk_bytes = _int(isolation, "disk_bytes", 0)
     if _Zygote.settings.mount_ns and disk_bytes > 0:
@@ -220,7 +222,27 @@ def before_fork(command: ForkCommand) -> None:
         gid = _int(isolation, "gid", -1)
         owner = (uid, gid) if uid >= 0 and gid >= 0 else (0, 0)
         namespaces.mount_workdir(command.workdir, owner[0], owner[1], disk_bytes)
-    _Zygote.gate = os.pipe2(os.O_CLOEXEC) if isolation.get("cgroups") else None
+    _Zygote.gate = None
+    if gate:
+        open_gate(command)
+
+
+def open_gate(command: ForkCommand) -> None:
+    """In the zygote, before forking a child on request: the pipe it waits at until
+    `after_fork` has put it in its cgroups (none when it has no cgroups)."""
+    _Zygote.gate = os.pipe2(os.O_CLOEXEC) if command.isolation.get("cgroups") else None
+
+
+def join_cgroups(procs_files: list[str], pid: int) -> None:
+    """Move `pid` into each cgroup (v1 `cgroup.procs` paths). On cgroup v1 each write may wait
+    for an RCU grace period (milliseconds after an idle moment): keep it off the request path
+    where possible (a spare child joins its own while nobody waits)."""
+    for procs in procs_files:
+        fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(pid).encode())
+        finally:
+            os.close(fd)
 
 
 def after_fork(command: ForkCommand, pid: int) -> None:
@@ -230,17 +252,29 @@ def after_fork(command: ForkCommand, pid: int) -> None:
     if gate is not None:
         os.close(gate[0])
         try:
-            for procs in command.isolation.get("cgroups") or ():
-                fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
-                try:
-                    os.write(fd, str(pid).encode())
-                finally:
-                    os.close(fd)
+            join_cgroups(command.isolation.get("cgroups") or [], pid)
             os.write(gate[1], b"1")
         except OSError:
             os.kill(pid, signal.SIGKILL)  # never runs outside its cgroups
         finally:
             os.close(gate[1])
+
+
+def kept_fds() -> set[int]:
+    """The zygote's own descriptors a child still needs before it is confined: the Landlock
+    plan's O_PATH fds of read-only system paths and its prepared ruleset. A spare child keeps
+    these (and nothing else of the zygote's) until `_place_fds` closes them."""
+    return _Zygote.plan.fds() if _Zygote.plan is not None else set()
+
+
+PR_SET_NAME = 15
+
+
+def set_process_name(name: bytes) -> None:
+    """The name `ps` shows (comm, 15 bytes at most)."""
+    if _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_NAME): {os.strerror(err)}")
 
 
 def prepare_next() -> None:

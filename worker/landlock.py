@@ -128,6 +128,13 @@ class Plan:
             raise
         self._spare = ruleset
 
+    def fds(self) -> set[int]:
+        """Every descriptor the plan holds: the O_PATH fds of its paths and the spare ruleset."""
+        held = {rule.parent_fd for rule in self._rules}
+        if self._spare >= 0:
+            held.add(self._spare)
+        return held
+
     def handoff(self) -> None:
         """In the zygote after a fork: the spare belongs to the child now; make another."""
         if self._spare >= 0:

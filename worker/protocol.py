@@ -132,6 +132,18 @@ class ForkCommand(msgspec.Struct, frozen=True, kw_only=True, tag="fork"):
     isolation: dict[str, Any] = {}  # layer settings, applied by worker.isolation
 
 
+class SpareCgroups(msgspec.Struct, frozen=True, kw_only=True, tag="spare"):
+    """Supervisor → zygote: a prepared cgroup pair (`cgroup.procs` paths) for its next spare
+    child; empty when executions get no cgroups. No fds travel with it.
+
+    Every `ForkCommand` also brings one (its `isolation["cgroups"]`): for its own child when no
+    spare is ready, else for the spare that replaces the one it used. This message starts the
+    cycle at boot and refills it when the zygote had to give a pair back.
+    """
+
+    cgroups: list[str] = []
+
+
 class ZygoteReady(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
     pid: int
     rss_kb: int
@@ -143,10 +155,18 @@ class ZygoteFailed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
 
 
 class ChildStarted(msgspec.Struct, frozen=True, kw_only=True, tag="started"):
-    """Zygote → supervisor on the execution's report socket; a pidfd travels beside it."""
+    """Zygote → supervisor on the execution's report socket; a pidfd travels beside it.
+
+    `cgroups`: the pair the child runs in (a spare's, prepared earlier, or the command's own).
+    `spare`: whether a pre-forked spare took the request (else it was forked for it).
+    `released`: pairs the zygote gave back unused since its last report.
+    """
 
     pid: int
     zygote_rss_kb: int
+    cgroups: list[str] = []
+    spare: bool = False
+    released: list[list[str]] = []
 
 
 class ChildExited(msgspec.Struct, frozen=True, kw_only=True, tag="exited"):
@@ -174,6 +194,7 @@ class ChildResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 ZygoteMessage = ZygoteReady | ZygoteFailed
+ControlMessage = ForkCommand | SpareCgroups
 ReportMessage = ChildStarted | ChildExited
 
 

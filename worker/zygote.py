@@ -6,10 +6,12 @@ trusted `preload` modules, compiles the skill's entrypoint (compiling runs no sk
 it is ready, and then serves fork requests on its control socket (fd FD) until that socket reaches
 EOF — the supervisor's exit, however abrupt, is the shutdown signal.
 
-Per request it forks one execution child, passes the child's pidfd back on the execution's own
-report socket, and reports the kernel's wait4 accounting when the child is reaped. Any other
-process that ends up its child (the zygote is a subreaper: orphans of an execution land here)
-is killed and reaped.
+Per request it hands the request to its pre-forked spare child (`worker.spare`: forked, set up
+and in the next execution's cgroups before the request came) or, when there is no usable spare,
+forks one execution child on the spot; it passes the child's pidfd back on the execution's own
+report socket, reports the kernel's wait4 accounting when the child is reaped, and forks the
+next spare. Any other process that ends up its child (the zygote is a subreaper: orphans of an
+execution land here) is killed and reaped.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import select
 import selectors
 import signal
 import socket
@@ -27,12 +30,14 @@ from typing import Any
 
 import msgspec
 
-from worker import child, isolation
+from worker import child, isolation, spare
 from worker.protocol import (
     ChildExited,
     ChildStarted,
+    ControlMessage,
     ForkCommand,
     SkillCode,
+    SpareCgroups,
     ZygoteFailed,
     ZygoteReady,
 )
@@ -44,6 +49,12 @@ MAX_CONTROL_MESSAGE = 1 << 16
 #: The zygote's RSS (the baseline subtracted from a child's peak) is re-read every this many forks.
 RSS_REFRESH_FORKS = 64
 _FDS_PER_EXECUTION = 5
+#: How long the zygote waits to reap a spare whose socket closed (it is exiting).
+SPARE_EXIT_WAIT = 1.0
+#: After this many spares in a row died before serving, the zygote forks no more spares until
+#: the next request (each request allows one more try): no fork loop if something kills them.
+MAX_SPARE_FAILURES = 3
+_SPARE = "spare"  # selector key data of the spare's socket
 
 
 class ZygoteConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,10 +87,17 @@ class Zygote:
         self.doomed: set[int] = set()
         self.selector = selectors.DefaultSelector()
         self.encoder = msgspec.msgpack.Encoder()
-        self.decoder = msgspec.msgpack.Decoder(ForkCommand)
+        self.decoder = msgspec.msgpack.Decoder(ControlMessage)
         self.children_file = f"/proc/self/task/{os.getpid()}/children"
         self.rss_kb = 0
         self.forks = 0
+        self.name = b"python"
+        self.spare: spare.Spare | None = None
+        #: cgroup pairs (`cgroup.procs` paths; [] without cgroups) for the next spares.
+        self.tickets: list[list[str]] = []
+        #: pairs given back to the supervisor with the next ChildStarted.
+        self.released: list[list[str]] = []
+        self.spare_failures = 0
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -100,6 +118,8 @@ class Zygote:
         gc.freeze()
         self.rss_kb = _rss_kb()
         isolation.note_data_baseline()
+        with open("/proc/self/comm", "rb") as comm:
+            self.name = comm.read().strip() or self.name
 
     # -- serving ----------------------------------------------------------------------------
 
@@ -113,6 +133,8 @@ class Zygote:
                 if key.data is None:
                     if not self.handle_control():
                         return
+                elif key.data is _SPARE:
+                    self.handle_spare()
                 else:
                     self.handle_exit(key.data)
                     exited = True
@@ -130,51 +152,166 @@ class Zygote:
             return False
         if not message:
             return False
-        if len(fds) != _FDS_PER_EXECUTION:
-            for fd in fds:
-                os.close(fd)
-            return True
         try:
-            command = self.decoder.decode(message)
+            decoded = self.decoder.decode(message)
         except (msgspec.DecodeError, msgspec.ValidationError):
+            decoded = None
+        if isinstance(decoded, SpareCgroups):
+            for fd in fds:
+                os.close(fd)
+            self.tickets.append(list(decoded.cgroups))
+            self.ensure_spare()
+            return True
+        if decoded is None or len(fds) != _FDS_PER_EXECUTION:
             for fd in fds:
                 os.close(fd)
             return True
-        self.fork_execution(command, fds)
+        self.start_execution(decoded, fds, message)
         return True
 
-    def fork_execution(self, command: ForkCommand, fds: list[int]) -> None:
+    def start_execution(self, command: ForkCommand, fds: list[int], message: bytes) -> None:
+        """Hand the request to the spare, or fork a child for it; report it; fork the next spare.
+
+        The command's cgroup pair goes to the child forked for it, or, when the spare (already
+        in a pair of its own) takes the request, to the spare that replaces it.
+        """
         report = socket.socket(fileno=fds[-1])
+        ticket = list(command.isolation.get("cgroups") or [])
         self.forks += 1
         if self.forks % RSS_REFRESH_FORKS == 0:  # it drifts slowly; reading it costs ~30 µs
             self.rss_kb = _rss_kb()
             isolation.note_data_baseline()
-        zygote_rss = self.rss_kb
+        ready = self.usable_spare(ticket)
         try:
-            isolation.before_fork(command)
+            isolation.before_fork(command, gate=ready is None)
         except OSError as exc:  # this execution cannot be isolated: refuse it, keep serving
             with contextlib.suppress(OSError):
                 os.write(fds[3], f"skill-sandbox: execution set-up failed: {exc}\n".encode())
             for fd in fds[:-1]:
                 os.close(fd)
             report.close()  # the supervisor sees no child: a worker failure, for this one only
+            self.tickets.append(ticket)
             return
-        pid = os.fork()
-        if pid == 0:  # the execution child: never returns
-            child.run_execution(self.config.code, self.config.preload, command, fds,
-                                self.precompiled, os.getppid())
-        isolation.after_fork(command, pid)
+        if ready is not None:
+            self.selector.unregister(ready.sock)
+            if ready.hand_off(message, fds[:-1]):
+                self.spare = None
+                self.spare_failures = 0
+                pid, pidfd, cgroups = ready.pid, ready.pidfd, ready.cgroups
+                zygote_rss = ready.rss_kb
+                self.tickets.append(ticket)
+            else:
+                self.selector.register(ready.sock, selectors.EVENT_READ, _SPARE)
+                self.retire_spare(release=True)
+                isolation.open_gate(command)
+                ready = None
+        if ready is None:
+            pid = os.fork()
+            if pid == 0:  # the execution child: never returns
+                child.run_execution(self.config.code, self.config.preload, command, fds,
+                                    self.precompiled, os.getppid())
+            isolation.after_fork(command, pid)
+            pidfd = os.pidfd_open(pid)
+            zygote_rss, cgroups = self.rss_kb, ticket
         for fd in fds[:-1]:
             os.close(fd)
-        pidfd = os.pidfd_open(pid)
         try:
             socket.send_fds(report, [self.encoder.encode(ChildStarted(
-                pid=pid, zygote_rss_kb=zygote_rss))], [pidfd])
+                pid=pid, zygote_rss_kb=zygote_rss, cgroups=cgroups, spare=ready is not None,
+                released=self.released))], [pidfd])
+            self.released = []
         except OSError:
             os.kill(pid, signal.SIGKILL)  # nobody is listening for this execution any more
         self.running[pid] = _Running(pid, pidfd, report, command.workdir)
         self.selector.register(pidfd, selectors.EVENT_READ, self.running[pid])
-        isolation.prepare_next()
+        if ready is None:
+            isolation.prepare_next()  # the forked child took the Landlock ruleset
+        self.spare_failures = min(self.spare_failures, MAX_SPARE_FAILURES - 1)
+        self.ensure_spare()
+
+    # -- the spare --------------------------------------------------------------------------
+
+    def usable_spare(self, ticket: list[str]) -> spare.Spare | None:
+        """The spare, if it is ready for a request with cgroup pair `ticket`. One still setting
+        up is kept for the next request (this one is forked: waiting for the spare would stall
+        the zygote's loop for as long); a dead one, or one without cgroups when the request has
+        them, is retired."""
+        current = self.spare
+        if current is None:
+            return None
+        if bool(current.cgroups) != bool(ticket):
+            self.retire_spare(release=True)
+            return None
+        ready = current.poll_ready()
+        if ready is None:
+            self.spare_died(current)
+            return None
+        return current if ready else None
+
+    def ensure_spare(self) -> None:
+        """Fork a spare if there is none and a cgroup pair for it; give back spare pairs.
+
+        Not while more than one execution runs: a spare costs ~0.2 ms more CPU than a fork on
+        request (the hand-off, copy-on-write faults shared three ways), which a busy zygote on
+        few cores pays in throughput; the join it saves matters after idle moments. The last
+        exit of a burst forks it."""
+        if (self.spare is None and self.tickets and self.spare_failures < MAX_SPARE_FAILURES
+                and len(self.running) <= 1):
+            ticket = self.tickets.pop(0)
+            try:
+                new = spare.fork_spare(self.config.code, self.config.preload, self.precompiled,
+                                       ticket, self.rss_kb, self.name)
+            except OSError:
+                self.tickets.append(ticket)
+                self.spare_failures += 1
+            else:
+                self.spare = new
+                self.selector.register(new.sock, selectors.EVENT_READ, _SPARE)
+                isolation.prepare_next()  # the spare took the Landlock ruleset
+        while len(self.tickets) > (0 if self.spare is not None else 1):
+            extra = self.tickets.pop()
+            if extra:
+                self.released.append(extra)
+
+    def handle_spare(self) -> None:
+        """The spare said ready, or died (its socket reached EOF): replace a dead one."""
+        current = self.spare
+        if current is None:
+            return
+        try:
+            data = current.sock.recv(16)
+        except OSError:
+            data = b""
+        if data == spare.READY:
+            current.ready = True
+            return
+        self.spare_died(current)
+        self.ensure_spare()
+
+    def spare_died(self, current: spare.Spare) -> None:
+        """Its socket closed (or it said something else): it is exiting. Its set-up or cgroup
+        join failed (its own exit code, or it does not end): the pair goes back to the
+        supervisor. Killed from outside: the pair is sound and the replacement takes it."""
+        status = _reap_within(current.pid, current.pidfd, SPARE_EXIT_WAIT)
+        failed = status is None or os.waitstatus_to_exitcode(status) == spare.EXIT_SPARE_FAILED
+        self.retire_spare(release=failed, reaped=status is not None)
+
+    def retire_spare(self, release: bool, reaped: bool = False) -> None:
+        current, self.spare = self.spare, None
+        if current is None:
+            return
+        self.selector.unregister(current.sock)
+        if not reaped:
+            current.kill()
+            self.doomed.add(current.pid)  # reaped by sweep_orphans
+        current.sock.close()
+        os.close(current.pidfd)
+        if release:
+            if current.cgroups:
+                self.released.append(current.cgroups)
+        else:
+            self.tickets.append(current.cgroups)
+        self.spare_failures += 1
 
     def handle_exit(self, running: _Running) -> None:
         # The execution's process group may still hold descendants: end them with it. The
@@ -193,6 +330,8 @@ class Zygote:
             running.report.send(self.encoder.encode(report))
         running.report.close()
         isolation.release_execution(running.workdir)
+        if self.spare is None:
+            self.ensure_spare()
 
     def sweep_orphans(self) -> None:
         """Kill and reap every child that is not an execution: orphans that reparented here."""
@@ -208,8 +347,9 @@ class Zygote:
                 pids = [int(p) for p in children.read().split()]
         except OSError:
             return
+        spare_pid = self.spare.pid if self.spare is not None else 0
         for pid in pids:
-            if pid not in self.running and pid not in self.doomed:
+            if pid not in self.running and pid not in self.doomed and pid != spare_pid:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -217,6 +357,12 @@ class Zygote:
                 self.doomed.add(pid)
 
     def shutdown(self) -> None:
+        current = self.spare
+        if current is not None:  # never got a request: kill and reap it
+            self.retire_spare(release=False)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(current.pid, 0)
+            self.doomed.discard(current.pid)
         for running in list(self.running.values()):
             with contextlib.suppress(OSError):
                 os.killpg(running.pid, signal.SIGKILL)
@@ -226,6 +372,17 @@ class Zygote:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(running.pid, 0)
         self.sweep_orphans()
+
+
+def _reap_within(pid: int, pidfd: int, timeout: float) -> int | None:
+    """Reap `pid` if it ends within `timeout` s: its wait status, else None."""
+    if not select.select([pidfd], [], [], timeout)[0]:
+        return None
+    try:
+        done, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return status if done else None
 
 
 def main() -> None:

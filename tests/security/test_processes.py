@@ -19,7 +19,7 @@ import pytest
 
 from sandbox import ExecutionResult, ExecutionStatus
 from sandbox.capabilities import IsolationConfig
-from tests.conftest import ROOT
+from tests.conftest import ROOT, execution_children
 from tests.security.hostile import (
     Hostile,
     assert_gone,
@@ -170,10 +170,10 @@ def test_concurrent_executions_cannot_signal_each_other(
     victim.start()
     try:
         deadline_checks = 500
-        while not zygote.children() and deadline_checks:
+        while not execution_children(zygote) and deadline_checks:
             deadline_checks -= 1
             victim.join(0.01)
-        (victim_process,) = zygote.children()
+        (victim_process,) = execution_children(zygote)
         attacker = attack.run(victim=victim_process.pid)
     finally:
         victim.join(5)

@@ -1,0 +1,331 @@
+"""The zygote's pre-forked spare child: it serves exactly one execution, it is in that
+execution's own cgroups before the request comes, it holds nothing of the zygote's, and it
+never outlives its zygote or its sandbox. Without a usable spare, executions are forked on
+request as before."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+import psutil
+import pytest
+
+from sandbox import ExecutionRequest, ExecutionResult, ExecutionStatus, Sandbox, Skill
+from sandbox.cgroups import CgroupTickets, ExecutionCgroup
+from sandbox.zygote import ZygoteProcess
+from tests.conftest import spare_pids, wait_until_gone
+from tests.security.hostile import requires
+from worker.protocol import (
+    ChildExited,
+    ChildResult,
+    ChildStarted,
+    ForkCommand,
+    Limits,
+    ReportMessage,
+    SkillCode,
+)
+
+#: Returns its own pid, a module-level counter (1 in a fresh process) and its cgroups.
+WHOAMI = """
+import os, time
+calls = []
+
+def run(input):
+    calls.append(1)
+    time.sleep(input.get("sleep", 0))
+    with open("/proc/self/cgroup") as cgroup:
+        groups = dict(line.split(":", 2)[1:] for line in cgroup.read().splitlines())
+    return {"pid": os.getpid(), "calls": len(calls), "pids": groups.get("pids", ""),
+            "memory": groups.get("memory", "")}
+"""
+LIMITS = "[limits]\nmax_processes = 9\nmemory_mb = 96\ntimeout = 5\n"
+
+
+#: recvmsg(2), where a ready spare waits for its request (it said ready just before).
+_RECVMSG = {"x86_64": "47", "aarch64": "212"}.get(os.uname().machine)
+
+
+def _waiting_for_request(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/syscall") as syscall:
+            number = syscall.read().split()[0]
+        with open(f"/proc/{pid}/wchan") as wchan:
+            waiting = wchan.read()
+    except (OSError, IndexError):
+        return False
+    if _RECVMSG is not None:
+        return number == _RECVMSG
+    return "wait_for_more_packets" in waiting  # pragma: no cover - other architectures
+
+
+def wait_for_spare(zygote: psutil.Process, other_than: int = 0, timeout: float = 5.0) -> int:
+    """The pid of the zygote's spare (not `other_than`) once it is set up, in its cgroups and
+    waiting for a request (a request that comes earlier is forked for, not made to wait)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = [pid for pid in spare_pids(zygote) if pid != other_than]
+        if pids and _waiting_for_request(pids[0]):
+            return pids[0]
+        time.sleep(0.01)
+    raise AssertionError("the zygote kept no spare child ready")
+
+
+@pytest.fixture
+def whoami(make_sandbox: Callable[..., Sandbox],
+           skill_dir: Callable[..., Path]) -> tuple[Sandbox, Skill, psutil.Process]:
+    skill = Skill.from_dir(skill_dir(WHOAMI, LIMITS))
+    sandbox = make_sandbox(skill)
+    return sandbox, skill, psutil.Process(sandbox.zygote_info(skill.id)["pid"])
+
+
+def run(sandbox: Sandbox, skill: Skill, **input: float) -> ExecutionResult:
+    import json
+
+    result = sandbox.execute(ExecutionRequest(skill_id=skill.id,
+                                              input=json.dumps(input).encode()))
+    assert result.status is ExecutionStatus.SUCCESS, result
+    return result
+
+
+def test_each_execution_is_served_by_the_waiting_spare_and_never_twice(
+        whoami: tuple[Sandbox, Skill, psutil.Process]) -> None:
+    sandbox, skill, zygote = whoami
+    seen: list[int] = []
+    for _ in range(5):
+        spare = wait_for_spare(zygote, other_than=seen[-1] if seen else 0)
+        answer = run(sandbox, skill).json()
+        assert answer["pid"] == spare  # the spare took the request...
+        assert answer["calls"] == 1  # ...and nothing of an earlier execution was in it
+        seen.append(answer["pid"])
+    assert len(set(seen)) == len(seen)
+    assert wait_until_gone(set(seen)) == set()  # each served once, then reaped
+
+
+def test_the_spare_holds_none_of_the_zygotes_descriptors(
+        whoami: tuple[Sandbox, Skill, psutil.Process]) -> None:
+    sandbox, skill, zygote = whoami
+    wait_for_spare(zygote)
+    # While an execution runs, the zygote holds its report socket and pidfd: the spare forked
+    # after it started must not have them (nor the control socket or the selector).
+    outcome: list[ExecutionResult] = []
+    worker = threading.Thread(target=lambda: outcome.append(run(sandbox, skill, sleep=1.0)))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 5
+        spare = 0
+        while not spare and time.monotonic() < deadline:
+            busy = {child.pid for child in zygote.children()} - set(spare_pids(zygote))
+            spare = next(iter(set(spare_pids(zygote)) - busy), 0) if busy else 0
+            time.sleep(0.01)
+        assert spare, "no spare next to the running execution"
+        # Right after the fork it still has the zygote's fds; it closes them before it joins
+        # its cgroups: wait until it holds one socket (its own), then look at the rest.
+        while True:
+            targets = {os.readlink(f"/proc/{spare}/fd/{fd}")
+                       for fd in os.listdir(f"/proc/{spare}/fd")}
+            sockets = [target for target in targets if target.startswith("socket:")]
+            if len(sockets) == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert len(sockets) == 1, targets  # its own hand-off socket only
+        assert not [target for target in targets if "pidfd" in target or "eventpoll" in target]
+    finally:
+        worker.join(10)
+    assert outcome and outcome[0].json()["calls"] == 1
+
+
+def test_an_idle_spare_is_reaped_when_the_sandbox_closes(
+        make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path]) -> None:
+    skill = Skill.from_dir(skill_dir(WHOAMI, LIMITS))
+    sandbox = make_sandbox(skill)
+    zygote = psutil.Process(sandbox.zygote_info(skill.id)["pid"])
+    run(sandbox, skill)
+    spare = wait_for_spare(zygote)
+    sandbox.close()
+    assert wait_until_gone({spare, zygote.pid}) == set()
+    with pytest.raises(psutil.NoSuchProcess):
+        psutil.Process(spare).status()  # reaped, not a zombie
+
+
+def test_a_spare_dies_with_its_zygote_and_a_new_zygote_serves(
+        whoami: tuple[Sandbox, Skill, psutil.Process]) -> None:
+    sandbox, skill, zygote = whoami
+    spare = wait_for_spare(zygote)
+    zygote.kill()
+    assert wait_until_gone({zygote.pid, spare}) == set()
+    assert run(sandbox, skill).json()["calls"] == 1  # the zygote is restarted
+
+
+def test_a_spare_killed_from_outside_is_replaced_and_executions_still_succeed(
+        whoami: tuple[Sandbox, Skill, psutil.Process]) -> None:
+    sandbox, skill, zygote = whoami
+    spare = wait_for_spare(zygote)
+    os.kill(spare, signal.SIGKILL)
+    assert wait_until_gone({spare}) == set()  # dead (its socket closed), maybe not reaped yet
+    # Whether or not the zygote has noticed yet: a replacement or a fork on request serves it.
+    assert run(sandbox, skill).json()["pid"] != spare
+    with pytest.raises(psutil.NoSuchProcess):
+        psutil.Process(spare).status()  # reaped by now
+    following = wait_for_spare(zygote, other_than=spare)
+    assert run(sandbox, skill).json()["pid"] == following
+
+
+def test_a_spare_killed_while_idle_is_replaced_before_the_next_request(
+        whoami: tuple[Sandbox, Skill, psutil.Process]) -> None:
+    sandbox, skill, zygote = whoami
+    spare = wait_for_spare(zygote)
+    os.kill(spare, signal.SIGKILL)
+    replacement = wait_for_spare(zygote, other_than=spare)  # forked without any request
+    assert run(sandbox, skill).json()["pid"] == replacement
+
+
+@requires("processes")
+def test_each_execution_runs_in_its_own_cgroup_with_the_skills_limits(
+        whoami: tuple[Sandbox, Skill, psutil.Process]) -> None:
+    sandbox, skill, zygote = whoami
+    outcome: list[ExecutionResult] = []
+    threads = [threading.Thread(target=lambda: outcome.append(run(sandbox, skill, sleep=0.3)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    spare = wait_for_spare(zygote)  # once the burst is over there is a spare again
+    answers = [result.json() for result in outcome] + [run(sandbox, skill).json()]
+    assert len(answers) == 3 and answers[2]["pid"] == spare
+    # Concurrent executions never share a cgroup; each is a child of this sandbox's own.
+    assert answers[0]["pids"] != answers[1]["pids"]
+    workdir_bytes = sandbox._plan.workdir_bytes
+    for answer in answers:
+        assert "/skill-sandbox-" in answer["pids"], answer
+        with open(os.path.join(_cgroup_dir("pids", answer["pids"]), "pids.max")) as pids_max:
+            assert pids_max.read().strip() == "9"
+        memory_dir = _cgroup_dir("memory", answer["memory"])
+        with open(os.path.join(memory_dir, "memory.limit_in_bytes")) as limit:
+            assert int(limit.read()) == (96 << 20) + workdir_bytes
+
+
+def _cgroup_dir(controller: str, relative: str) -> str:
+    """The directory of cgroup `relative` (as /proc/<pid>/cgroup names it) of a v1 controller."""
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            separator = fields.index("-")
+            if (fields[separator + 1] == "cgroup"
+                    and controller in fields[separator + 3].split(",")):
+                root, mount_point = fields[3], fields[4]
+                return os.path.join(mount_point, os.path.relpath(relative, root))
+    raise AssertionError(f"no {controller} cgroup hierarchy")
+
+
+@requires("processes")
+def test_a_fork_bomb_in_a_spare_is_held_at_the_skills_process_limit(
+        make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path]) -> None:
+    bomb = """
+import os, time
+def run(input):
+    started = 0
+    for _ in range(200):
+        try:
+            if os.fork() == 0:
+                time.sleep(30)
+                os._exit(0)
+            started += 1
+        except OSError:
+            break
+    return {"pid": os.getpid(), "started": started}
+"""
+    skill = Skill.from_dir(skill_dir(bomb, "[limits]\nmax_processes = 6\ntimeout = 5\n"))
+    sandbox = make_sandbox(skill)
+    zygote = psutil.Process(sandbox.zygote_info(skill.id)["pid"])
+    for _ in range(2):  # the second bomb runs where the first one's leftovers were killed
+        spare = wait_for_spare(zygote)
+        result = sandbox.execute(ExecutionRequest(skill_id=skill.id))
+        if result.status is ExecutionStatus.SUCCESS:  # the fork failed at the cap: it said so
+            assert result.json()["pid"] == spare
+            assert result.json()["started"] <= 5
+        else:
+            assert result.error.startswith("runtime: resource exhausted: processes"), result
+    assert wait_until_gone({child.pid for child in zygote.children(recursive=True)}
+                           - set(spare_pids(zygote))) == set()
+
+
+def test_without_prefork_no_spare_waits_and_executions_are_forked_on_request(
+        make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path]) -> None:
+    skill = Skill.from_dir(skill_dir(WHOAMI, LIMITS))
+    sandbox = make_sandbox(skill, prefork=False)
+    zygote = psutil.Process(sandbox.zygote_info(skill.id)["pid"])
+    pids = {run(sandbox, skill).json()["pid"] for _ in range(3)}
+    assert len(pids) == 3
+    time.sleep(0.1)  # a spare would have been forked right after each hand-off
+    assert spare_pids(zygote) == []
+
+
+class _UnjoinableCgroups(CgroupTickets):
+    """Hands the zygote a cgroup pair that does not exist, so its spare cannot join it."""
+
+    def __init__(self) -> None:
+        self.given: list[list[str]] = []
+        self.returned: list[list[str]] = []
+
+    def issue(self) -> ExecutionCgroup:
+        group = ExecutionCgroup("/nonexistent/pids/x", "/nonexistent/memory/x")
+        self.given.append(group.procs_files)
+        return group
+
+    def release(self, *pairs: list[str]) -> None:
+        self.returned.extend(pairs)
+
+    def release_all(self) -> None:
+        pass
+
+
+def test_a_spare_that_cannot_join_its_cgroups_gives_them_back_and_the_request_is_forked(
+        skill_dir: Callable[..., Path], tmp_path: Path) -> None:
+    directory = skill_dir(WHOAMI)
+    code = SkillCode(skill_dir=str(directory), kind="python", entrypoint="main:run")
+    tickets = _UnjoinableCgroups()
+    zygote = ZygoteProcess("test/unjoinable", code, [], {}, cgroups=tickets)
+    zygote.start()
+    try:
+        assert tickets.given  # the pair for its first spare, offered at boot
+        workdir = tmp_path / "work"
+        workdir.mkdir()
+        request_r, request_w = os.pipe()
+        result_r, result_w = os.pipe()
+        out_r, out_w = os.pipe()
+        report, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        command = ForkCommand(exec_id="e1", request_id="r1", skill_id="test/unjoinable",
+                              tenant_id="", user_id="", deadline=time.time() + 5,
+                              limits=Limits(timeout=5), workdir=str(workdir), env={},
+                              isolation={})
+        zygote.fork(command, [request_r, result_w, out_w, out_w, theirs.fileno()])
+        for fd in (request_r, result_w, out_w):
+            os.close(fd)
+        theirs.close()
+        os.write(request_w, b"{}")
+        os.close(request_w)
+        report.settimeout(5)
+        message, fds, _, _ = socket.recv_fds(report, 4096, 1)
+        for fd in fds:
+            os.close(fd)
+        started = msgspec.msgpack.decode(message, type=ReportMessage)
+        assert isinstance(started, ChildStarted)
+        assert started.released == tickets.given  # the spare failed: its pair came back
+        assert started.cgroups == []  # and the request got a child forked for it
+        exited = msgspec.msgpack.decode(report.recv(4096), type=ReportMessage)
+        assert isinstance(exited, ChildExited) and exited.wait_status == 0
+        with os.fdopen(result_r, "rb") as result:
+            frame = msgspec.msgpack.decode(result.read()[4:], type=ChildResult)
+        assert frame.ok and msgspec.json.decode(frame.output)["pid"] == started.pid
+        report.close()
+        os.close(out_r)
+    finally:
+        zygote.stop()
