@@ -142,12 +142,6 @@ class Execution:
             uid = isolation.get("uid", -1)
             if isinstance(uid, int) and uid >= 0 and not isolation.get("disk_bytes"):
                 os.chown(workdir, uid, uid)  # no tmpfs of its own: the uid must own the dir
-            tickets = spec.zygote.cgroups
-            if tickets is not None:
-                # For this execution's child if the zygote must fork it now; else for the
-                # spare that replaces the one (already in a pair of its own) taking it.
-                ticket = tickets.issue()
-                isolation["cgroups"] = ticket.procs_files
             request_r, request_w = os.pipe2(os.O_CLOEXEC)
             result_r, result_w = os.pipe2(os.O_CLOEXEC)
             stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
@@ -155,18 +149,25 @@ class Execution:
             fds = [request_r, request_w, result_r, result_w, stdout_r, stdout_w, stderr_r,
                    stderr_w]
             report, report_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            command = ForkCommand(
-                exec_id=spec.exec_id, request_id=spec.request_id, skill_id=spec.skill.id,
-                tenant_id=spec.tenant_id, user_id=spec.user_id,
-                deadline=time.time() + spec.limits.timeout, limits=spec.limits,
-                workdir=workdir, env={"HOME": workdir, "TMPDIR": workdir, **spec.env},
-                isolation=isolation,
-            )
+            tickets = spec.zygote.cgroups
+            ticket = None
             try:
+                if tickets is not None:
+                    # For this execution's child if the zygote must fork it now; else for the
+                    # spare that replaces the one (already in a pair of its own) taking it.
+                    ticket = tickets.issue()
+                    isolation["cgroups"] = ticket.procs_files
+                command = ForkCommand(
+                    exec_id=spec.exec_id, request_id=spec.request_id, skill_id=spec.skill.id,
+                    tenant_id=spec.tenant_id, user_id=spec.user_id,
+                    deadline=time.time() + spec.limits.timeout, limits=spec.limits,
+                    workdir=workdir, env={"HOME": workdir, "TMPDIR": workdir, **spec.env},
+                    isolation=isolation,
+                )
                 spec.zygote.fork(command, [request_r, result_w, stdout_w, stderr_w,
                                            report_theirs.fileno()])
             except BaseException:
-                if tickets is not None:
+                if tickets is not None and ticket is not None:
                     tickets.release(ticket.procs_files)
                 raise
             finally:
