@@ -10,9 +10,11 @@ most the time left before `ec.deadline`. The first step that fails stops the pla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +67,16 @@ class _Run:
         self.names: list[str] = []
         self.outputs: list[Any] = []
         self.results: list[StepResult] = []
+
+    @contextlib.contextmanager
+    def canceled_with_plan(self, request: ExecutionRequest) -> Iterator[None]:
+        """While a skill step runs, `ec.cancel()` cancels its execution."""
+        cancel = functools.partial(self.sandbox.cancel, request.request_id)
+        self.ec._add_cancel_callback(cancel)
+        try:
+            yield
+        finally:
+            self.ec._remove_cancel_callback(cancel)
 
     def prepare(self, index: int, step: ExecutionStep) -> _Prepared:
         def stop(status: ExecutionStatus, error: str) -> _Prepared:
@@ -201,12 +213,8 @@ def _run_step(run: _Run, index: int, step: ExecutionStep) -> StepResult:
     assert prepared.arguments is not None
     if step.type is StepType.SKILL:
         request = run.skill_request(step, prepared.arguments, prepared.timeout)
-        cancel = functools.partial(run.sandbox.cancel, request.request_id)
-        run.ec._add_cancel_callback(cancel)
-        try:
+        with run.canceled_with_plan(request):
             result = run.sandbox._execute_step(request, run.step_info(index))
-        finally:
-            run.ec._remove_cancel_callback(cancel)
         return skill_step_result(index, step, result)
     started = time.monotonic()
     ctx = run.tool_context(index, step, prepared.timeout)
@@ -252,12 +260,8 @@ async def _arun_step(run: _Run, index: int, step: ExecutionStep) -> StepResult:
     assert prepared.arguments is not None
     if step.type is StepType.SKILL:
         request = run.skill_request(step, prepared.arguments, prepared.timeout)
-        cancel = functools.partial(run.sandbox.cancel, request.request_id)
-        run.ec._add_cancel_callback(cancel)
-        try:
+        with run.canceled_with_plan(request):
             result = await run.sandbox._aexecute_step(request, run.step_info(index))
-        finally:
-            run.ec._remove_cancel_callback(cancel)
         return skill_step_result(index, step, result)
     started = time.monotonic()
     ctx = run.tool_context(index, step, prepared.timeout)

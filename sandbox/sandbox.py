@@ -363,6 +363,7 @@ class Sandbox:
         try:
             if token.canceled:
                 return early(ExecutionStatus.CANCELED, CANCELED_ERROR)
+            requested_timeout = limits.timeout  # the caller's, for the error text
             queued = time.monotonic() - started
             if queued:
                 limits = msgspec.structs.replace(
@@ -370,7 +371,7 @@ class Sandbox:
             with loaded.idle:
                 loaded.inflight += 1
             try:
-                return self._run(loaded, request, limits, token)
+                return self._run(loaded, request, limits, token, requested_timeout)
             finally:
                 with loaded.idle:
                     loaded.inflight -= 1
@@ -391,7 +392,7 @@ class Sandbox:
         return False
 
     def _run(self, loaded: _Loaded, request: ExecutionRequest, limits: Limits,
-             token: _CancelToken) -> ExecutionResult:
+             token: _CancelToken, requested_timeout: float) -> ExecutionResult:
         skill = loaded.skill
         for attempt in range(2):
             error = self._ensure_zygote(loaded)
@@ -413,7 +414,7 @@ class Sandbox:
                 env={**BASE_ENV, **skill.manifest.permissions.env},
                 isolation=isolation, workdir_root=self.workdir_root,
                 tail_bytes=self.tail_bytes, cancel_fd=token.read_fd,
-                requested_timeout=_limits_for(skill, request).timeout,
+                requested_timeout=requested_timeout,
             )
             try:
                 return Execution(spec).run()
