@@ -29,6 +29,7 @@ from worker.protocol import (
     ChildExited,
     ChildResult,
     ChildStarted,
+    ExecutionInput,
     ExecutionResult,
     ExecutionStatus,
     ForkCommand,
@@ -37,6 +38,7 @@ from worker.protocol import (
     ReportMessage,
     ResourceUsage,
     decode_frame,
+    encode_frame,
 )
 
 TIMEOUT_ERROR = "runtime: execution timeout"
@@ -158,11 +160,8 @@ class Execution:
                     ticket = tickets.issue()
                     isolation["cgroups"] = ticket.procs_files
                 command = ForkCommand(
-                    exec_id=spec.exec_id, request_id=spec.request_id, skill_id=spec.skill.id,
-                    tenant_id=spec.tenant_id, user_id=spec.user_id,
-                    deadline=time.time() + spec.limits.timeout, limits=spec.limits,
-                    workdir=workdir, env={"HOME": workdir, "TMPDIR": workdir, **spec.env},
-                    isolation=isolation,
+                    exec_id=spec.exec_id, limits=spec.limits, workdir=workdir,
+                    env={"HOME": workdir, "TMPDIR": workdir, **spec.env}, isolation=isolation,
                 )
                 spec.zygote.fork(command, [request_r, result_w, stdout_w, stderr_w,
                                            report_theirs.fileno()])
@@ -197,7 +196,7 @@ class Execution:
         spec = self.spec
         state = self.state
         poller = select.poll()
-        pending_input = memoryview(spec.input)
+        pending_input = memoryview(self._request_bytes())
         readers = {result_r: "result", stdout_r: "stdout", stderr_r: "stderr"}
         for fd in readers:
             poller.register(fd, select.POLLIN)
@@ -265,6 +264,17 @@ class Execution:
                 elif fd == report.fileno() and not self._receive_report(report):
                     poller.unregister(fd)
                     state.report_closed = True
+
+    def _request_bytes(self) -> bytes:
+        """What goes down the request pipe, straight to the child (never through the zygote):
+        a command reads its input on stdin; a Python skill gets who asks, with the input."""
+        spec = self.spec
+        if spec.skill.manifest.kind == "command":
+            return spec.input
+        return encode_frame(ExecutionInput(
+            request_id=spec.request_id, skill_id=spec.skill.id, tenant_id=spec.tenant_id,
+            user_id=spec.user_id, deadline=time.time() + (self.deadline - time.monotonic()),
+            input=spec.input))
 
     def _next_wake(self, now: float, next_sample: float) -> float:
         state = self.state

@@ -26,10 +26,12 @@ from worker.protocol import (
     ChildExited,
     ChildResult,
     ChildStarted,
+    ExecutionInput,
     ForkCommand,
     Limits,
     ReportMessage,
     SkillCode,
+    encode_frame,
 )
 
 #: Returns its own pid, a module-level counter (1 in a fresh process) and its cgroups.
@@ -302,15 +304,14 @@ def test_a_spare_that_cannot_join_its_cgroups_gives_them_back_and_the_request_is
         result_r, result_w = os.pipe()
         out_r, out_w = os.pipe()
         report, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        command = ForkCommand(exec_id="e1", request_id="r1", skill_id="test/unjoinable",
-                              tenant_id="", user_id="", deadline=time.time() + 5,
-                              limits=Limits(timeout=5), workdir=str(workdir), env={},
-                              isolation={})
+        command = ForkCommand(exec_id="e1", limits=Limits(timeout=5), workdir=str(workdir),
+                              env={}, isolation={})
         zygote.fork(command, [request_r, result_w, out_w, out_w, theirs.fileno()])
         for fd in (request_r, result_w, out_w):
             os.close(fd)
         theirs.close()
-        os.write(request_w, b"{}")
+        os.write(request_w, encode_frame(ExecutionInput(request_id="r1",
+                                                        skill_id="test/unjoinable")))
         os.close(request_w)
         report.settimeout(5)
         message, fds, _, _ = socket.recv_fds(report, 4096, 1)

@@ -117,19 +117,31 @@ class SkillCode(msgspec.Struct, frozen=True, kw_only=True):
 class ForkCommand(msgspec.Struct, frozen=True, kw_only=True, tag="fork"):
     """Supervisor → zygote: start one execution.
 
-    File descriptors travel beside it with SCM_RIGHTS, in the order of `ExecutionFds`.
+    It says how to contain the execution and nothing about who asked for it: the zygote (and
+    every later child forked from its heap) serves all callers, so the request's identity and
+    input travel only to the child that runs it (`ExecutionInput`, on its own pipe). Five file
+    descriptors travel beside it with SCM_RIGHTS: the request pipe (read end), the result,
+    stdout and stderr pipes (write ends) and the execution's report socket.
     """
 
     exec_id: str
-    request_id: str
-    skill_id: str
-    tenant_id: str
-    user_id: str
-    deadline: float  # wall-clock (time.time) instant after which the supervisor kills the child
     limits: Limits
     workdir: str
     env: dict[str, str]
     isolation: dict[str, Any] = {}  # layer settings, applied by worker.isolation
+
+
+class ExecutionInput(msgspec.Struct, frozen=True, kw_only=True):
+    """Supervisor → execution child of a Python skill, on the request pipe: who asks, until
+    when (a wall-clock `time.time` instant), and the JSON input. A command skill gets only the
+    input, on stdin."""
+
+    request_id: str
+    skill_id: str
+    tenant_id: str = ""
+    user_id: str = ""
+    deadline: float = 0.0
+    input: bytes = b"{}"
 
 
 class SpareCgroups(msgspec.Struct, frozen=True, kw_only=True, tag="spare"):

@@ -21,7 +21,15 @@ from typing import Any
 
 import msgspec
 
-from worker.protocol import ChildResult, ForkCommand, SkillCode, encode_frame
+from worker.protocol import (
+    ChildResult,
+    ExecutionInput,
+    ForkCommand,
+    FrameError,
+    SkillCode,
+    decode_frame,
+    encode_frame,
+)
 
 
 class SkillContext:
@@ -30,13 +38,13 @@ class SkillContext:
     __slots__ = ("_tokens", "deadline", "request_id", "skill_id", "tenant_id", "user_id",
                  "workdir")
 
-    def __init__(self, command: ForkCommand) -> None:
-        self.request_id = command.request_id
-        self.skill_id = command.skill_id
-        self.tenant_id = command.tenant_id
-        self.user_id = command.user_id
+    def __init__(self, command: ForkCommand, request: ExecutionInput) -> None:
+        self.request_id = request.request_id
+        self.skill_id = request.skill_id
+        self.tenant_id = request.tenant_id
+        self.user_id = request.user_id
         self.workdir = command.workdir
-        self.deadline = command.deadline  # a time.time() instant
+        self.deadline = request.deadline  # a time.time() instant
         self._tokens = 0
 
     def time_left(self) -> float:
@@ -64,6 +72,17 @@ def _read_all(fd: int) -> bytes:
         chunks.append(chunk)
     os.close(fd)
     return b"".join(chunks)
+
+
+def read_request(fd: int) -> ExecutionInput:
+    """The one `ExecutionInput` frame the supervisor wrote on the request pipe."""
+    try:
+        return decode_frame(_read_all(fd), _INPUT_DECODER)  # type: ignore[no-any-return]
+    except FrameError as exc:
+        raise RuntimeError(f"the request pipe held no valid request: {exc}") from None
+
+
+_INPUT_DECODER = msgspec.msgpack.Decoder(ExecutionInput)
 
 
 def load_entrypoint(code: SkillCode, precompiled: CodeType | None) -> Any:
@@ -146,12 +165,12 @@ def _encode_hook(value: Any) -> Any:
 
 
 def call_skill(code: SkillCode, command: ForkCommand, precompiled: CodeType | None,
-               input_bytes: bytes) -> ChildResult:
-    ctx = SkillContext(command)
+               request: ExecutionInput) -> ChildResult:
+    ctx = SkillContext(command, request)
     try:
         function = load_entrypoint(code, precompiled)
         try:
-            data = msgspec.json.decode(input_bytes)
+            data = msgspec.json.decode(request.input)
         except msgspec.DecodeError as exc:
             raise InvalidInput(f"input is not JSON: {exc}") from None
         argument = _convert_input(function, data)
@@ -210,7 +229,7 @@ def run_and_exit(code: SkillCode, command: ForkCommand, precompiled: CodeType | 
     status = 0
     try:
         sys.dont_write_bytecode = True
-        result = call_skill(code, command, precompiled, _read_all(request_fd))
+        result = call_skill(code, command, precompiled, read_request(request_fd))
         frame = encode_frame(result)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):

@@ -2,7 +2,8 @@
 
 The zygote's child has already applied every limit and layer before exec'ing
 `python -I -B -m worker.spawn ARGS`; this imports the skill's preloads (a fresh interpreter
-pays for them every time — that is the point of spawn mode) and runs the skill.
+pays for them every time — that is the point of spawn mode) and runs the skill. ARGS says how to
+run it; who asks and the input come on the request pipe, as in fork mode.
 """
 
 from __future__ import annotations
