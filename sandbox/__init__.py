@@ -21,6 +21,7 @@ from sandbox.errors import (
     SkillFailed,
     SkillLoadError,
     SkillNotLoaded,
+    WorkerFailure,
 )
 from sandbox.execlog import (
     ExecutionLogger,
@@ -44,7 +45,13 @@ from sandbox.policy import ExecutionPolicy, Policy, PolicyError, RateLimit, Tena
 from sandbox.sandbox import Sandbox
 from sandbox.skill import Skill
 from sandbox.tools import HttpToolRunner, ToolContext, ToolError, ToolRunner
-from worker.protocol import ExecutionRequest, ExecutionResult, ExecutionStatus, ResourceUsage
+from worker.protocol import (
+    ErrorKind,
+    ExecutionRequest,
+    ExecutionResult,
+    ExecutionStatus,
+    ResourceUsage,
+)
 from worker.runtime import SkillContext
 
 __all__ = [
@@ -55,6 +62,7 @@ __all__ = [
     "CircuitState",
     "DaemonError",
     "DaemonUnavailable",
+    "ErrorKind",
     "ExecutionCanceled",
     "ExecutionContext",
     "ExecutionLogRecord",
@@ -100,4 +108,5 @@ __all__ = [
     "ToolContext",
     "ToolError",
     "ToolRunner",
+    "WorkerFailure",
 ]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from worker.protocol import ExecutionResult, ExecutionStatus
+from worker.protocol import ErrorKind, ExecutionResult, ExecutionStatus
 
 
 class CircuitState(enum.StrEnum):
@@ -46,14 +46,21 @@ class CircuitBreaker(Protocol):
 def counts_as_failure(result: ExecutionResult) -> bool | None:
     """True for outcomes that are the skill's fault, False for success, None for neither.
 
-    `failed` (which includes resource exhaustion) and `timeout` are failures; `canceled` and
-    `rejected` say nothing about the skill's health.
+    Decided by the supervisor's `error_kind`, never by text: the skill failing, timing out or
+    exhausting its limits counts; cancellation, rejection, waiting for a slot and the sandbox's
+    own failures (a zygote that died, no execution uid) say nothing about the skill's health.
+    A result without a kind (built elsewhere) counts by status.
     """
     if result.status is ExecutionStatus.SUCCESS:
         return False
-    if result.status in (ExecutionStatus.FAILED, ExecutionStatus.TIMEOUT):
-        return True
-    return None
+    if result.error_kind is ErrorKind.NONE:
+        return True if result.status in (ExecutionStatus.FAILED, ExecutionStatus.TIMEOUT) \
+            else None
+    return True if result.error_kind in _SKILL_S_FAULT else None
+
+
+_SKILL_S_FAULT = frozenset({ErrorKind.SKILL_FAILED, ErrorKind.TIMEOUT,
+                            ErrorKind.RESOURCE_EXHAUSTED})
 
 
 @dataclass

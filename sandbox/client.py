@@ -29,7 +29,13 @@ from httpcore._backends.sync import SyncStream  # the stream type the sync backe
 
 from sandbox.errors import SandboxError, SkillNotLoaded
 from sandbox.plans import ExecutionContext, ExecutionPlan, InvalidPlan, PlanFailed, StepResult
-from worker.protocol import ExecutionRequest, ExecutionResult, ExecutionStatus, ResourceUsage
+from worker.protocol import (
+    ErrorKind,
+    ExecutionRequest,
+    ExecutionResult,
+    ExecutionStatus,
+    ResourceUsage,
+)
 
 DEFAULT_TIMEOUT = 300.0
 #: Time the daemon may take beyond an execution's own timeout (queueing, starting, answering).
@@ -164,7 +170,7 @@ def _input_problem(request: ExecutionRequest) -> ExecutionResult | None:
             problem = f"input is not JSON: {exc}"
     if not problem:
         return None
-    return ExecutionResult(status=ExecutionStatus.REJECTED,
+    return ExecutionResult(status=ExecutionStatus.REJECTED, error_kind=ErrorKind.INVALID_INPUT,
                            error=f"runtime: invalid input: {problem}",
                            request_id=request.request_id, skill_id=request.skill_id)
 
@@ -192,7 +198,17 @@ def result_from_json(data: Mapping[str, Any]) -> ExecutionResult:
                                      tokens_used=int(usage.get("tokens_used", 0))),
         stdout=data.get("stdout", ""), stderr=data.get("stderr", ""),
         request_id=data.get("request_id", ""), skill_id=data.get("skill_id", ""),
+        error_kind=_error_kind(data.get("error_kind")),
     )
+
+
+def _error_kind(value: Any) -> ErrorKind:
+    """The daemon's `error_kind`; one this client does not know (a newer daemon) counts as
+    none, so the result maps by its status."""
+    try:
+        return ErrorKind(value or "")
+    except ValueError:
+        return ErrorKind.NONE
 
 
 def _plan_body(plan: ExecutionPlan, ec: ExecutionContext) -> bytes:

@@ -19,19 +19,17 @@ from sandbox.execlog.records import (
 )
 from sandbox.policy import ExecutionPolicy
 from sandbox.skill import Skill
-from worker.protocol import ExecutionRequest, ExecutionResult
+from worker.protocol import ErrorKind, ExecutionRequest, ExecutionResult
 
 POLICY_REJECTED = PolicyRejected.message
 CIRCUIT_OPEN = CircuitOpen.message
-#: The text of a result that timed out waiting for a concurrency slot: load, not the skill.
-QUEUE_TIMEOUT_MARK = "no execution slot free"
 
 _log = logging.getLogger("sandbox")
 
 
 def admission_error(policy: ExecutionPolicy | None, breaker: CircuitBreaker | None,
-                    request: ExecutionRequest, skill: Skill) -> str | None:
-    """The rejection error for this request, or None to run it.
+                    request: ExecutionRequest, skill: Skill) -> tuple[ErrorKind, str] | None:
+    """The rejection (its kind and text) for this request, or None to run it.
 
     A policy that raises rejects (fail closed). When the breaker refuses after the policy
     admitted, the policy's hold is released at once.
@@ -41,12 +39,13 @@ def admission_error(policy: ExecutionPolicy | None, breaker: CircuitBreaker | No
             reason = policy.check(request, skill)
         except Exception as exc:  # noqa: BLE001 - a broken policy rejects, never crashes
             _log.exception("policy %r raised for %s", policy, request.skill_id)
-            return f"{POLICY_REJECTED}: the policy check raised {type(exc).__name__}: {exc}"
+            return (ErrorKind.POLICY_REJECTED,
+                    f"{POLICY_REJECTED}: the policy check raised {type(exc).__name__}: {exc}")
         if reason:
-            return f"{POLICY_REJECTED}: {reason}"
+            return ErrorKind.POLICY_REJECTED, f"{POLICY_REJECTED}: {reason}"
     if breaker is not None and not breaker.allow(skill.id):
         _release(policy, request, skill)
-        return CIRCUIT_OPEN
+        return ErrorKind.CIRCUIT_OPEN, CIRCUIT_OPEN
     return None
 
 
@@ -57,8 +56,6 @@ def settle(policy: ExecutionPolicy | None, breaker: CircuitBreaker | None,
     if breaker is None:
         return
     failure = None if result is None else counts_as_failure(result)
-    if failure and QUEUE_TIMEOUT_MARK in result.error:  # type: ignore[union-attr]
-        failure = None
     if failure is True:
         breaker.record_failure(skill.id)
     elif failure is False:

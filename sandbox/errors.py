@@ -67,38 +67,48 @@ class SkillFailed(SandboxError):
     message = "runtime: skill failed"
 
 
+class WorkerFailure(SandboxError):
+    """The sandbox's own machinery failed (a zygote died, no execution uid was free, a worker
+    could not be set up): not the skill's fault, and not counted against it."""
+
+    message = "runtime: worker failure"
+
+
 class SkillLoadError(SandboxError):
     """A skill directory or manifest that cannot be loaded; the text names the file and field."""
 
     message = "runtime: cannot load skill"
 
 
-# Longest prefixes first: InvalidInput's message is not a prefix of PolicyRejected's, but keep
-# the order explicit so a future overlapping message cannot shadow another.
-_BY_PREFIX: tuple[type[SandboxError], ...] = (
-    SkillNotLoaded,
-    ExecutionTimeout,
-    CircuitOpen,
-    ResourceExhausted,
-    InvalidInput,
-    PolicyRejected,
-    ExecutionCanceled,
-)
-
-
 def error_for_result(result: ExecutionResult) -> SandboxError | None:
-    """The exception matching a result, or None for a success."""
+    """The exception matching a result, or None for a success.
+
+    Decided by `error_kind` (set by the supervisor), then by status for results that carry no
+    kind; the text is never parsed: a skill writes its own error text.
+    """
     from worker.protocol import ExecutionStatus
 
     if result.status is ExecutionStatus.SUCCESS:
         return None
-    for cls in _BY_PREFIX:
-        if result.error.startswith(cls.message):
-            return cls(result.error, result)
-    if result.status is ExecutionStatus.TIMEOUT:
-        return ExecutionTimeout(result.error, result)
-    if result.status is ExecutionStatus.CANCELED:
-        return ExecutionCanceled(result.error, result)
-    if result.status is ExecutionStatus.REJECTED:
-        return PolicyRejected(result.error, result)
-    return SkillFailed(result.error, result)
+    cls = _BY_KIND.get(result.error_kind.value) or _BY_STATUS.get(result.status.value,
+                                                                  SkillFailed)
+    return cls(result.error, result)
+
+
+_BY_KIND: dict[str, type[SandboxError]] = {
+    "skill_failed": SkillFailed,
+    "resource_exhausted": ResourceExhausted,
+    "timeout": ExecutionTimeout,
+    "no_slot": ExecutionTimeout,
+    "canceled": ExecutionCanceled,
+    "skill_not_loaded": SkillNotLoaded,
+    "invalid_input": InvalidInput,
+    "policy_rejected": PolicyRejected,
+    "circuit_open": CircuitOpen,
+    "worker_failure": WorkerFailure,
+}
+_BY_STATUS: dict[str, type[SandboxError]] = {
+    "timeout": ExecutionTimeout,
+    "canceled": ExecutionCanceled,
+    "rejected": PolicyRejected,
+}

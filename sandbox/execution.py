@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import shutil
 import signal
@@ -29,6 +30,7 @@ from worker.protocol import (
     ChildExited,
     ChildResult,
     ChildStarted,
+    ErrorKind,
     ExecutionInput,
     ExecutionResult,
     ExecutionStatus,
@@ -45,7 +47,11 @@ TIMEOUT_ERROR = "runtime: execution timeout"
 EXHAUSTED_ERROR = "runtime: resource exhausted"
 CANCELED_ERROR = "runtime: execution canceled"
 WORKER_ERROR = "runtime: worker failure"
-WORKER = "worker"  # `killed_for` prefix: the worker, not the skill, went wrong
+#: Limits only the child itself can see hit (MemoryError under RLIMIT_DATA, EFBIG, a full
+#: workdir, no thread to start, its own output cap): the only `ChildResult.limit` values taken.
+CLAIMABLE_LIMITS = frozenset({"memory", "file size", "disk", "threads", "output"})
+#: A skill's own error text is cut to this many characters.
+MAX_SKILL_ERROR = 4096
 
 #: How long after a kill (or after the child exits) the pipes and the reap report may take.
 KILL_GRACE = 5.0
@@ -85,7 +91,8 @@ class _State:
     pidfd: int = -1
     exited: ChildExited | None = None
     report_closed: bool = False
-    killed_for: str = ""  # "timeout" | "canceled" | "<limit>: detail"
+    killed_kind: ErrorKind = ErrorKind.NONE  # why the supervisor killed it, if it did
+    killed_for: str = ""  # the detail: "<limit>: what happened", or the worker failure
     killed_at: float = 0.0
     result: bytearray = field(default_factory=bytearray)
     result_overflow: bool = False
@@ -223,13 +230,13 @@ class Execution:
                 return
             if state.report_closed and state.exited is None:
                 return  # the zygote died under us: judged as a worker failure
-            if state.killed_for and now > state.killed_at + KILL_GRACE:
+            if state.killed_kind and now > state.killed_at + KILL_GRACE:
                 return
             if state.exited is not None and now > self._exit_grace_end:
                 return  # descendants still hold the pipes; they are killed on the way out
-            if not state.killed_for:
+            if not state.killed_kind:
                 if now >= self.deadline:
-                    self._kill("timeout")
+                    self._kill(ErrorKind.TIMEOUT)
                     continue
                 if state.started is not None and now >= next_sample:
                     self._check_tree()
@@ -259,8 +266,8 @@ class Execution:
                         del readers[fd]
                 elif fd == spec.cancel_fd:
                     poller.unregister(fd)
-                    if not state.killed_for:
-                        self._kill("canceled")
+                    if not state.killed_kind:
+                        self._kill(ErrorKind.CANCELED)
                 elif fd == report.fileno() and not self._receive_report(report):
                     poller.unregister(fd)
                     state.report_closed = True
@@ -278,7 +285,7 @@ class Execution:
 
     def _next_wake(self, now: float, next_sample: float) -> float:
         state = self.state
-        if state.killed_for:
+        if state.killed_kind:
             return state.killed_at + KILL_GRACE
         if state.exited is not None:
             return self._exit_grace_end
@@ -304,14 +311,16 @@ class Execution:
             if name == "result":
                 if len(self.state.result) + len(chunk) > limits.max_output_bytes + FRAME_SLACK:
                     self.state.result_overflow = True
-                    self._kill(f"output: result exceeds {limits.max_output_bytes} bytes")
+                    self._kill(ErrorKind.RESOURCE_EXHAUSTED,
+                               f"output: result exceeds {limits.max_output_bytes} bytes")
                     return False
                 self.state.result += chunk
                 continue
             tail = self.stdout if name == "stdout" else self.stderr
             tail.add(chunk)
-            if tail.total > limits.max_output_bytes and not self.state.killed_for:
-                self._kill(f"output: {name} exceeds {limits.max_output_bytes} bytes")
+            if tail.total > limits.max_output_bytes and not self.state.killed_kind:
+                self._kill(ErrorKind.RESOURCE_EXHAUSTED,
+                           f"output: {name} exceeds {limits.max_output_bytes} bytes")
 
     def _receive_report(self, report: socket.socket) -> bool:
         try:
@@ -329,7 +338,7 @@ class Execution:
             for fd in fds[1:]:
                 os.close(fd)
             self._claim_cgroup(decoded)
-            if self.state.killed_for:  # the kill was asked for before we had the pid
+            if self.state.killed_kind:  # the kill was asked for before we had the pid
                 self._signal_tree()
         else:
             for fd in fds:
@@ -347,9 +356,7 @@ class Execution:
         tickets.release(*started.released)
         self.cgroup = tickets.claim(started.cgroups)
         if self.cgroup is None:  # not in a pair of ours: it must not run
-            self.state.killed_for = f"{WORKER}: the child is not in a cgroup of this execution"
-            self.state.killed_at = time.monotonic()
-            self._signal_tree()
+            self._kill(ErrorKind.WORKER_FAILURE, "the child is not in a cgroup of this execution")
         if zygote.prefork and tickets.empty():
             zygote.offer_spare_cgroups()
 
@@ -378,7 +385,7 @@ class Execution:
         if self.cgroup is not None and not self.cgroup_limit:
             self.cgroup_limit = self._cgroup_limit_hit(self.cgroup)
             if self.cgroup_limit:
-                self._kill(self.cgroup_limit)
+                self._kill(ErrorKind.RESOURCE_EXHAUSTED, self.cgroup_limit)
                 return
         if state.watch is None and state.started is not None and state.exited is None:
             try:  # created on first use: quick executions never pay for psutil
@@ -394,18 +401,19 @@ class Execution:
         if sample is None:
             return
         limits = self.spec.limits
+        exhausted = ErrorKind.RESOURCE_EXHAUSTED
         if sample.cpu_seconds > limits.cpu_time:
-            self._kill(f"cpu time: used more than {limits.cpu_time:g}s")
+            self._kill(exhausted, f"cpu time: used more than {limits.cpu_time:g}s")
         elif sample.memory_bytes > limits.memory_mb << 20:
-            self._kill(f"memory: used more than {limits.memory_mb} MB")
+            self._kill(exhausted, f"memory: used more than {limits.memory_mb} MB")
         elif sample.tasks > limits.max_processes:
-            self._kill(f"processes: more than {limits.max_processes} processes/threads")
+            self._kill(exhausted, f"processes: more than {limits.max_processes} processes/threads")
 
-    def _kill(self, reason: str = "") -> None:
+    def _kill(self, kind: ErrorKind = ErrorKind.NONE, detail: str = "") -> None:
         """Kill the whole execution; the first reason given is the one reported."""
         state = self.state
-        if reason and not state.killed_for:
-            state.killed_for = reason
+        if kind is not ErrorKind.NONE and state.killed_kind is ErrorKind.NONE:
+            state.killed_kind, state.killed_for = kind, detail
             state.killed_at = time.monotonic()
         if state.started is not None and state.exited is None:
             self._signal_tree()
@@ -425,11 +433,7 @@ class Execution:
         state = self.state
         spec = self.spec
         limits = spec.limits
-        exited = state.exited
         usage = self._usage()
-        status = ExecutionStatus.FAILED
-        output = b""
-        error = ""
         tokens = 0
         frame: ChildResult | None = None
         frame_problem = ""
@@ -440,48 +444,17 @@ class Execution:
             except FrameError as exc:
                 frame_problem = str(exc)
 
-        killed = state.killed_for
-        if killed == "canceled":
-            status, error = ExecutionStatus.CANCELED, CANCELED_ERROR
-        elif killed.startswith(WORKER):
-            error = f"{WORKER_ERROR}: {killed.removeprefix(WORKER + ': ')}"
-        elif killed == "timeout":
-            status = ExecutionStatus.TIMEOUT
-            timeout = spec.requested_timeout or limits.timeout
-            error = f"{TIMEOUT_ERROR} after {timeout:g}s"
-        elif killed:
-            error = f"{EXHAUSTED_ERROR}: {killed}"
-        elif self.cgroup_limit and not (frame is not None and frame.ok and exited is not None
-                                        and exited.wait_status == 0):
-            error = f"{EXHAUSTED_ERROR}: {self.cgroup_limit}"
-        elif exited is None:
-            error = f"{WORKER_ERROR}: the skill's zygote died during the execution"
-        elif _signal_of(exited.wait_status) == signal.SIGXCPU or (
-                usage.cpu_time_ms >= limits.cpu_time * 1000 and _signalled(exited.wait_status)):
-            # SIGXCPU comes only from RLIMIT_CPU (rusage, tick-sampled, may read a bit less)
-            error = f"{EXHAUSTED_ERROR}: cpu time: used more than {limits.cpu_time:g}s"
-        elif _signal_of(exited.wait_status) == signal.SIGXFSZ:
-            error = f"{EXHAUSTED_ERROR}: file size: a file grew past {limits.max_file_bytes} bytes"
-        elif spec.skill.manifest.kind == "command":
-            status, output, error = self._judge_command(exited)
-        elif frame_problem:
-            error = f"{WORKER_ERROR}: invalid result frame: {frame_problem}"
-        elif frame is None:
-            error = f"skill {_describe_exit(exited.wait_status)} without a result"
-        elif frame.limit:
-            error = f"{EXHAUSTED_ERROR}: {frame.limit}: {frame.error}"
-        elif not frame.ok:
-            error = frame.error or "skill failed"
-        elif exited.wait_status != 0:
-            error = f"skill {_describe_exit(exited.wait_status)} after writing its result"
-        else:
-            status, output = ExecutionStatus.SUCCESS, frame.output
-
+        status, kind, error, output = self._verdict(frame, frame_problem, usage)
         if status is ExecutionStatus.SUCCESS:
             # The frame is the child's word: a forged one may carry anything as "output".
-            problem = self._output_problem(output)
-            if problem:
-                status, output, error = ExecutionStatus.FAILED, b"", problem
+            limit = limits.max_output_bytes
+            failed = ExecutionStatus.FAILED
+            if len(output) > limit:
+                error = (f"{EXHAUSTED_ERROR}: output: result is {len(output)} bytes, "
+                         f"limit is {limit}")
+                status, kind, output = failed, ErrorKind.RESOURCE_EXHAUSTED, b""
+            elif problem := self._output_problem(output):
+                status, kind, output, error = failed, ErrorKind.SKILL_FAILED, b"", problem
         return ExecutionResult(
             status=status, output=output, error=error,
             duration=time.monotonic() - self.start,
@@ -489,13 +462,64 @@ class Execution:
                                          memory_mb=usage.memory_mb, tokens_used=tokens),
             stdout=self.stdout.text() if spec.skill.manifest.kind == "python" else "",
             stderr=self.stderr.text(), request_id=spec.request_id, skill_id=spec.skill.id,
+            error_kind=kind,
         )
+
+    def _verdict(self, frame: ChildResult | None, frame_problem: str,
+                 usage: ResourceUsage) -> tuple[ExecutionStatus, ErrorKind, str, bytes]:
+        """Status, kind, error text and output, from what the supervisor saw: its own kill
+        reasons and deadlines, cgroup events, the exit status. The frame only says what the
+        skill answered; its text never chooses the kind."""
+        state, spec = self.state, self.spec
+        limits = spec.limits
+        exited = state.exited
+        failed, exhausted = ExecutionStatus.FAILED, ErrorKind.RESOURCE_EXHAUSTED
+        if state.killed_kind is ErrorKind.CANCELED:
+            return ExecutionStatus.CANCELED, ErrorKind.CANCELED, CANCELED_ERROR, b""
+        if state.killed_kind is ErrorKind.WORKER_FAILURE:
+            return failed, ErrorKind.WORKER_FAILURE, f"{WORKER_ERROR}: {state.killed_for}", b""
+        if state.killed_kind is ErrorKind.TIMEOUT:
+            timeout = spec.requested_timeout or limits.timeout
+            return (ExecutionStatus.TIMEOUT, ErrorKind.TIMEOUT,
+                    f"{TIMEOUT_ERROR} after {timeout:g}s", b"")
+        if state.killed_kind is exhausted:
+            return failed, exhausted, f"{EXHAUSTED_ERROR}: {state.killed_for}", b""
+        if self.cgroup_limit and not (frame is not None and frame.ok and exited is not None
+                                      and exited.wait_status == 0):
+            return failed, exhausted, f"{EXHAUSTED_ERROR}: {self.cgroup_limit}", b""
+        if exited is None:
+            return (failed, ErrorKind.WORKER_FAILURE,
+                    f"{WORKER_ERROR}: the skill's zygote died during the execution", b"")
+        if _signal_of(exited.wait_status) == signal.SIGXCPU or (
+                usage.cpu_time_ms >= limits.cpu_time * 1000 and _signalled(exited.wait_status)):
+            # SIGXCPU comes only from RLIMIT_CPU (rusage, tick-sampled, may read a bit less)
+            return (failed, exhausted,
+                    f"{EXHAUSTED_ERROR}: cpu time: used more than {limits.cpu_time:g}s", b"")
+        if _signal_of(exited.wait_status) == signal.SIGXFSZ:
+            return (failed, exhausted, f"{EXHAUSTED_ERROR}: file size: a file grew past "
+                                       f"{limits.max_file_bytes} bytes", b"")
+        if spec.skill.manifest.kind == "command":
+            return self._judge_command(exited)
+        skill_failed = ErrorKind.SKILL_FAILED
+        if frame_problem:  # the skill can write anything on its result pipe: its own fault
+            return failed, skill_failed, f"invalid result frame: {frame_problem}", b""
+        if frame is None:
+            return failed, skill_failed, f"skill {_describe_exit(exited.wait_status)} " \
+                                         "without a result", b""
+        if frame.limit in CLAIMABLE_LIMITS:
+            # Only limits the child alone can see (MemoryError under RLIMIT_DATA, EFBIG, a
+            # full workdir): a claim that blames the skill itself, named by the supervisor.
+            return (failed, exhausted,
+                    f"{EXHAUSTED_ERROR}: {frame.limit}: {skill_text(frame.error)}", b"")
+        if not frame.ok or frame.limit:
+            return failed, skill_failed, skill_text(frame.error) or "skill failed", b""
+        if exited.wait_status != 0:
+            return failed, skill_failed, f"skill {_describe_exit(exited.wait_status)} after " \
+                                         "writing its result", b""
+        return ExecutionStatus.SUCCESS, ErrorKind.NONE, "", frame.output
 
     def _output_problem(self, output: bytes) -> str:
         """Why a successful execution's output cannot be handed to the caller, or ""."""
-        limit = self.spec.limits.max_output_bytes
-        if len(output) > limit:
-            return f"{EXHAUSTED_ERROR}: output: result is {len(output)} bytes, limit is {limit}"
         try:
             data = msgspec.json.decode(output)
         except msgspec.DecodeError as exc:
@@ -503,18 +527,19 @@ class Execution:
         problem = self.spec.skill.output_problem(data)
         return f"invalid output: {problem}" if problem else ""
 
-    def _judge_command(self, exited: ChildExited) -> tuple[ExecutionStatus, bytes, str]:
+    def _judge_command(self, exited: ChildExited
+                       ) -> tuple[ExecutionStatus, ErrorKind, str, bytes]:
+        failed = ExecutionStatus.FAILED, ErrorKind.SKILL_FAILED
         if exited.wait_status != 0:
             last = self.stderr.text().strip().splitlines()[-1:] or [""]
-            detail = f": {last[0]}" if last[0] else ""
-            return ExecutionStatus.FAILED, b"", f"command {_describe_exit(exited.wait_status)}" \
-                                                f"{detail}"
+            detail = f": {skill_text(last[0])}" if last[0] else ""
+            return *failed, f"command {_describe_exit(exited.wait_status)}{detail}", b""
         raw = bytes(self.stdout.data).strip() or b"null"
         try:
             msgspec.json.decode(raw)
         except msgspec.DecodeError as exc:
-            return ExecutionStatus.FAILED, b"", f"invalid output: stdout is not JSON: {exc}"
-        return ExecutionStatus.SUCCESS, raw, ""
+            return *failed, f"invalid output: stdout is not JSON: {exc}", b""
+        return ExecutionStatus.SUCCESS, ErrorKind.NONE, "", raw
 
     def _usage(self) -> ResourceUsage:
         state = self.state
@@ -552,6 +577,16 @@ def _remove_workdir(path: str) -> None:
         os.rmdir(path)
     except OSError:
         shutil.rmtree(path, ignore_errors=True)
+
+
+_SUPERVISOR_VOICE = re.compile(r"\s*runtime\s*:", re.IGNORECASE)
+
+
+def skill_text(text: str) -> str:
+    """A skill's own words, bounded, and never in the supervisor's voice: text that starts
+    like a supervisor verdict ("runtime: ...") is marked as the skill's."""
+    text = text[:MAX_SKILL_ERROR]
+    return f"skill error: {text}" if _SUPERVISOR_VOICE.match(text) else text
 
 
 def _signalled(status: int) -> bool:

@@ -45,7 +45,7 @@ from sandbox.skill import Skill
 from sandbox.tools import ToolRegistry, ToolRunner
 from sandbox.uidpool import UidPool, UidPoolExhausted
 from sandbox.zygote import BASE_ENV, ZygoteDied, ZygoteProcess
-from worker.protocol import ExecutionRequest, ExecutionResult, ExecutionStatus, Limits
+from worker.protocol import ErrorKind, ExecutionRequest, ExecutionResult, ExecutionStatus, Limits
 
 SKILL_NOT_LOADED = "runtime: skill not loaded"
 INVALID_INPUT = "runtime: invalid input"
@@ -325,25 +325,26 @@ class Sandbox:
         A rejection never touches a worker; whatever is admitted is settled exactly once."""
         started = time.monotonic()
 
-        def early(status: ExecutionStatus, error: str) -> ExecutionResult:
+        def early(status: ExecutionStatus, kind: ErrorKind, error: str) -> ExecutionResult:
             return ExecutionResult(status=status, error=error, request_id=request.request_id,
-                                   skill_id=request.skill_id,
+                                   skill_id=request.skill_id, error_kind=kind,
                                    duration=time.monotonic() - started)
 
         with self._lock:
             loaded = None if self._closed else self._skills.get(request.skill_id)
         if loaded is None:
-            return early(ExecutionStatus.REJECTED, SKILL_NOT_LOADED)
+            return early(ExecutionStatus.REJECTED, ErrorKind.SKILL_NOT_LOADED, SKILL_NOT_LOADED)
         skill = loaded.skill
         if request.timeout is not None and not request.timeout > 0:
-            return early(ExecutionStatus.REJECTED,
+            return early(ExecutionStatus.REJECTED, ErrorKind.INVALID_INPUT,
                          f"{INVALID_INPUT}: timeout must be positive, got {request.timeout}")
         problem = skill.input_problem(request.input)
         if problem:
-            return early(ExecutionStatus.REJECTED, f"{INVALID_INPUT}: {problem}")
+            return early(ExecutionStatus.REJECTED, ErrorKind.INVALID_INPUT,
+                         f"{INVALID_INPUT}: {problem}")
         rejection = admission_error(self.policy, self.circuit_breaker, request, skill)
-        if rejection:
-            return early(ExecutionStatus.REJECTED, rejection)
+        if rejection is not None:
+            return early(ExecutionStatus.REJECTED, *rejection)
         result: ExecutionResult | None = None
         try:
             result = self._run_in_slot(request, token, loaded, started, early)
@@ -353,16 +354,17 @@ class Sandbox:
 
     def _run_in_slot(self, request: ExecutionRequest, token: _CancelToken, loaded: _Loaded,
                      started: float,
-                     early: Callable[[ExecutionStatus, str], ExecutionResult]) -> ExecutionResult:
+                     early: Callable[[ExecutionStatus, ErrorKind, str], ExecutionResult]
+                     ) -> ExecutionResult:
         limits = _limits_for(loaded.skill, request)
         if not self._acquire_slot(token, limits.timeout):
             if token.canceled:
-                return early(ExecutionStatus.CANCELED, CANCELED_ERROR)
-            return early(ExecutionStatus.TIMEOUT,
+                return early(ExecutionStatus.CANCELED, ErrorKind.CANCELED, CANCELED_ERROR)
+            return early(ExecutionStatus.TIMEOUT, ErrorKind.NO_SLOT,
                          f"{TIMEOUT_ERROR}: no execution slot free within {limits.timeout:g}s")
         try:
             if token.canceled:
-                return early(ExecutionStatus.CANCELED, CANCELED_ERROR)
+                return early(ExecutionStatus.CANCELED, ErrorKind.CANCELED, CANCELED_ERROR)
             requested_timeout = limits.timeout  # the caller's, for the error text
             queued = time.monotonic() - started
             if queued:
@@ -394,17 +396,21 @@ class Sandbox:
     def _run(self, loaded: _Loaded, request: ExecutionRequest, limits: Limits,
              token: _CancelToken, requested_timeout: float) -> ExecutionResult:
         skill = loaded.skill
+
+        def worker_failure(detail: str) -> ExecutionResult:
+            return ExecutionResult(status=ExecutionStatus.FAILED,
+                                   error_kind=ErrorKind.WORKER_FAILURE,
+                                   error=f"{WORKER_ERROR}: {detail}",
+                                   request_id=request.request_id, skill_id=skill.id)
+
         for attempt in range(2):
             error = self._ensure_zygote(loaded)
             if error:
-                return ExecutionResult(status=ExecutionStatus.FAILED, error=error,
-                                       request_id=request.request_id, skill_id=skill.id)
+                return worker_failure(error)
             try:
                 uid = self._uids.acquire(limits.timeout) if self._uids is not None else -1
             except UidPoolExhausted as exc:
-                return ExecutionResult(status=ExecutionStatus.FAILED,
-                                       error=f"{WORKER_ERROR}: {exc}",
-                                       request_id=request.request_id, skill_id=skill.id)
+                return worker_failure(str(exc))
             isolation = {**self._isolation_for(skill), "uid": uid, "gid": uid,
                          "disk_bytes": self._plan.workdir_bytes}
             spec = ExecutionSpec(
@@ -418,9 +424,9 @@ class Sandbox:
             )
             try:
                 return Execution(spec).run()
-            except ZygoteDied:
+            except ZygoteDied as exc:
                 if attempt:
-                    raise
+                    return worker_failure(str(exc))
             finally:
                 if self._uids is not None:
                     self._uids.release(uid)
@@ -437,7 +443,7 @@ class Sandbox:
             try:
                 loaded.zygote.start()
             except SkillLoadError as exc:
-                return f"{WORKER_ERROR}: {exc}"
+                return str(exc)
         return ""
 
     # -- plans and tools ------------------------------------------------------------------

@@ -358,14 +358,15 @@ def test_waiting_for_a_free_slot_is_load_not_a_skill_failure(
         clock: FakeClock, skill_dir: Callable[..., Path]) -> None:
     from sandbox import Skill
     from sandbox.control import settle
-    from worker.protocol import ExecutionResult
+    from worker.protocol import ErrorKind, ExecutionResult
 
     skill = Skill.from_dir(skill_dir(FLAKY, skill_id="t/flaky"))
     breaker = InMemoryCircuitBreaker(clock=clock, failure_threshold=1)
-    queued = ExecutionResult(status=ExecutionStatus.TIMEOUT, error=(
-        "runtime: execution timeout: no execution slot free within 1s"))
+    queued = ExecutionResult(status=ExecutionStatus.TIMEOUT, error_kind=ErrorKind.NO_SLOT,
+                             error="runtime: execution timeout: no execution slot free within 1s")
     settle(None, breaker, _request(), skill, queued)
     assert breaker.state("t/flaky") is CircuitState.CLOSED
-    ran_out = ExecutionResult(status=ExecutionStatus.TIMEOUT, error="runtime: execution timeout")
+    ran_out = ExecutionResult(status=ExecutionStatus.TIMEOUT, error_kind=ErrorKind.TIMEOUT,
+                              error="runtime: execution timeout")
     settle(None, breaker, _request(), skill, ran_out)
     assert breaker.state("t/flaky") is CircuitState.OPEN

@@ -65,7 +65,8 @@ def test_execute_takes_and_returns_json_values(http: httpx.Client) -> None:
         assert body["output"] == value
         assert body["error"] == ""
         assert set(body) == {"status", "output", "error", "duration", "resource_usage", "stdout",
-                             "stderr", "request_id", "skill_id"}
+                             "stderr", "request_id", "skill_id", "error_kind"}
+        assert body["error_kind"] == ""
         assert set(body["resource_usage"]) == {"cpu_time_ms", "memory_mb", "tokens_used"}
         assert response.headers["x-request-id"] == body["request_id"]
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from sandbox import (
     CircuitOpen,
+    ErrorKind,
     ExecutionCanceled,
     ExecutionRequest,
     ExecutionResult,
@@ -30,6 +31,7 @@ from sandbox import (
     Skill,
     SkillFailed,
     SkillNotLoaded,
+    WorkerFailure,
 )
 from worker.protocol import (
     FRAME_HEADER,
@@ -146,23 +148,28 @@ def test_statuses_are_openbotstacks_strings() -> None:
 # -- raise_for_status ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("status", "error", "expected"), [
-    (ExecutionStatus.REJECTED, "runtime: skill not loaded", SkillNotLoaded),
-    (ExecutionStatus.TIMEOUT, "runtime: execution timeout after 1s", ExecutionTimeout),
-    (ExecutionStatus.REJECTED, "runtime: circuit breaker open", CircuitOpen),
-    (ExecutionStatus.FAILED, "runtime: resource exhausted: memory: MemoryError",
-     ResourceExhausted),
-    (ExecutionStatus.REJECTED, "runtime: policy rejected execution: tenant", PolicyRejected),
-    (ExecutionStatus.REJECTED, "runtime: invalid input: at $.n", InvalidInput),
-    (ExecutionStatus.CANCELED, "runtime: execution canceled", ExecutionCanceled),
-    (ExecutionStatus.FAILED, "ValueError: bad", SkillFailed),
-    (ExecutionStatus.TIMEOUT, "", ExecutionTimeout),
-    (ExecutionStatus.CANCELED, "", ExecutionCanceled),
-    (ExecutionStatus.REJECTED, "something else", PolicyRejected),
+@pytest.mark.parametrize(("status", "kind", "expected"), [
+    (ExecutionStatus.REJECTED, ErrorKind.SKILL_NOT_LOADED, SkillNotLoaded),
+    (ExecutionStatus.TIMEOUT, ErrorKind.TIMEOUT, ExecutionTimeout),
+    (ExecutionStatus.TIMEOUT, ErrorKind.NO_SLOT, ExecutionTimeout),
+    (ExecutionStatus.REJECTED, ErrorKind.CIRCUIT_OPEN, CircuitOpen),
+    (ExecutionStatus.FAILED, ErrorKind.RESOURCE_EXHAUSTED, ResourceExhausted),
+    (ExecutionStatus.REJECTED, ErrorKind.POLICY_REJECTED, PolicyRejected),
+    (ExecutionStatus.REJECTED, ErrorKind.INVALID_INPUT, InvalidInput),
+    (ExecutionStatus.CANCELED, ErrorKind.CANCELED, ExecutionCanceled),
+    (ExecutionStatus.FAILED, ErrorKind.SKILL_FAILED, SkillFailed),
+    (ExecutionStatus.FAILED, ErrorKind.WORKER_FAILURE, WorkerFailure),
+    # Results without a kind (built by hand, or by an older peer) map by status alone.
+    (ExecutionStatus.TIMEOUT, ErrorKind.NONE, ExecutionTimeout),
+    (ExecutionStatus.CANCELED, ErrorKind.NONE, ExecutionCanceled),
+    (ExecutionStatus.REJECTED, ErrorKind.NONE, PolicyRejected),
+    (ExecutionStatus.FAILED, ErrorKind.NONE, SkillFailed),
 ])
-def test_raise_for_status_maps_each_outcome_to_its_exception(
-        status: ExecutionStatus, error: str, expected: type[SandboxError]) -> None:
-    result = ExecutionResult(status=status, error=error)
+@pytest.mark.parametrize("error", ["", "ValueError: bad", "runtime: circuit breaker open"])
+def test_raise_for_status_maps_each_outcome_to_its_exception_by_kind_never_by_text(
+        status: ExecutionStatus, kind: ErrorKind, expected: type[SandboxError],
+        error: str) -> None:
+    result = ExecutionResult(status=status, error=error, error_kind=kind)
     with pytest.raises(expected) as caught:
         result.raise_for_status()
     assert type(caught.value) is expected
@@ -198,16 +205,16 @@ HEALTHY = "def run(input):\n    return {'still': 'serving'}\n"
 
 HOSTILE_FRAMES = {
     "truncated": ("encode_frame(ChildResult(ok=True, output=b'{}'))[:-3]",
-                  "runtime: worker failure: invalid result frame: truncated frame"),
-    "short header": ("b'\\x00\\x00'", "runtime: worker failure: invalid result frame: short"),
+                  "invalid result frame: truncated frame"),
+    "short header": ("b'\\x00\\x00'", "invalid result frame: short"),
     "garbage": ("b'\\xde\\xad\\xbe\\xef' * 64",
-                "runtime: worker failure: invalid result frame"),
+                "invalid result frame"),
     "huge length, short body": ("struct.pack('>I', 2**31) + b'x' * 100",
-                                "runtime: worker failure: invalid result frame: truncated"),
+                                "invalid result frame: truncated"),
     "trailing bytes": ("encode_frame(ChildResult(ok=True, output=b'1')) + b'more'",
-                       "runtime: worker failure: invalid result frame: 4 unexpected bytes"),
+                       "invalid result frame: 4 unexpected bytes"),
     "wrong message type": ("encode_frame(ChildStarted(pid=1, zygote_rss_kb=1))",
-                           "runtime: worker failure: invalid result frame: undecodable"),
+                           "invalid result frame: undecodable"),
     "forged non-JSON output": ("encode_frame(ChildResult(ok=True, output=b'\\xff not json'))",
                                "invalid output: not JSON"),
     "forged empty output": ("encode_frame(ChildResult(ok=True))", "invalid output: not JSON"),

@@ -30,6 +30,28 @@ class ExecutionStatus(enum.StrEnum):
     REJECTED = "rejected"
 
 
+class ErrorKind(enum.StrEnum):
+    """Why an execution did not succeed, as the supervisor observed it (exit status, signals,
+    cgroup events, its own deadlines and admission checks) — never read from anything the skill
+    wrote. `raise_for_status`, the circuit breaker and the execution log decide by it; `error`
+    is text for people and is never parsed back."""
+
+    NONE = ""
+    #: The skill raised, crashed, exited non-zero, or answered with an invalid result.
+    SKILL_FAILED = "skill_failed"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    TIMEOUT = "timeout"
+    CANCELED = "canceled"
+    SKILL_NOT_LOADED = "skill_not_loaded"
+    INVALID_INPUT = "invalid_input"
+    POLICY_REJECTED = "policy_rejected"
+    CIRCUIT_OPEN = "circuit_open"
+    #: Waited its whole timeout for a concurrency slot: load on the host, not the skill's fault.
+    NO_SLOT = "no_slot"
+    #: The sandbox's own machinery failed (zygote died, no execution uid, set-up failed).
+    WORKER_FAILURE = "worker_failure"
+
+
 class ResourceUsage(msgspec.Struct, frozen=True, kw_only=True):
     """What an execution cost, measured by the supervisor from outside the child.
 
@@ -69,6 +91,7 @@ class ExecutionResult(msgspec.Struct, frozen=True, kw_only=True):
     stderr: str = ""
     request_id: str = ""
     skill_id: str = ""
+    error_kind: ErrorKind = ErrorKind.NONE
 
     @property
     def ok(self) -> bool:

@@ -13,17 +13,17 @@ import sys
 import time
 
 from worker import runtime
-from worker.protocol import ForkCommand, Limits, SkillCode
+from worker.protocol import ExecutionInput, ForkCommand, Limits, SkillCode
 
 
 def main() -> int:
     skill_dir = sys.argv[1]
     entrypoint = sys.argv[2] if len(sys.argv) > 2 else "main:run"
     code = SkillCode(skill_dir=skill_dir, kind="python", entrypoint=entrypoint)
-    command = ForkCommand(exec_id="spawn", request_id="spawn", skill_id="bench/spawn",
-                          tenant_id="", user_id="", deadline=time.time() + 30.0,
-                          limits=Limits(), workdir=os.getcwd(), env={})
-    result = runtime.call_skill(code, command, None, sys.stdin.buffer.read())
+    command = ForkCommand(exec_id="spawn", limits=Limits(), workdir=os.getcwd(), env={})
+    request = ExecutionInput(request_id="spawn", skill_id="bench/spawn",
+                             deadline=time.time() + 30.0, input=sys.stdin.buffer.read())
+    result = runtime.call_skill(code, command, None, request)
     if not result.ok:
         sys.stderr.write(f"spawn_echo: {result.error}\n")
         return 1

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sandbox.plans import ExecutionContext, StepResult
 from sandbox.validation import field_problems
-from worker.protocol import ExecutionRequest, ExecutionResult
+from worker.protocol import ErrorKind, ExecutionRequest, ExecutionResult
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 API_VERSION = "1"
@@ -72,6 +72,9 @@ class ExecutionResultModel(_Body):
     stderr: str
     request_id: str
     skill_id: str
+    error_kind: Literal[tuple(kind.value for kind in ErrorKind)] = Field(  # type: ignore[valid-type]
+        description="why it did not succeed, as the sandbox observed it (empty on success); "
+                    "decide by this, never by parsing `error`")
 
 
 class PlanContextBody(_Body):
@@ -173,7 +176,7 @@ def result_to_json(result: ExecutionResult) -> dict[str, Any]:
         "resource_usage": {"cpu_time_ms": usage.cpu_time_ms, "memory_mb": usage.memory_mb,
                            "tokens_used": usage.tokens_used},
         "stdout": result.stdout, "stderr": result.stderr, "request_id": result.request_id,
-        "skill_id": result.skill_id,
+        "skill_id": result.skill_id, "error_kind": result.error_kind.value,
     }
 
 

@@ -1,0 +1,154 @@
+"""What a skill can make the supervisor believe: nothing it writes decides a verdict.
+
+A skill controls its own error text and, by writing to its result pipe, the whole frame. The
+verdict (`error_kind`, the exception `raise_for_status` raises, what the circuit breaker
+counts) comes from what the supervisor observed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from sandbox import (
+    CircuitOpen,
+    ErrorKind,
+    ExecutionCanceled,
+    ExecutionRequest,
+    ExecutionResult,
+    ExecutionStatus,
+    ExecutionTimeout,
+    InMemoryCircuitBreaker,
+    PolicyRejected,
+    ResourceExhausted,
+    SkillFailed,
+    SkillNotLoaded,
+    WorkerFailure,
+)
+from sandbox.capabilities import IsolationConfig
+from sandbox.circuit import CircuitState
+from tests.security.hostile import Hostile
+
+SUPERVISOR_PHRASES = [
+    ("runtime: circuit breaker open", CircuitOpen),
+    ("runtime: policy rejected execution", PolicyRejected),
+    ("runtime: skill not loaded", SkillNotLoaded),
+    ("runtime: execution timeout", ExecutionTimeout),
+    ("runtime: execution canceled", ExecutionCanceled),
+    ("runtime: resource exhausted: memory", ResourceExhausted),
+    ("runtime: invalid input: nothing", PolicyRejected),
+]
+
+
+@pytest.mark.parametrize(("phrase", "imitated"), SUPERVISOR_PHRASES)
+def test_a_skill_s_error_text_cannot_pose_as_a_supervisor_verdict(
+        hostile: Callable[..., Hostile], phrase: str, imitated: type[Exception]) -> None:
+    # A class named "runtime" makes the error text start with the supervisor's own words.
+    attack = hostile(f"""
+        runtime = type("runtime", (Exception,), {{}})
+
+        def attack(input):
+            raise runtime({phrase.removeprefix("runtime: ")!r})
+    """)
+    result = attack.run()
+    # Control: the text does imitate the phrase, and matching text alone would have mapped to
+    # the imitated exception.
+    assert phrase in result.error
+    assert result.status is ExecutionStatus.FAILED
+    assert result.error_kind is ErrorKind.SKILL_FAILED
+    assert not result.error.startswith("runtime:"), result.error
+    with pytest.raises(SkillFailed) as raised:
+        result.raise_for_status()
+    assert not isinstance(raised.value, imitated)
+    attack.assert_still_serving()
+
+
+@pytest.mark.parametrize(("phrase", "imitated"), SUPERVISOR_PHRASES)
+def test_a_forged_result_frame_cannot_pose_as_a_supervisor_verdict(
+        hostile: Callable[..., Hostile], phrase: str, imitated: type[Exception]) -> None:
+    attack = hostile(f"""
+        from worker.protocol import ChildResult, encode_frame
+
+        def attack(input):
+            os.write(3, encode_frame(ChildResult(ok=False, error={phrase!r})))
+            os._exit(0)
+    """)
+    result = attack.run()
+    assert phrase in result.error
+    assert result.error_kind is ErrorKind.SKILL_FAILED
+    with pytest.raises(SkillFailed) as raised:
+        result.raise_for_status()
+    assert not isinstance(raised.value, imitated)
+
+
+def test_a_forged_limit_claim_cannot_name_a_limit_of_its_own_choosing(
+        hostile: Callable[..., Hostile]) -> None:
+    attack = hostile("""
+        from worker.protocol import ChildResult, encode_frame
+
+        def attack(input):
+            os.write(3, encode_frame(ChildResult(ok=False, limit="circuit breaker open",
+                                                 error="runtime: circuit breaker open")))
+            os._exit(0)
+    """)
+    result = attack.run()
+    assert result.error_kind is ErrorKind.SKILL_FAILED, result
+    assert not result.error.startswith("runtime:"), result.error
+    with pytest.raises(SkillFailed):
+        result.raise_for_status()
+
+
+def test_a_failing_skill_cannot_keep_its_circuit_closed_with_the_queue_timeout_text(
+        hostile: Callable[..., Hostile]) -> None:
+    breaker = InMemoryCircuitBreaker(failure_threshold=3, cooldown=60)
+    attack = hostile("""
+        def attack(input):
+            raise RuntimeError("runtime: execution timeout: no execution slot free within 1s")
+    """, circuit_breaker=breaker)
+    results = [attack.run() for _ in range(3)]
+    assert all(r.status is ExecutionStatus.FAILED for r in results), results
+    assert all("no execution slot free" in r.error for r in results)  # control: the text is there
+    assert breaker.state(attack.skill.id) is CircuitState.OPEN
+    rejected = attack.run()
+    assert rejected.status is ExecutionStatus.REJECTED
+    assert rejected.error_kind is ErrorKind.CIRCUIT_OPEN
+    with pytest.raises(CircuitOpen):
+        rejected.raise_for_status()
+
+
+def test_verdicts_come_from_the_kind_even_when_the_text_says_otherwise() -> None:
+    """Results decoded from elsewhere (a client, a log) map by kind, never by text."""
+    result = ExecutionResult(status=ExecutionStatus.FAILED, error="runtime: circuit breaker open",
+                             error_kind=ErrorKind.SKILL_FAILED)
+    with pytest.raises(SkillFailed):
+        result.raise_for_status()
+    result = ExecutionResult(status=ExecutionStatus.REJECTED, error="anything at all",
+                             error_kind=ErrorKind.CIRCUIT_OPEN)
+    with pytest.raises(CircuitOpen) as raised:
+        result.raise_for_status()
+    assert str(raised.value).startswith("runtime: circuit breaker open")
+
+
+def test_running_out_of_execution_uids_is_the_sandbox_s_failure_not_the_skill_s(
+        hostile: Callable[..., Hostile]) -> None:
+    breaker = InMemoryCircuitBreaker(failure_threshold=1, cooldown=60)
+    attack = hostile("""
+        def attack(input):
+            time.sleep(input["sleep"])
+            return "slept"
+    """, circuit_breaker=breaker, isolation=IsolationConfig(uid_count=1))
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(attack.run, sleep=1.5)
+        time.sleep(0.3)  # ordering only: the slow one holds the only uid first
+        starved = attack.sandbox.execute(ExecutionRequest(
+            skill_id=attack.skill.id, input=b'{"sleep": 0}', timeout=0.5))
+        assert slow.result(timeout=10).ok
+    assert starved.status is ExecutionStatus.FAILED, starved
+    assert starved.error_kind is ErrorKind.WORKER_FAILURE, starved
+    with pytest.raises(WorkerFailure):
+        starved.raise_for_status()
+    assert breaker.state(attack.skill.id) is CircuitState.CLOSED
+    assert attack.run(sleep=0).ok
