@@ -39,7 +39,9 @@ class IsolationConfig:
     supervisor is root — one per concurrent execution, so executions cannot signal or read each
     other. Pick a range no real account or container uses. `workdir_mb`: size of each
     execution's tmpfs workdir. `read_only`: more paths every skill may read. `disabled` and
-    `required`: mechanism names from `MECHANISMS`.
+    `required`: mechanism names from `MECHANISMS`. `trusted_preload`: the modules (with their
+    submodules) a skill's manifest may name in `preload`; a preload is imported in the skill's
+    zygote, as root and before the per-execution layers, so only the operator can allow one.
     """
 
     uid_base: int = 1_000_000_000
@@ -48,6 +50,7 @@ class IsolationConfig:
     read_only: tuple[str, ...] = ()
     disabled: frozenset[str] = frozenset()
     required: frozenset[str] = frozenset()
+    trusted_preload: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for which in ("disabled", "required"):
@@ -67,6 +70,15 @@ class IsolationConfig:
         for path in self.read_only:
             if not os.path.isabs(path):
                 raise ValueError(f"IsolationConfig.read_only: {path!r} is not an absolute path")
+        for name in self.trusted_preload:
+            if not all(part.isidentifier() for part in name.split(".")):
+                raise ValueError(f"IsolationConfig.trusted_preload: {name!r} is not a module name")
+
+    def untrusted_preloads(self, preload: list[str]) -> list[str]:
+        """The modules of `preload` that are neither in `trusted_preload` nor beneath one."""
+        return [name for name in preload
+                if not any(name == trusted or name.startswith(trusted + ".")
+                           for trusted in self.trusted_preload)]
 
 
 @dataclass(frozen=True)

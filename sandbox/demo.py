@@ -23,12 +23,15 @@ from pathlib import Path
 
 import msgspec
 
+from sandbox.capabilities import IsolationConfig
 from sandbox.errors import SkillLoadError
 from sandbox.sandbox import Sandbox
 from sandbox.skill import Skill
 from worker.protocol import ExecutionRequest, ExecutionResult
 
 EXAMPLE_INPUT = "example.json"
+#: The example skills' preloads, trusted by this demo as an operator would trust them.
+EXAMPLES_PRELOAD = ("pydantic",)
 _HEADERS = ("skill", "status", "ms", "cpu ms", "mem MB", "tokens", "output / error")
 _RIGHT_ALIGNED = {2, 3, 4, 5}
 
@@ -126,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     started = time.monotonic()
     try:
-        with Sandbox(skills, max_concurrency=args.max_concurrency) as sandbox:
+        with Sandbox(skills, max_concurrency=args.max_concurrency,
+                     isolation=IsolationConfig(trusted_preload=EXAMPLES_PRELOAD)) as sandbox:
             rows = asyncio.run(run_examples(sandbox, skills))
     except SkillLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -177,12 +177,21 @@ class Sandbox:
         if not isinstance(skill, Skill):
             skill = Skill.from_dir(Path(skill))
         self._check_open()
+        code = skill.code()
+        untrusted = [] if code.spawn else self.isolation.untrusted_preloads(
+            list(skill.manifest.preload))
+        if untrusted:  # a fresh interpreter per execution (spawn) imports them under its layers
+            raise SkillLoadError(
+                f"{skill.id}: preload {', '.join(map(repr, untrusted))} is not trusted by the "
+                "operator: preloads are imported in the zygote as root, before the execution's "
+                "layers; allow a module with IsolationConfig(trusted_preload=...) (daemon: "
+                "[isolation] trusted_preload)")
         tickets = None
         if self._cgroups is not None:  # tmpfs pages of its workdir count as its memory too
             limits = skill.manifest.limits
             tickets = CgroupTickets(self._cgroups, limits.max_processes,
                                     (limits.memory_mb << 20) + self._plan.workdir_bytes)
-        zygote = ZygoteProcess(skill.id, skill.code(), list(skill.manifest.preload),
+        zygote = ZygoteProcess(skill.id, code, list(skill.manifest.preload),
                                self._isolation_for(skill), cgroups=tickets,
                                prefork=self.prefork)
         zygote.start()

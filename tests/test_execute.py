@@ -24,6 +24,7 @@ from sandbox import (
     SkillFailed,
     SkillNotLoaded,
 )
+from sandbox.capabilities import IsolationConfig
 from tests.conftest import (
     descendants,
     execution_children,
@@ -200,7 +201,7 @@ def test_struct_typed_input_mismatch_is_failed_naming_the_field(
 def test_pydantic_typed_input_and_output(make_sandbox: Callable[..., Sandbox],
                                          example: Callable[[str], Skill]) -> None:
     temperature = example("temperature")
-    sandbox = make_sandbox(temperature)
+    sandbox = make_sandbox(temperature, isolation=IsolationConfig(trusted_preload=("pydantic",)))
     result = sandbox.execute(request(temperature, '{"value": 212, "unit": "F"}'))
     assert result.json() == {"value": 100.0, "unit": "C"}
     bad = sandbox.execute(request(temperature, '{"value": "hot", "unit": "F"}'))
@@ -496,7 +497,7 @@ def test_reloading_a_skill_replaces_its_zygote(make_sandbox: Callable[..., Sandb
 
 def test_broken_skill_fails_to_load_with_the_reason(make_sandbox: Callable[..., Sandbox],
                                                     skill_dir: Callable[..., Path]) -> None:
-    sandbox = make_sandbox()
+    sandbox = make_sandbox(isolation=IsolationConfig(trusted_preload=("no_such_preload",)))
     broken = skill_dir("def run(input):\n    return 1\n", 'preload = ["no_such_preload"]')
     with pytest.raises(Exception, match="no_such_preload"):
         sandbox.load_skill(broken)

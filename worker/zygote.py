@@ -105,9 +105,10 @@ class Zygote:
         """Everything every execution would otherwise repeat: imports, compilation, layers."""
         import importlib
 
-        for name in self.config.preload:
-            importlib.import_module(name)
         code = self.config.code
+        if not code.spawn:  # spawn: each execution's fresh interpreter imports them itself
+            for name in self.config.preload:
+                importlib.import_module(name)
         if code.kind == "python" and not code.spawn:
             self.precompiled = child.compile_entrypoint(code)
         isolation.apply_zygote_layers(self.config.isolation, code)

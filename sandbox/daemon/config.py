@@ -95,6 +95,10 @@ class IsolationSettings(_Strict):
     required: list[str] = Field(default_factory=list,
                                 description="mechanisms without which the daemon refuses to "
                                 "start")
+    trusted_preload: list[str] = Field(default_factory=list,
+                                       description="modules (and their submodules) a skill may "
+                                       "preload: imported in its zygote as root, before the "
+                                       "execution's layers")
 
     @model_validator(mode="after")
     def _valid(self) -> IsolationSettings:
@@ -108,6 +112,7 @@ class IsolationSettings(_Strict):
         values: dict[str, Any] = {key: value for key in ("uid_base", "uid_count", "workdir_mb")
                                   if (value := getattr(self, key)) is not None}
         return IsolationConfig(read_only=tuple(self.read_only),
+                               trusted_preload=tuple(self.trusted_preload),
                                disabled=frozenset(self.disabled),
                                required=frozenset(self.required), **values)
 
