@@ -116,9 +116,10 @@ class ExecutionSpec:
     workdir_root: str
     tail_bytes: int
     cancel_fd: int  # readable once the caller cancels
-    #: The caller's whole timeout, for the error text: `limits.timeout` is what is left of it
-    #: after waiting for a concurrency slot.
-    requested_timeout: float | None = None
+    #: When the request arrived and when its time is up (`time.monotonic`): the deadline was
+    #: fixed on arrival, `limits.timeout` after it; the reported duration counts from arrival.
+    arrived: float
+    deadline: float
 
 
 def _set_nonblocking(*fds: int) -> None:
@@ -134,7 +135,7 @@ class Execution:
                            else spec.limits.max_output_bytes + 1)
         self.stderr = Tail(spec.tail_bytes)
         self.start = time.monotonic()
-        self.deadline = self.start + spec.limits.timeout
+        self.deadline = spec.deadline
         self.cgroup: ExecutionCgroup | None = None
         self.cgroup_limit = ""  # the cgroup limit the execution ran into, if any
         self.cgroup_peak = 0
@@ -457,7 +458,7 @@ class Execution:
                 status, kind, output, error = failed, ErrorKind.SKILL_FAILED, b"", problem
         return ExecutionResult(
             status=status, output=output, error=error,
-            duration=time.monotonic() - self.start,
+            duration=time.monotonic() - spec.arrived,
             resource_usage=ResourceUsage(cpu_time_ms=usage.cpu_time_ms,
                                          memory_mb=usage.memory_mb, tokens_used=tokens),
             stdout=self.stdout.text() if spec.skill.manifest.kind == "python" else "",
@@ -479,9 +480,8 @@ class Execution:
         if state.killed_kind is ErrorKind.WORKER_FAILURE:
             return failed, ErrorKind.WORKER_FAILURE, f"{WORKER_ERROR}: {state.killed_for}", b""
         if state.killed_kind is ErrorKind.TIMEOUT:
-            timeout = spec.requested_timeout or limits.timeout
             return (ExecutionStatus.TIMEOUT, ErrorKind.TIMEOUT,
-                    f"{TIMEOUT_ERROR} after {timeout:g}s", b"")
+                    f"{TIMEOUT_ERROR} after {limits.timeout:g}s", b"")
         if state.killed_kind is exhausted:
             return failed, exhausted, f"{EXHAUSTED_ERROR}: {state.killed_for}", b""
         if self.cgroup_limit and not (frame is not None and frame.ok and exited is not None

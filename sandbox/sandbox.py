@@ -23,8 +23,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import msgspec
-
 from sandbox.capabilities import (
     CapabilityReport,
     IsolationConfig,
@@ -366,7 +364,8 @@ class Sandbox:
                      early: Callable[[ExecutionStatus, ErrorKind, str], ExecutionResult]
                      ) -> ExecutionResult:
         limits = _limits_for(loaded.skill, request)
-        if not self._acquire_slot(token, limits.timeout):
+        deadline = started + limits.timeout  # every wait below spends from this one budget
+        if not self._acquire_slot(token, deadline):
             if token.canceled:
                 return early(ExecutionStatus.CANCELED, ErrorKind.CANCELED, CANCELED_ERROR)
             return early(ExecutionStatus.TIMEOUT, ErrorKind.NO_SLOT,
@@ -374,15 +373,10 @@ class Sandbox:
         try:
             if token.canceled:
                 return early(ExecutionStatus.CANCELED, ErrorKind.CANCELED, CANCELED_ERROR)
-            requested_timeout = limits.timeout  # the caller's, for the error text
-            queued = time.monotonic() - started
-            if queued:
-                limits = msgspec.structs.replace(
-                    limits, timeout=max(0.001, limits.timeout - queued))
             with loaded.idle:
                 loaded.inflight += 1
             try:
-                return self._run(loaded, request, limits, token, requested_timeout)
+                return self._run(loaded, request, limits, token, started, deadline)
             finally:
                 with loaded.idle:
                     loaded.inflight -= 1
@@ -390,10 +384,9 @@ class Sandbox:
         finally:
             self._slots.release()
 
-    def _acquire_slot(self, token: _CancelToken, timeout: float) -> bool:
-        """Wait for a concurrency slot within `timeout`; a queued caller that cancels stops
-        waiting at once instead of when a slot frees."""
-        deadline = time.monotonic() + timeout
+    def _acquire_slot(self, token: _CancelToken, deadline: float) -> bool:
+        """Wait for a concurrency slot until `deadline` (monotonic); a queued caller that
+        cancels stops waiting at once instead of when a slot frees."""
         while not token.canceled:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -403,21 +396,31 @@ class Sandbox:
         return False
 
     def _run(self, loaded: _Loaded, request: ExecutionRequest, limits: Limits,
-             token: _CancelToken, requested_timeout: float) -> ExecutionResult:
+             token: _CancelToken, arrived: float, deadline: float) -> ExecutionResult:
+        """Fork and run it; `deadline` (monotonic) was fixed at `arrived`, and the waits here
+        (zygote restart, an execution uid) spend from it too."""
         skill = loaded.skill
 
         def worker_failure(detail: str) -> ExecutionResult:
             return ExecutionResult(status=ExecutionStatus.FAILED,
                                    error_kind=ErrorKind.WORKER_FAILURE,
                                    error=f"{WORKER_ERROR}: {detail}",
-                                   request_id=request.request_id, skill_id=skill.id)
+                                   request_id=request.request_id, skill_id=skill.id,
+                                   duration=time.monotonic() - arrived)
 
         for attempt in range(2):
             error = self._ensure_zygote(loaded)
             if error:
                 return worker_failure(error)
+            if time.monotonic() >= deadline:  # a zygote restart took what was left
+                return ExecutionResult(status=ExecutionStatus.TIMEOUT,
+                                       error_kind=ErrorKind.TIMEOUT,
+                                       error=f"{TIMEOUT_ERROR} after {limits.timeout:g}s",
+                                       request_id=request.request_id, skill_id=skill.id,
+                                       duration=time.monotonic() - arrived)
             try:
-                uid = self._uids.acquire(limits.timeout) if self._uids is not None else -1
+                uid = (self._uids.acquire(max(0.0, deadline - time.monotonic()))
+                       if self._uids is not None else -1)
             except UidPoolExhausted as exc:
                 return worker_failure(str(exc))
             isolation = {**self._isolation_for(skill), "uid": uid, "gid": uid,
@@ -429,7 +432,7 @@ class Sandbox:
                 env={**BASE_ENV, **skill.manifest.permissions.env},
                 isolation=isolation, workdir_root=self.workdir_root,
                 tail_bytes=self.tail_bytes, cancel_fd=token.read_fd,
-                requested_timeout=requested_timeout,
+                arrived=arrived, deadline=deadline,
             )
             try:
                 return Execution(spec).run()
