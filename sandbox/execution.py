@@ -332,7 +332,12 @@ class Execution:
             for fd in fds:
                 os.close(fd)
             return False
-        decoded = _REPORT_DECODER.decode(message)
+        try:
+            decoded = _REPORT_DECODER.decode(message)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            for fd in fds:
+                os.close(fd)
+            return False  # a zygote that says nonsense is treated as gone: a worker failure
         if isinstance(decoded, ChildStarted):
             self.state.started = decoded
             self.state.pidfd = fds[0] if fds else -1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -45,6 +46,7 @@ from sandbox.uidpool import UidPool, UidPoolExhausted
 from sandbox.zygote import BASE_ENV, ZygoteDied, ZygoteProcess
 from worker.protocol import ErrorKind, ExecutionRequest, ExecutionResult, ExecutionStatus, Limits
 
+_log = logging.getLogger("sandbox")
 SKILL_NOT_LOADED = "runtime: skill not loaded"
 INVALID_INPUT = "runtime: invalid input"
 #: How often a caller queued for a concurrency slot checks whether it was cancelled.
@@ -439,6 +441,9 @@ class Sandbox:
             except ZygoteDied as exc:
                 if attempt:
                     return worker_failure(str(exc))
+            except Exception as exc:  # noqa: BLE001 - e.g. no fd left for its pipes: a result
+                _log.exception("execution of %s failed in the supervisor", skill.id)
+                return worker_failure(f"{type(exc).__name__}: {exc}")
             finally:
                 if self._uids is not None:
                     self._uids.release(uid)

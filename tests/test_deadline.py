@@ -3,12 +3,15 @@ and the reported duration counts from arrival."""
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sandbox import ErrorKind, ExecutionRequest, ExecutionStatus, Sandbox, Skill
+import pytest
+
+from sandbox import ErrorKind, ExecutionRequest, ExecutionStatus, Sandbox, Skill, execution
 from sandbox.capabilities import IsolationConfig
 
 SLEEPER = "import time\ndef run(input):\n    time.sleep(input['sleep'])\n    return 'slept'\n"
@@ -47,3 +50,21 @@ def test_waiting_for_a_slot_counts_in_the_reported_duration(
     assert queued.ok, queued
     # It queued behind the holder (at least the holder's remaining ~0.6 s) and said so.
     assert queued.duration >= 0.4, queued.duration
+
+
+def test_a_supervisor_side_failure_is_a_worker_failure_result_not_an_exception(
+        make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    skill = Skill.from_dir(skill_dir(SLEEPER))
+    sandbox = make_sandbox(skill)
+
+    def disk_full(root: str, exec_id: str) -> str:
+        raise OSError(errno.ENOSPC, "No space left on device", root)
+
+    monkeypatch.setattr(execution, "_make_workdir", disk_full)
+    result = sandbox.execute(_sleep(skill, 0))
+    assert result.status is ExecutionStatus.FAILED
+    assert result.error_kind is ErrorKind.WORKER_FAILURE, result
+    assert "No space left on device" in result.error
+    monkeypatch.undo()
+    assert sandbox.execute(_sleep(skill, 0)).ok
