@@ -15,6 +15,8 @@ import sys
 from types import CodeType
 from typing import NoReturn
 
+import msgspec
+
 from worker import isolation, runtime
 from worker.protocol import ForkCommand, SkillCode
 
@@ -147,6 +149,8 @@ def _exec_fresh_interpreter(code: SkillCode, preload: list[str], command: ForkCo
 
     for fd in (0, 1, 2, RESULT_FD, REQUEST_FD):
         os.set_inheritable(fd, True)
-    argv = [sys.executable, "-I", "-B", "-m", "worker.spawn", spawn.encode_args(code, preload,
-                                                                            command)]
+    # The environment (the manifest's env may hold the skill's credentials) reaches the new
+    # interpreter through execve, not through its argv, which /proc shows to every uid.
+    args = spawn.encode_args(code, preload, msgspec.structs.replace(command, env={}))
+    argv = [sys.executable, "-I", "-B", "-m", "worker.spawn", args]
     os.execve(sys.executable, argv, dict(os.environ))

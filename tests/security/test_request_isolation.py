@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
-from sandbox import ExecutionRequest, ExecutionStatus
+from sandbox import ExecutionRequest, ExecutionStatus, Sandbox, Skill
 from tests.security.hostile import Hostile
 
 #: Scans every readable mapping of the process for anything shaped like the ids the test
@@ -56,3 +57,21 @@ def test_an_execution_cannot_find_earlier_callers_ids_in_its_memory(
     assert {own["tenant_id"], own["user_id"], own["request_id"]} <= found, found
     assert not found & set(earlier.values()), f"earlier caller's ids readable: {found}"
     attack.assert_still_serving()
+
+
+def test_a_spawned_interpreter_gets_the_skill_s_env_but_not_in_its_argv(
+        make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path]) -> None:
+    """argv is in /proc/<pid>/cmdline, readable by every uid; the environment is not."""
+    secret = _marker("token")
+    code = ("import os\ndef run(input):\n"
+            "    with open('/proc/self/cmdline', 'rb') as f:\n"
+            "        argv = f.read().decode()\n"
+            "    return {'env': os.environ.get('API_TOKEN'), 'argv': argv}\n")
+    skill = Skill.from_dir(skill_dir(code, f'isolation = "spawn"\n[permissions]\n'
+                                           f'env = {{ API_TOKEN = "{secret}" }}\n'))
+    result = make_sandbox(skill).execute(ExecutionRequest(skill_id=skill.id))
+    assert result.ok, result
+    seen = result.json()
+    assert seen["env"] == secret  # control: the secret was delivered, through the environment
+    assert "worker.spawn" in seen["argv"]  # control: this is the spawned interpreter's argv
+    assert secret not in seen["argv"]
