@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from sandbox import jsonbounds
 from sandbox.cgroups import ExecutionCgroup
 from sandbox.skill import Skill
 from sandbox.watch import TreeWatch
 from sandbox.zygote import ZygoteProcess
 from worker.protocol import (
+    MAX_TOKENS,
     ChildExited,
     ChildResult,
     ChildStarted,
@@ -426,7 +428,7 @@ class Execution:
         if state.result:
             try:
                 frame = decode_frame(bytes(state.result), _RESULT_DECODER)
-                tokens = max(0, frame.tokens_used)
+                tokens = min(max(0, frame.tokens_used), MAX_TOKENS)  # a forged frame: any int
             except FrameError as exc:
                 frame_problem = str(exc)
 
@@ -482,15 +484,21 @@ class Execution:
         )
 
     def _output_problem(self, output: bytes) -> str:
-        """Why a successful execution's output cannot be handed to the caller, or ""."""
+        """Why a successful execution's output cannot be handed to the caller, or "".
+
+        The output is the skill's choice: size, nesting and schema work are bounded
+        (`sandbox.jsonbounds`, `sandbox.schema`), and whatever else goes wrong while checking
+        it fails the execution instead of escaping `execute` (which must log every execution).
+        """
         limit = self.spec.limits.max_output_bytes
         if len(output) > limit:
             return f"{EXHAUSTED_ERROR}: output: result is {len(output)} bytes, limit is {limit}"
         try:
-            data = msgspec.json.decode(output)
-        except msgspec.DecodeError as exc:
-            return f"invalid output: not JSON: {exc}"
-        problem = self.spec.skill.output_problem(data)
+            data, problem = jsonbounds.decode(output)
+            if not problem:
+                problem = self.spec.skill.output_problem(data) or ""
+        except Exception as exc:  # noqa: BLE001 - a bug or a limit we missed: still a result
+            problem = f"the output check failed: {type(exc).__name__}: {str(exc)[:200]}"
         return f"invalid output: {problem}" if problem else ""
 
     def _judge_command(self, exited: ChildExited) -> tuple[ExecutionStatus, bytes, str]:
@@ -500,10 +508,9 @@ class Execution:
             return ExecutionStatus.FAILED, b"", f"command {_describe_exit(exited.wait_status)}" \
                                                 f"{detail}"
         raw = bytes(self.stdout.data).strip() or b"null"
-        try:
-            msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
-            return ExecutionStatus.FAILED, b"", f"invalid output: stdout is not JSON: {exc}"
+        _data, problem = jsonbounds.decode(raw)
+        if problem:
+            return ExecutionStatus.FAILED, b"", f"invalid output: stdout is {problem}"
         return ExecutionStatus.SUCCESS, raw, ""
 
     def _usage(self) -> ResourceUsage:
