@@ -199,6 +199,19 @@ def test_deeply_nested_schema_is_refused_at_load(skill_dir: Callable[..., Path])
         Skill.from_dir(directory)
 
 
+@pytest.mark.parametrize("name,text", [
+    ("skill.toml", 'id = "t/deep"\nentrypoint = "main:run"\nx = ' + "[" * 5000 + "1" + "]" * 5000),
+    ("manifest.yaml", 'id: t/deep\nentrypoint: "main:run"\noutput_schema: '
+     + "[" * 5000 + "1" + "]" * 5000),
+])
+def test_manifest_nested_past_the_parser_is_a_load_error(tmp_path: Path, name: str,
+                                                         text: str) -> None:
+    (tmp_path / name).write_text(text + "\n")
+    (tmp_path / "main.py").write_text("def run(input):\n    return 1\n")
+    with pytest.raises(SkillLoadError, match="nested too deeply"):
+        Skill.from_dir(tmp_path)
+
+
 # -- schemas that make the check itself expensive ------------------------------------------------
 
 FLOAT_FLOOD = b"[" + b",".join([b"0.1234567890123456789"] * 45_000) + b"]"
@@ -403,3 +416,36 @@ def test_record_that_cannot_be_stored_as_is_is_stored_clamped(tmp_path: Path) ->
     (record,) = log.by_request_id("r1")
     assert record.tokens == 2**63 - 1 and record.cpu_ms == 2**63 - 1
     assert record.step_index == -(2**63)
+
+
+# -- everything that carries an output onwards ---------------------------------------------------
+
+
+def test_daemon_response_with_a_deep_output_is_encodable() -> None:
+    """A result may come from anywhere (a client, a plan): its JSON rendering never raises."""
+    from sandbox.daemon.schemas import result_to_json
+    from worker.protocol import ExecutionResult
+
+    deep = nested(50_000)
+    with pytest.raises(RecursionError):  # control: the plain decode the response used
+        msgspec.json.decode(deep)
+    body = msgspec.json.encode(result_to_json(
+        ExecutionResult(status=ExecutionStatus.SUCCESS, output=deep)))
+    assert msgspec.json.decode(body)["output"].startswith("[[[")
+
+
+def test_log_record_for_a_deep_python_output_is_built_and_stored(tmp_path: Path) -> None:
+    from sandbox.execlog import ExecutionLogRecord, bounded_output, read_jsonl
+
+    deep: list[object] = []
+    for _ in range(5_000):
+        deep = [deep]
+    with pytest.raises(RecursionError):  # control: encoding it as it is
+        msgspec.json.encode(deep)
+    preview, truncated = bounded_output(deep, 4096)
+    assert truncated and "nested deeper" in preview
+    log = JsonlExecutionLogger(tmp_path / "log.jsonl")
+    log.log_step(ExecutionLogRecord(request_id="deep", output=deep))
+    log.close()
+    (record,) = read_jsonl(tmp_path / "log.jsonl")
+    assert record.request_id == "deep" and record.output_truncated
