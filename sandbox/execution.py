@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from sandbox import jsonbounds
 from sandbox.cgroups import ExecutionCgroup
 from sandbox.skill import Skill
 from sandbox.watch import TreeWatch
 from sandbox.zygote import ZygoteProcess
 from worker.protocol import (
+    MAX_TOKENS,
     ChildExited,
     ChildResult,
     ChildStarted,
@@ -446,7 +448,7 @@ class Execution:
         if state.result:
             try:
                 frame = decode_frame(bytes(state.result), _RESULT_DECODER)
-                tokens = max(0, frame.tokens_used)
+                tokens = min(max(0, frame.tokens_used), MAX_TOKENS)  # a forged frame: any int
             except FrameError as exc:
                 frame_problem = str(exc)
 
@@ -524,12 +526,18 @@ class Execution:
         return ExecutionStatus.SUCCESS, ErrorKind.NONE, "", frame.output
 
     def _output_problem(self, output: bytes) -> str:
-        """Why a successful execution's output cannot be handed to the caller, or ""."""
+        """Why a successful execution's output cannot be handed to the caller, or "".
+
+        The output is the skill's choice: nesting and schema work are bounded
+        (`sandbox.jsonbounds`, `sandbox.schema`), and whatever else goes wrong while checking
+        it fails the execution instead of escaping `execute` (which must log every execution).
+        """
         try:
-            data = msgspec.json.decode(output)
-        except msgspec.DecodeError as exc:
-            return f"invalid output: not JSON: {exc}"
-        problem = self.spec.skill.output_problem(data)
+            data, problem = jsonbounds.decode(output)
+            if not problem:
+                problem = self.spec.skill.output_problem(data) or ""
+        except Exception as exc:  # noqa: BLE001 - a bug or a limit we missed: still a result
+            problem = f"the output check failed: {type(exc).__name__}: {str(exc)[:200]}"
         return f"invalid output: {problem}" if problem else ""
 
     def _judge_command(self, exited: ChildExited
@@ -540,10 +548,9 @@ class Execution:
             detail = f": {skill_text(last[0])}" if last[0] else ""
             return *failed, f"command {_describe_exit(exited.wait_status)}{detail}", b""
         raw = bytes(self.stdout.data).strip() or b"null"
-        try:
-            msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
-            return *failed, f"invalid output: stdout is not JSON: {exc}", b""
+        _data, problem = jsonbounds.decode(raw)
+        if problem:
+            return *failed, f"invalid output: stdout is {problem}", b""
         return ExecutionStatus.SUCCESS, ErrorKind.NONE, "", raw
 
     def _usage(self) -> ResourceUsage:

@@ -128,6 +128,8 @@ def load_native(path: Path) -> SkillManifest:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise SkillLoadError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # the parser recurses per nesting level
+        raise SkillLoadError(f"{path}: nested too deeply to parse") from None
     except OSError as exc:
         raise SkillLoadError(f"{path}: cannot read: {exc.strerror}") from None
     return _validate(path, data)
@@ -153,6 +155,8 @@ def load_openbotstack(path: Path) -> SkillManifest:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise SkillLoadError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:  # the parser recurses per nesting level
+        raise SkillLoadError(f"{path}: nested too deeply to parse") from None
     except OSError as exc:
         raise SkillLoadError(f"{path}: cannot read: {exc.strerror}") from None
     if not isinstance(data, dict):

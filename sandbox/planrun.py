@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from sandbox import jsonbounds
 from sandbox.execlog.records import (
     DEFAULT_MAX_OUTPUT_BYTES,
     ExecutionLogRecord,
@@ -144,10 +145,9 @@ def _type(step: ExecutionStep) -> str:
 def skill_step_result(index: int, step: ExecutionStep, result: ExecutionResult) -> StepResult:
     output: Any = None
     error = result.error
-    if result.output:
-        try:
-            output = result.json()
-        except msgspec.DecodeError:
+    if result.output:  # bounded: a result built elsewhere may carry any bytes
+        output, problem = jsonbounds.decode(result.output)
+        if problem:
             output = result.output.decode("utf-8", errors="replace")
     if result.status is not ExecutionStatus.SUCCESS and not error:
         error = f"the skill ended with status {result.status.value}"

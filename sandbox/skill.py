@@ -8,30 +8,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import msgspec
-
+from sandbox import jsonbounds
 from sandbox.errors import SkillLoadError
 from sandbox.manifest import NATIVE_MANIFEST, OPENBOTSTACK_MANIFEST, SkillManifest, load_manifest
+from sandbox.schema import BoundedSchema, SchemaBudgetExceeded, SchemaProblem, compile_schema
 from worker.protocol import SkillCode
 
 
-def _compile_schema(schema: dict[str, Any] | None, path: Path, field_name: str) -> Any:
+def _compile_schema(schema: dict[str, Any] | None, path: Path,
+                    field_name: str) -> BoundedSchema | None:
     if schema is None:
         return None
-    validator_class = jsonschema.validators.validator_for(schema)
     try:
-        validator_class.check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise SkillLoadError(f"{path}: field '{field_name}': not a valid JSON Schema: "
-                             f"{exc.message}") from None
-    return validator_class(schema)
+        return compile_schema(schema)
+    except SchemaProblem as exc:
+        raise SkillLoadError(f"{path}: field '{field_name}': {exc}") from None
 
 
-def _describe(error: jsonschema.ValidationError) -> str:
-    where = "$" + "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}"
-                          for p in error.absolute_path)
-    return f"at {where}: {error.message}"
+def _check(validator: BoundedSchema, data: Any, what: str) -> str:
+    """Why `data` fails the skill author's schema, or "". Never raises: a schema that cannot
+    be evaluated within its bounds fails the data (the schema is as untrusted as the skill)."""
+    try:
+        problem = validator.check(data)
+    except SchemaBudgetExceeded as exc:
+        return f"{what}_schema check stopped: {exc}"
+    except Exception as exc:  # noqa: BLE001 - any failure of the check is a failed check
+        return f"{what}_schema check failed: {type(exc).__name__}: {str(exc)[:200]}"
+    return f"{what} does not match {what}_schema {problem}" if problem else ""
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,8 @@ class Skill:
     path: Path
     manifest: SkillManifest
     manifest_path: Path
-    _input_validator: Any = field(default=None, repr=False, compare=False)
-    _output_validator: Any = field(default=None, repr=False, compare=False)
+    _input_validator: BoundedSchema | None = field(default=None, repr=False, compare=False)
+    _output_validator: BoundedSchema | None = field(default=None, repr=False, compare=False)
 
     @property
     def id(self) -> str:
@@ -87,21 +90,20 @@ class Skill:
         return [found[key] for key in sorted(found)]
 
     def input_problem(self, input_bytes: bytes) -> str | None:
-        """Why `input_bytes` is not acceptable input for this skill, or None."""
-        try:
-            data = msgspec.json.decode(input_bytes)
-        except msgspec.DecodeError as exc:
-            return f"input is not JSON: {exc}"
+        """Why `input_bytes` is not acceptable input for this skill, or None. Bounded in
+        depth and work like the output check: the schema is the skill author's."""
+        data, problem = jsonbounds.decode(input_bytes)
+        if problem:
+            return f"input is {problem}"
         if self._input_validator is None:
             return None
-        error = jsonschema.exceptions.best_match(self._input_validator.iter_errors(data))
-        return None if error is None else f"input does not match input_schema {_describe(error)}"
+        return _check(self._input_validator, data, "input") or None
 
     def output_problem(self, data: Any) -> str | None:
+        """Why decoded output `data` (from `jsonbounds.decode`) fails the output schema."""
         if self._output_validator is None:
             return None
-        error = jsonschema.exceptions.best_match(self._output_validator.iter_errors(data))
-        return None if error is None else f"output does not match output_schema {_describe(error)}"
+        return _check(self._output_validator, data, "output") or None
 
     @property
     def has_output_schema(self) -> bool:

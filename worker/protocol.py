@@ -52,6 +52,12 @@ class ErrorKind(enum.StrEnum):
     WORKER_FAILURE = "worker_failure"
 
 
+#: Most tokens one execution can report: 2**53 - 1, exact in a double (JSON consumers) and far
+#: inside SQLite's 64-bit integers. The child refuses a larger count and saturates its total;
+#: the supervisor clamps whatever a (possibly forged) result frame says.
+MAX_TOKENS = 2**53 - 1
+
+
 class ResourceUsage(msgspec.Struct, frozen=True, kw_only=True):
     """What an execution cost, measured by the supervisor from outside the child.
 

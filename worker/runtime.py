@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from worker.protocol import (
+    MAX_TOKENS,
     ChildResult,
     ExecutionInput,
     ForkCommand,
@@ -52,10 +53,14 @@ class SkillContext:
         return max(0.0, self.deadline - time.time())
 
     def report_tokens(self, count: int) -> None:
-        """Add `count` to the tokens this execution used (lands in `resource_usage.tokens_used`)."""
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise ValueError(f"report_tokens needs a non-negative int, got {count!r}")
-        self._tokens += count
+        """Add `count` to the tokens this execution used (lands in `resource_usage.tokens_used`).
+
+        `count` is at most `MAX_TOKENS` (2**53 - 1); the total saturates there.
+        """
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= MAX_TOKENS:
+            raise ValueError(f"report_tokens needs a non-negative int up to {MAX_TOKENS} "
+                             f"(2**53 - 1), got {count!r}")
+        self._tokens = min(self._tokens + count, MAX_TOKENS)
 
     @property
     def tokens_used(self) -> int:

@@ -10,6 +10,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sandbox import jsonbounds
 from sandbox.plans import ExecutionContext, StepResult
 from sandbox.validation import field_problems
 from worker.protocol import ErrorKind, ExecutionRequest, ExecutionResult
@@ -164,10 +165,9 @@ def plan_to_json(ec: ExecutionContext, steps: list[StepResult], error: str = "",
 
 def result_to_json(result: ExecutionResult) -> dict[str, Any]:
     output: Any = None
-    if result.output:
-        try:
-            output = msgspec.json.decode(result.output)
-        except msgspec.DecodeError:
+    if result.output:  # bounded in depth, so encoding the response cannot fail on it
+        output, problem = jsonbounds.decode(result.output)
+        if problem:
             output = result.output.decode("utf-8", "replace")
     usage = result.resource_usage
     return {

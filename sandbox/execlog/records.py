@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import msgspec
 
+from sandbox import jsonbounds
+
 if TYPE_CHECKING:
     from sandbox.plans import ExecutionContext, ExecutionPlan, StepResult
     from worker.protocol import ExecutionRequest, ExecutionResult
@@ -84,27 +86,73 @@ class StepInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 def bounded_output(output: Any, limit: int) -> tuple[Any, bool]:
     """`(value, truncated)`: the output as JSON data if it fits in `limit` encoded bytes, else
-    a text preview of its first `limit` bytes. Bytes are decoded as JSON when they are JSON."""
+    a text preview of its first `limit` bytes. Bytes are decoded as JSON when they are JSON.
+
+    Never raises: output nested deeper than `MAX_JSON_DEPTH`, or that cannot be encoded, is
+    kept as a text preview, so a record can always be built (and stored).
+    """
     if isinstance(output, bytes | bytearray | memoryview):
         raw = bytes(output)
         if not raw:
             return None, False
         if len(raw) <= limit:
-            try:
-                return msgspec.json.decode(raw), False
-            except msgspec.DecodeError:
-                return raw.decode("utf-8", errors="replace"), False
+            data, problem = jsonbounds.decode(raw)
+            if not problem:
+                return data, False
+            return raw.decode("utf-8", errors="replace"), False
         return raw[:limit].decode("utf-8", errors="ignore"), True
     if output is None:
         return None, False
+    if not jsonbounds.within_depth(output):
+        return f"<output nested deeper than {jsonbounds.MAX_JSON_DEPTH} levels>", True
     try:
         encoded = msgspec.json.encode(output)
-    except (TypeError, msgspec.EncodeError):
-        encoded = repr(output).encode()
+    except Exception:  # noqa: BLE001 - not JSON-encodable: keep a (bounded) description
+        encoded = f"<unencodable {type(output).__name__}>".encode()
         output = encoded.decode()
     if len(encoded) <= limit:
         return output, False
     return encoded[:limit].decode("utf-8", errors="ignore"), True
+
+
+#: SQLite's INTEGER range; the JSON encoders take more, SQLite does not.
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+_INT_FIELDS = ("step_index", "cpu_ms", "memory_mb", "tokens")
+_TEXT_FIELDS = ("request_id", "assistant_id", "step_name", "step_type", "status", "error",
+                "tenant_id", "user_id", "session_id")
+#: Text fields longer than this are cut when a record had to be made storable.
+_MAX_TEXT = 64 << 10
+
+
+def storable(record: ExecutionLogRecord, max_output_bytes: int) -> ExecutionLogRecord:
+    """`record` with every field a store may refuse brought in range: integers clamped to
+    64 bits, text cut to 64 KiB and made valid UTF-8, output as a bounded text preview."""
+    changes: dict[str, Any] = {}
+    for name in _INT_FIELDS:
+        value = getattr(record, name)
+        if isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX:
+            changes[name] = min(max(value, _INT_MIN), _INT_MAX)
+    for name in _TEXT_FIELDS:
+        value = getattr(record, name)
+        text = value if isinstance(value, str) else str(value)
+        clean = text[:_MAX_TEXT].encode("utf-8", errors="replace").decode("utf-8")
+        if clean != value:
+            changes[name] = clean
+    if record.output is not None:
+        preview = msgspec.json.encode(_preview(record.output))[:max_output_bytes]
+        changes["output"] = preview.decode("utf-8", errors="ignore")
+        changes["output_truncated"] = True
+    if not isinstance(record.duration_ms, float):
+        changes["duration_ms"] = 0.0
+    return msgspec.structs.replace(record, **changes) if changes else record
+
+
+def _preview(output: Any) -> str:
+    try:
+        value, _ = bounded_output(output, 1 << 10)
+        return value if isinstance(value, str) else msgspec.json.encode(value).decode()
+    except Exception:  # noqa: BLE001 - a description is all a broken value gets
+        return f"<{type(output).__name__}>"
 
 
 def record_for_execution(request: ExecutionRequest, result: ExecutionResult,
@@ -163,18 +211,30 @@ class RecordLogger(abc.ABC):
             output, truncated = bounded_output(record.output, self.max_output_bytes)
             if truncated:
                 record = msgspec.structs.replace(record, output=output, output_truncated=True)
-        self.write(record)
+        self._store(record)
+
+    def _store(self, record: ExecutionLogRecord) -> None:
+        """Write `record`; one the store refuses as it is (an integer past 64 bits, text that
+        is not UTF-8, output it cannot encode) is written again with those fields brought in
+        range (`storable`): a record is never dropped for what its fields hold."""
+        try:
+            self.write(record)
+        except Exception:  # retried with every field made storable
+            fixed = storable(record, self.max_output_bytes)
+            if fixed is record:
+                raise  # nothing to fix: the store itself is failing
+            self.write(fixed)
 
     def log_plan_start(self, ec: ExecutionContext, plan: ExecutionPlan) -> None:
         output, truncated = bounded_output(plan.to_dict(), self.max_output_bytes)
-        self.write(ExecutionLogRecord(
+        self._store(ExecutionLogRecord(
             request_id=ec.request_id, assistant_id=ec.assistant_id or plan.assistant_id,
             step_type=PLAN_STEP_TYPE, status="started",
             output=output, output_truncated=truncated, tenant_id=ec.tenant_id,
             user_id=ec.user_id, session_id=ec.session_id))
 
     def log_plan_end(self, ec: ExecutionContext, error: str | None) -> None:
-        self.write(ExecutionLogRecord(
+        self._store(ExecutionLogRecord(
             request_id=ec.request_id, assistant_id=ec.assistant_id, step_type=PLAN_STEP_TYPE,
             status=plan_status(error), error=error or "",
             duration_ms=ec.elapsed() * 1000.0, tenant_id=ec.tenant_id, user_id=ec.user_id,

@@ -114,14 +114,16 @@ def assert_gone(pids: set[int]) -> None:
 
 def hostile_factory(make_sandbox: Callable[..., Sandbox],
                     skill_dir: Callable[..., Path]) -> Callable[..., Hostile]:
-    """`hostile(code, limits={}, network=False, **sandbox_options)`: a loaded skill whose
-    `attack(input)` is `code`, with the suite's small limits (`limits` overrides some)."""
+    """`hostile(code, limits={}, network=False, manifest_extra="", **sandbox_options)`: a loaded
+    skill whose `attack(input)` is `code`, with the suite's small limits (`limits` overrides
+    some); `manifest_extra` adds top-level manifest lines (e.g. a hostile `output_schema`)."""
 
     def build(code: str, limits: dict[str, float] | None = None, network: bool = False,
-              **options: Any) -> Hostile:
+              manifest_extra: str = "", **options: Any) -> Hostile:
         source = _TEMPLATE.format(code=textwrap.dedent(code))
         table = "".join(f"{key} = {value}\n" for key, value in {**LIMITS, **(limits or {})}.items())
-        manifest = f"[limits]\n{table}[permissions]\nnetwork = {str(network).lower()}\n"
+        manifest = (f"{manifest_extra}\n[limits]\n{table}[permissions]\n"
+                    f"network = {str(network).lower()}\n")
         skill = Skill.from_dir(skill_dir(source, manifest))
         sandbox = make_sandbox(skill, **options)
         return Hostile(sandbox, skill, sandbox.zygote_info(skill.id)["pid"])
