@@ -34,6 +34,7 @@ from sandbox import (
     MultiExecutionLogger,
     PlanFailed,
     Sandbox,
+    Skill,
     SqliteExecutionLogger,
 )
 from sandbox.execlog import SCHEMA_VERSION, SchemaError, read_jsonl
@@ -412,3 +413,52 @@ def test_jsonl_keeps_every_acknowledged_record_after_sigkill(tmp_path: Path) -> 
     acknowledged = _acknowledged_then_killed("jsonl", path, wanted=300)
     stored = {record.request_id for record in read_jsonl(path)}
     assert [index for index in acknowledged if f"r{index}" not in stored] == []
+
+
+_V1_TABLE = """CREATE TABLE execution_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, timestamp TEXT NOT NULL,
+    request_id TEXT NOT NULL, assistant_id TEXT NOT NULL DEFAULT '',
+    session_id TEXT NOT NULL DEFAULT '', tenant_id TEXT NOT NULL DEFAULT '',
+    user_id TEXT NOT NULL DEFAULT '', step_name TEXT NOT NULL DEFAULT '',
+    step_type TEXT NOT NULL DEFAULT '', step_index INTEGER, status TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL DEFAULT '', output TEXT, output_truncated INTEGER NOT NULL DEFAULT 0,
+    duration_ms REAL NOT NULL DEFAULT 0, cpu_ms INTEGER NOT NULL DEFAULT 0,
+    memory_mb INTEGER NOT NULL DEFAULT 0, tokens INTEGER NOT NULL DEFAULT 0)"""
+
+
+def test_a_version_1_log_gains_the_error_kind_column_and_keeps_its_records(
+        tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(f"""
+        CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL);
+        INSERT INTO schema_version VALUES (1, 'then');
+        {_V1_TABLE};
+        INSERT INTO execution_log (ts, timestamp, request_id, status)
+            VALUES (1.0, '2026-01-01T00:00:00+00:00', 'old', 'failed');
+    """)
+    conn.close()
+    db = SqliteExecutionLogger(path)
+    try:
+        assert db.schema_version() == SCHEMA_VERSION == 2
+        db.log_step(_rec("new", status="failed", error_kind="skill_failed"))
+        kinds = {record.request_id: record.error_kind for record in db.query()}
+        assert kinds == {"old": "", "new": "skill_failed"}
+    finally:
+        db.close()
+
+
+def test_the_log_records_the_supervisor_s_verdict_not_the_skill_s_words(
+        make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path],
+        tmp_path: Path) -> None:
+    db = SqliteExecutionLogger(tmp_path / "log.db")
+    try:
+        code = ("def run(input):\n"
+                "    raise type('runtime', (Exception,), {})('circuit breaker open')\n")
+        skill = Skill.from_dir(skill_dir(code))
+        make_sandbox(skill, logger=db).execute(ExecutionRequest(skill_id=skill.id))
+        [record] = db.query()
+        assert "circuit breaker open" in record.error  # control: the skill's words are there
+        assert record.error_kind == "skill_failed"
+    finally:
+        db.close()

@@ -45,6 +45,7 @@ class ExecutionLogRecord(msgspec.Struct, kw_only=True):
     memory_mb: int = 0
     tokens: int = 0
     output_truncated: bool = False
+    error_kind: str = ""  # the supervisor's verdict (`ErrorKind`); "" on success and for plans
 
     def to_dict(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)  # type: ignore[no-any-return]
@@ -167,7 +168,7 @@ def record_for_execution(request: ExecutionRequest, result: ExecutionResult,
         duration_ms=result.duration * 1000.0, tenant_id=request.tenant_id,
         user_id=request.user_id, session_id=step.session_id if step else "",
         step_index=step.step_index if step else None, cpu_ms=usage.cpu_time_ms,
-        memory_mb=usage.memory_mb, tokens=usage.tokens_used,
+        memory_mb=usage.memory_mb, tokens=usage.tokens_used, error_kind=result.error_kind.value,
     )
 
 
