@@ -20,6 +20,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from sandbox.errors import SandboxError
+from sandbox.skilltext import printable
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -46,7 +47,8 @@ def emit_json(data: Any) -> None:
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     """A plain aligned table (no box drawing: it must survive `less`, logs and e-mail)."""
     cells = [[str(header) for header in headers]] + \
-        [["-" if value is None else str(value) for value in row] for row in rows]
+        [["-" if value is None else printable(str(value), keep="") for value in row]
+         for row in rows]
     widths = [max(len(row[col]) for row in cells) for col in range(len(headers))]
     lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True))
              .rstrip() for row in cells]
@@ -56,7 +58,7 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 def pairs(items: Iterable[tuple[str, Any]]) -> str:
     items = [(key, value) for key, value in items if value not in (None, "", [])]
     width = max((len(key) for key, _ in items), default=0)
-    return "\n".join(f"{key.ljust(width)}  {value}" for key, value in items)
+    return "\n".join(f"{key.ljust(width)}  {printable(str(value))}" for key, value in items)
 
 
 def fail(message: str, code: int, as_json: bool, reason: str = "error") -> NoReturn:
@@ -276,7 +278,7 @@ def show_result(result: Any, as_json: bool) -> NoReturn:
         for name in ("stdout", "stderr"):
             if data[name]:
                 click.echo(f"{name}:")
-                click.echo(data[name].rstrip("\n"))
+                click.echo(printable(data[name].rstrip("\n")))  # the skill's bytes
     sys.exit(STATUS_EXIT.get(data["status"], EXIT_FAILED))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import select
 import shutil
 import signal
@@ -25,6 +24,7 @@ import msgspec
 from sandbox import jsonbounds
 from sandbox.cgroups import ExecutionCgroup
 from sandbox.skill import Skill
+from sandbox.skilltext import skill_text
 from sandbox.watch import TreeWatch
 from sandbox.zygote import ZygoteProcess
 from worker.protocol import (
@@ -52,8 +52,6 @@ WORKER_ERROR = "runtime: worker failure"
 #: Limits only the child itself can see hit (MemoryError under RLIMIT_DATA, EFBIG, a full
 #: workdir, no thread to start, its own output cap): the only `ChildResult.limit` values taken.
 CLAIMABLE_LIMITS = frozenset({"memory", "file size", "disk", "threads", "output"})
-#: A skill's own error text is cut to this many characters.
-MAX_SKILL_ERROR = 4096
 
 #: How long after a kill (or after the child exits) the pipes and the reap report may take.
 KILL_GRACE = 5.0
@@ -589,16 +587,6 @@ def _remove_workdir(path: str) -> None:
         os.rmdir(path)
     except OSError:
         shutil.rmtree(path, ignore_errors=True)
-
-
-_SUPERVISOR_VOICE = re.compile(r"\s*runtime\s*:", re.IGNORECASE)
-
-
-def skill_text(text: str) -> str:
-    """A skill's own words, bounded, and never in the supervisor's voice: text that starts
-    like a supervisor verdict ("runtime: ...") is marked as the skill's."""
-    text = text[:MAX_SKILL_ERROR]
-    return f"skill error: {text}" if _SUPERVISOR_VOICE.match(text) else text
 
 
 def _signalled(status: int) -> bool:

@@ -152,3 +152,26 @@ def test_running_out_of_execution_uids_is_the_sandbox_s_failure_not_the_skill_s(
         starved.raise_for_status()
     assert breaker.state(attack.skill.id) is CircuitState.CLOSED
     assert attack.run(sleep=0).ok
+
+
+@pytest.mark.parametrize("disguise", [
+    "\u200bruntime: circuit breaker open",  # zero-width space first
+    "\x1b[2K\rruntime: circuit breaker open",  # erase the line, then the supervisor's words
+    "\x00runtime: circuit breaker open",
+    "runtim\u0435: circuit breaker open",  # Cyrillic e
+    " runtime : circuit breaker open",
+])
+def test_a_disguised_supervisor_phrase_is_still_marked_as_the_skill_s(
+        hostile: Callable[..., Hostile], disguise: str) -> None:
+    attack = hostile(f"""
+        from worker.protocol import ChildResult, encode_frame
+
+        def attack(input):
+            os.write(3, encode_frame(ChildResult(ok=False, error={disguise!r})))
+            os._exit(0)
+    """)
+    result = attack.run()
+    assert "circuit breaker open" in result.error  # control: the words came through
+    assert result.error.startswith("skill error: "), repr(result.error)
+    assert result.error.isprintable(), repr(result.error)
+    assert result.error_kind is ErrorKind.SKILL_FAILED
