@@ -3,8 +3,11 @@ skill runs as (uid, groups, capabilities, no_new_privs, seccomp, environment, um
 
 from __future__ import annotations
 
+import ast
 import errno
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -147,3 +150,44 @@ def test_layers_hold_across_exec_in_spawn_and_command_skills(
     assert commanded.json()["uid"] != 0
     assert commanded.json() | {"uid": 0} == {"uid": 0, "shadow": "denied", "tmp": "denied",
                                              "seccomp": "2"}
+
+
+#: Calls no runtime profile needs and the old deny-list did not name; each does something on
+#: the host (the control shows it), so a default-deny filter is what refuses them.
+_UNLISTED = {
+    "sysfs(3)": (139, 3),
+    "modify_ldt(0)": (154, 0, 0, 0),
+    "personality(query)": (135, 0xFFFFFFFF),
+    "syscall 1000": (1000,),
+}
+_UNLISTED_CODE = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+
+def call_each(calls):
+    outcome = {}
+    for name, call in calls.items():
+        ctypes.set_errno(0)
+        result = libc.syscall(*(ctypes.c_long(value) for value in call))
+        outcome[name] = ctypes.get_errno() if result == -1 else "returned"
+    return outcome
+"""
+
+
+@requires("seccomp")
+def test_calls_off_the_allow_list_fail_with_enosys(hostile: Callable[..., Hostile]) -> None:
+    plain = subprocess.run([sys.executable, "-c", _UNLISTED_CODE
+                            + f"\nprint(repr(call_each({_UNLISTED!r})))"],
+                           capture_output=True, text=True, timeout=30, check=True)
+    control = ast.literal_eval(plain.stdout)
+    # The control: on the host the calls do something (only the made-up number is ENOSYS).
+    assert {name: value for name, value in control.items() if value == errno.ENOSYS} == \
+        {"syscall 1000": errno.ENOSYS}
+    attack = hostile(_UNLISTED_CODE + "\n\ndef attack(input):\n"
+                                      "    return call_each(input['calls'])\n")
+    result = attack.run(calls=_UNLISTED)
+    assert result.status is ExecutionStatus.SUCCESS, result
+    assert result.json() == dict.fromkeys(_UNLISTED, errno.ENOSYS)
+    attack.assert_still_serving()
