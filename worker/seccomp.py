@@ -54,7 +54,7 @@ X86_64: dict[str, int] = {
     "setuid": 105, "setgid": 106, "geteuid": 107, "getegid": 108, "setpgid": 109, "getppid": 110,
     "getpgrp": 111, "setsid": 112, "setreuid": 113, "setregid": 114, "getgroups": 115,
     "setgroups": 116, "setresuid": 117, "getresuid": 118, "setresgid": 119, "getresgid": 120,
-    "getpgid": 121, "setfsuid": 122, "setfsgid": 123, "getsid": 124, "capget": 125,
+    "getpgid": 121, "getsid": 124, "capget": 125,
     "rt_sigpending": 127, "rt_sigtimedwait": 128, "rt_sigqueueinfo": 129, "rt_sigsuspend": 130,
     "sigaltstack": 131, "utime": 132, "mknod": 133, "statfs": 137, "fstatfs": 138,
     "getpriority": 140, "setpriority": 141, "sched_setparam": 142, "sched_getparam": 143,
@@ -124,7 +124,8 @@ creat stat fstat lstat newfstatat statx statfs fstatfs access faccessat faccessa
 getdents64 getcwd chdir fchdir readlink readlinkat mkdir mkdirat rmdir unlink unlinkat rename
 renameat renameat2 link linkat symlink symlinkat chmod fchmod fchmodat fchmodat2 chown fchown
 lchown fchownat umask utime utimes futimesat utimensat mknod mknodat getxattr lgetxattr
-fgetxattr listxattr llistxattr flistxattr getxattrat listxattrat inotify_init inotify_init1
+fgetxattr listxattr llistxattr flistxattr getxattrat listxattrat setxattr lsetxattr fsetxattr
+removexattr lremovexattr fremovexattr inotify_init inotify_init1
 inotify_add_watch inotify_rm_watch pipe pipe2 select pselect6 poll ppoll epoll_create
 epoll_create1 epoll_ctl epoll_wait epoll_pwait epoll_pwait2 eventfd eventfd2 signalfd
 signalfd4 timerfd_create timerfd_settime timerfd_gettime memfd_create mmap munmap mprotect
@@ -140,17 +141,16 @@ sched_setscheduler sched_get_priority_max sched_get_priority_min sched_rr_get_in
 sched_getattr sched_setattr getcpu getpriority setpriority fork vfork execve execveat exit
 exit_group wait4 waitid pidfd_open pidfd_send_signal getpid getppid gettid getuid geteuid
 getgid getegid getresuid getresgid getgroups getpgid getpgrp getsid setsid setpgid setuid
-setgid setreuid setregid setresuid setresgid setgroups setfsuid setfsgid capget getrlimit
+setgid setreuid setregid setresuid setresgid setgroups capget getrlimit
 setrlimit prlimit64 getrusage times sysinfo uname getrandom bind listen accept accept4
 getsockname getpeername setsockopt getsockopt shutdown sendto recvfrom sendmsg recvmsg
 sendmmsg recvmmsg landlock_create_ruleset landlock_add_rule landlock_restrict_self seccomp
 """)
 #: Command skills exec arbitrary programs: the python profile plus what shells, coreutils and
-#: other runtimes use on top (extended attributes, sync, mlock, AIO, ioprio).
+#: other runtimes use on top (sync, mlock, AIO, ioprio).
 COMMAND_PROFILE = PYTHON_PROFILE | _names("""
-fsetxattr setxattr lsetxattr removexattr lremovexattr fremovexattr sync syncfs mlock munlock
-mlock2 mlockall munlockall ioprio_get ioprio_set io_setup io_destroy io_submit io_getevents
-io_cancel io_pgetevents cachestat
+sync syncfs mlock munlock mlock2 mlockall munlockall ioprio_get ioprio_set io_setup io_destroy
+io_submit io_getevents io_cancel io_pgetevents cachestat
 """)
 PROFILES = {"python": PYTHON_PROFILE, "command": COMMAND_PROFILE}
 #: Allowed with their arguments checked: clone without namespace flags; socket, socketpair and
