@@ -295,12 +295,13 @@ def capability_report(host: HostInfo, plan: IsolationPlan) -> CapabilityReport:
                             f"{len(seccomp.DENIED)} known-dangerous ones (ptrace, mount, bpf, "
                             "kexec, modules, keyctl, userfaultfd, unshare/setns, io_uring, SysV "
                             "IPC, mq_*, ...) with EPERM; clone without namespace flags; socket "
-                            "families: AF_UNIX stream/seqpacket only and connect denied without "
-                            "network = true, AF_UNIX/INET/INET6/NETLINK_ROUTE with it"))
+                            "families: AF_UNIX stream/seqpacket only, connect and bind denied "
+                            "without network = true, AF_UNIX/INET/INET6/NETLINK_ROUTE with it"))
     else:
         layers.append(Layer("seccomp", "unavailable", off["seccomp"]))
     host_sockets = ("host Unix sockets (pathname and abstract): seccomp allows only AF_UNIX "
-                    "stream/seqpacket sockets and denies connect() without network = true")
+                    "stream/seqpacket sockets and denies connect() and bind() without "
+                    "network = true")
     if plan.landlock_abi >= 6:
         host_sockets += "; Landlock scopes abstract sockets to the execution"
     if plan.netns:

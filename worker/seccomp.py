@@ -2,7 +2,7 @@
 zygote (every execution inherits it), plus a tiny filter each child stacks for mount/umount2.
 
 Default-deny: a syscall that is not on the profile's list fails with ENOSYS (what an older
-kernel would answer, so libc and runtimes fall back: clone3 -> clone, statx -> fstatat), and
+kernel would answer, so libc and runtimes fall back, as glibc does from clone3 to clone), and
 the known-dangerous ones (ptrace, mount, bpf, kexec, keyctl, SysV IPC and POSIX message
 queues, ...) fail with EPERM. The skill sees an ordinary OSError rather than being killed,
 which keeps its failure readable. Lists were derived from what the runtimes really call: the
@@ -10,10 +10,12 @@ test suite, the example skills and shell/coreutils workloads run with `audit=Tru
 calls allowed and logged by the kernel as audit type 1326), plus strace of the same.
 
 Socket families follow the skill's permission. Without the network permission only AF_UNIX
-stream and seqpacket sockets can be made (socket and socketpair) and connect() is refused
-(EACCES): no socket can reach a host service by path or abstract name, and no datagram socket
-exists to sendto() one. With it: AF_UNIX, AF_INET, AF_INET6 and NETLINK_ROUTE (glibc's
-getaddrinfo needs it); never vsock, packet, alg, bluetooth or anything a new kernel adds.
+stream and seqpacket sockets can be made (socket and socketpair) and connect() and bind() are
+refused (EACCES): no socket can reach a host service by path or abstract name, no datagram
+socket exists to sendto() one, and no name can be squatted (an abstract name a host client
+would connect to, where there is no network namespace). With it: AF_UNIX, AF_INET, AF_INET6
+and NETLINK_ROUTE (glibc's getaddrinfo needs it); never vsock, packet, alg, bluetooth or
+anything a new kernel adds.
 
 The program is a binary search over the syscall number (about 9 comparisons for any call, and
 the kernel's per-syscall action cache skips the program entirely for calls whose verdict
@@ -154,7 +156,7 @@ io_submit io_getevents io_cancel io_pgetevents cachestat
 """)
 PROFILES = {"python": PYTHON_PROFILE, "command": COMMAND_PROFILE}
 #: Allowed with their arguments checked: clone without namespace flags; socket, socketpair and
-#: connect as the network permission says (see the module docstring).
+#: connect (and bind, on the list) as the network permission says (see the module docstring).
 CHECKED = frozenset({"clone", "socket", "socketpair", "connect"})
 #: Known-dangerous: refused with EPERM (everything else off the list gets ENOSYS).
 DENIED = _names("""
@@ -292,6 +294,8 @@ def _actions(profile: str, deny_network: bool, allow_mount: bool) -> dict[int, s
     actions[X86_64["socket"]] = "check_socket"
     actions[X86_64["socketpair"]] = "check_socketpair" if deny_network else "allow"
     actions[X86_64["connect"]] = "eacces" if deny_network else "allow"
+    if deny_network:  # nor a name to squat: an abstract one a host client would connect to
+        actions[X86_64["bind"]] = "eacces"
     if allow_mount:
         actions.update({X86_64[name]: "allow" for name in MOUNT_CALLS})
     return actions
@@ -324,10 +328,10 @@ def _unix_stream_only(program: _Program, type_arg: int) -> None:
 
 def build_filter(deny_network: bool, allow_mount: bool = False, profile: str = "python",
                  audit: bool = False) -> bytes:
-    """The BPF program for this machine and `profile`. `deny_network`: AF_UNIX stream sockets
-    only and no connect(). `allow_mount` leaves mount/umount2 to a later `build_mount_filter`.
-    `audit`: calls off the list are allowed and logged by the kernel instead of refused (for
-    deriving a profile, never for serving)."""
+    """The BPF program for this machine and `profile`. `deny_network`: AF_UNIX stream
+    sockets only, no connect() or bind(). `allow_mount` leaves mount/umount2 to a later
+    `build_mount_filter`. `audit`: calls off the list are allowed and logged by the kernel
+    instead of refused (for deriving a profile, never for serving)."""
     _check_arch()
     returns = {
         "allow": _RET_ALLOW,

@@ -107,7 +107,7 @@ def test_doctor_names_the_allow_list_socket_rules_and_ipc_mechanisms() -> None:
         detail = layers["seccomp"].detail
         for profile in seccomp.PROFILES:
             assert f"{profile} profile {len(seccomp.allowed_calls(profile))} syscalls" in detail
-        assert "AF_UNIX stream/seqpacket only and connect denied" in detail
+        assert "AF_UNIX stream/seqpacket only, connect and bind denied" in detail
         assert "seccomp refuses SysV IPC" in layers["ipc"].detail
         assert "host Unix sockets" in layers["network"].detail
     if plan.ipcns:

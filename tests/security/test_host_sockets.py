@@ -255,3 +255,29 @@ def test_network_permission_opens_only_the_internet_families(
     if os.geteuid() == 0:
         assert plain == "created"
     attack.assert_still_serving()
+
+
+_SQUAT = """
+def attack(input):
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(input["name"].encode("latin-1"))
+            server.listen(1)
+        return "bound"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, exc.errno)
+"""
+
+
+@requires("seccomp")
+def test_a_skill_without_network_cannot_squat_an_abstract_name(
+        hostile: Callable[..., Hostile]) -> None:
+    # Without a netns the abstract namespace is the host's: a name bound by the skill is one a
+    # host client (an X11 or D-Bus address) would connect to. Control: a plain process binds it.
+    name = f"\0sbx-squat-{uuid.uuid4().hex}"
+    assert _plain("import errno, socket\n" + _SQUAT, f"attack({{'name': {name!r}}})") == "bound"
+    attack = hostile(_SQUAT, isolation=IsolationConfig(disabled=frozenset({"netns"})))
+    result = attack.run(name=name)
+    assert result.status is ExecutionStatus.SUCCESS, result
+    assert result.json() == "EACCES"
+    attack.assert_still_serving()
