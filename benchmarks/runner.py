@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -53,7 +55,7 @@ def _idle_weight(config: BenchConfig) -> int:
 
 def _planned_work(config: BenchConfig, with_bwrap: bool, with_daemon: bool) -> int:
     spawned = (3 if with_bwrap else 2) * config.spawn_runs * baselines.SPAWN_WEIGHT
-    latency = 5 * config.latency_runs + spawned
+    latency = 6 * config.latency_runs + spawned
     throughput = 2 * config.throughput_runs * len(config.concurrency)
     fib = 2 * config.fib_runs * _fib_weight(config)
     daemon_runs = 2 * config.daemon_runs if with_daemon else 0
@@ -121,6 +123,12 @@ def run(config: BenchConfig) -> Report:
                   enabled=config.progress) as progress:
         progress.phase("starting zygotes and workers")
         sandbox = Sandbox(skills, max_concurrency=concurrency)
+        # The same echo with the seccomp layer off, interleaved with the rest: the filter's
+        # per-execution cost as a paired ratio.
+        from sandbox.capabilities import IsolationConfig
+
+        no_seccomp = Sandbox([skills[0]], isolation=IsolationConfig(
+            disabled=frozenset({"seccomp"})))
         series: list[Series] = []
         pool = None
         try:
@@ -145,11 +153,15 @@ def run(config: BenchConfig) -> Report:
                 bwrap_series = baselines.BubblewrapInterpreter(config.spawn_runs, ECHO_DIR,
                                                                payload, expected, bwrap)
                 series.append(bwrap_series)
-            series += [fork_echo, command, spawn_mode]
+            fork_plain = project.SandboxSeries(config.latency_runs, no_seccomp, ECHO_ID, payload,
+                                               expected, "fork_echo_no_seccomp",
+                                               "echo, fork mode, seccomp layer off")
+            series += [fork_echo, fork_plain, command, spawn_mode]
             interleave(series, config.block, config.warmup, progress)
             _baseline_figures(report, floor, lean, reused, spawn_base, bwrap_series,
                               bwrap_problem)
             _latency_figures(report, fork_echo, command, spawn_mode)
+            _seccomp_figures(report, fork_plain)
             _idle_latency(report, config, sandbox, payload, expected, progress)
             _footprint_figures(report, sandbox, [skill.id for skill in skills])
             _throughput(report, config, sandbox, pool, payload, expected, progress)
@@ -169,6 +181,7 @@ def run(config: BenchConfig) -> Report:
             for item in series:
                 item.close()
             sandbox.close()
+            no_seccomp.close()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
     report.duration_s = time.monotonic() - started
@@ -227,6 +240,30 @@ def _latency_figures(report: Report, fork_echo: Series, command: Series,
     if bwrap is not None and bwrap.summary is not None:
         ratio = _ratio(spawn.summary, bwrap.summary)
         spawn.checks.append(Check(f"{ratio:.2f}x bubblewrap + fresh python", ratio=ratio))
+
+
+def _seccomp_figures(report: Report, fork_plain: Series) -> None:
+    """The seccomp layer's cost: the paired echo without it, and the filter probe's figures
+    (attach time of each profile's program, a syscall-heavy loop with and without it)."""
+    fork = report.figure("fork_echo")
+    plain = report.add(_latency_figure(fork_plain, "latency"))
+    ratio = _ratio(fork.summary if fork else None, plain.summary)
+    plain.checks.append(Check(f"fork-mode echo with seccomp is {ratio:.3f}x this", ratio=ratio))
+    try:
+        probe = str(baselines.PROBES / "seccomp_cost.py")
+        done = subprocess.run([sys.executable, "-I", "-B", probe], capture_output=True,
+                              text=True, timeout=60, check=True, cwd="/")
+        data = json.loads(done.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        report.add(Figure(key="seccomp_attach", label="seccomp allow-list attach",
+                          section="latency", skipped=f"the probe failed: {exc}"))
+        return
+    figure = report.add(Figure(key="seccomp_attach", label="seccomp allow-list attach (python)",
+                               section="latency", value=data["python_attach_us"], unit="µs",
+                               data=data))
+    loop = data["python_loop_ms"] / data["loop_no_filter_ms"]
+    figure.checks.append(Check(f"once per zygote; syscall loop {loop:.3f}x unfiltered",
+                               ratio=loop))
 
 
 def _idle_latency(report: Report, config: BenchConfig, sandbox: Any, payload: bytes,

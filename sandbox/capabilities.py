@@ -23,8 +23,11 @@ from sandbox import cgroups
 from sandbox.errors import SandboxError
 
 #: Mechanisms an operator can require or disable by name.
-MECHANISMS = ("uid", "mountns", "netns", "landlock", "seccomp", "cgroups")
+MECHANISMS = ("uid", "mountns", "netns", "ipcns", "landlock", "seccomp", "cgroups")
 _PROBE_TIMEOUT = 20.0
+#: Set to 1 in the supervisor's environment to derive a profile: calls off the seccomp
+#: allow-list are allowed and logged by the kernel (audit type 1326) instead of refused.
+SECCOMP_AUDIT_ENV = "SKILL_SANDBOX_SECCOMP_AUDIT"
 
 
 class IsolationUnavailable(SandboxError):
@@ -109,6 +112,7 @@ class IsolationPlan:
     landlock_abi: int
     seccomp: bool
     cgroups: bool
+    ipcns: bool = False
     off: dict[str, str] = field(default_factory=dict)
 
     def zygote_settings(self, network: bool, workdir_root: str) -> dict[str, object]:
@@ -118,8 +122,11 @@ class IsolationPlan:
             "drop_uid": self.uid,
             "mount_ns": self.mountns,
             "net_ns": self.netns and not network,
+            "ipc_ns": self.ipcns,
             "seccomp": self.seccomp,
-            "seccomp_network": self.seccomp and not network and not self.netns,
+            # A netns hides no pathname socket: the socket rules hold with or without one.
+            "seccomp_network": self.seccomp and not network,
+            "seccomp_audit": self.seccomp and os.environ.get(SECCOMP_AUDIT_ENV) == "1",
             "landlock_abi": self.landlock_abi,
             "workdir_root": workdir_root,
             "read_only": list(self.config.read_only),
@@ -236,6 +243,8 @@ def plan_layers(host: HostInfo, config: IsolationConfig) -> IsolationPlan:
                      not_root if not root else host.probes.get("mountns", ""))
     netns = usable("netns", root and host.works("netns"),
                    not_root if not root else host.probes.get("netns", ""))
+    ipcns = usable("ipcns", root and host.works("ipcns"),
+                   not_root if not root else host.probes.get("ipcns", "not probed"))
     landlock_ok = usable("landlock", host.landlock_abi > 0 and host.works("landlock"),
                          "the kernel has no Landlock (5.13+, CONFIG_SECURITY_LANDLOCK, "
                          "landlock in lsm=)" if not host.landlock_abi
@@ -249,7 +258,7 @@ def plan_layers(host: HostInfo, config: IsolationConfig) -> IsolationPlan:
                        not_root if not root else host.cgroup_v1_problem)
     plan = IsolationPlan(config=config, uid=uid, mountns=mountns, netns=netns,
                          landlock_abi=host.landlock_abi if landlock_ok else 0, seccomp=seccomp,
-                         cgroups=cgroup_ok, off=off)
+                         cgroups=cgroup_ok, ipcns=ipcns, off=off)
     missing = sorted(name for name in config.required if name in off)
     if missing:
         raise IsolationUnavailable("required isolation unavailable: " + "; ".join(
@@ -288,23 +297,57 @@ def capability_report(host: HostInfo, plan: IsolationPlan) -> CapabilityReport:
                         else "fallback" if hidden else "unavailable",
                         "; ".join([*hidden, pidns])))
     if plan.seccomp:
-        from worker.seccomp import X86_64_DENIED
+        from worker import seccomp
 
+        sizes = ", ".join(f"{name} profile {len(seccomp.allowed_calls(name))} syscalls"
+                          for name in seccomp.PROFILES)
         layers.append(Layer("seccomp", "active",
-                            f"deny-list of {len(X86_64_DENIED)} syscalls (ptrace, mount, bpf, "
-                            "kexec, modules, keyctl, userfaultfd, unshare/setns, io_uring, ...) "
-                            "and clone without namespace flags, inherited from the zygote"))
+                            f"allow-list per runtime profile ({sizes}), inherited from the "
+                            "zygote: calls off the list fail with ENOSYS, "
+                            f"{len(seccomp.DENIED)} known-dangerous ones (ptrace, mount, bpf, "
+                            "kexec, modules, keyctl, userfaultfd, unshare/setns, io_uring, SysV "
+                            "IPC, mq_*, ...) with EPERM; clone without namespace flags; socket "
+                            "families: AF_UNIX stream/seqpacket only, connect and bind denied "
+                            "without network = true, AF_UNIX/INET/INET6/NETLINK_ROUTE with it"))
     else:
         layers.append(Layer("seccomp", "unavailable", off["seccomp"]))
+    host_sockets = ("host Unix sockets (pathname and abstract): seccomp allows only AF_UNIX "
+                    "stream/seqpacket sockets and denies connect() and bind() without "
+                    "network = true")
+    if plan.landlock_abi >= 6:
+        host_sockets += "; Landlock scopes abstract sockets to the execution"
     if plan.netns:
-        layers.append(Layer("network", "active", "skills without network = true get a network "
-                                                 "namespace of their own (no interface up)"))
+        layers.append(Layer("network",
+                            "active" if plan.seccomp else "fallback",
+                            "skills without network = true get a network namespace of their "
+                            "own (no interface up); " + (host_sockets if plan.seccomp else
+                                                        "off for host Unix sockets (a netns "
+                                                        "does not hide pathname sockets), "
+                                                        f"because there is no seccomp: "
+                                                        f"{off['seccomp']}")))
     elif plan.seccomp:
         layers.append(Layer("network", "fallback",
-                            f"seccomp limits socket() to AF_UNIX (no netns: {off['netns']})"))
+                            f"seccomp limits socket() to AF_UNIX stream/seqpacket (no netns: "
+                            f"{off['netns']}); {host_sockets}"))
     else:
         layers.append(Layer("network", "unavailable",
-                            f"no netns ({off['netns']}) and no seccomp ({off['seccomp']})"))
+                            f"no netns ({off['netns']}) and no seccomp ({off['seccomp']}): "
+                            "host Unix sockets are reachable too"))
+    ipc = []
+    if plan.seccomp:
+        ipc.append("seccomp refuses SysV IPC (shm*, msg*, sem*) and POSIX mq_* with EPERM")
+    if plan.ipcns:
+        ipc.append("an IPC namespace per zygote" + ("" if plan.seccomp else
+                                                    ", its SysV objects removed after each "
+                                                    "execution"))
+    else:
+        ipc.append(f"no IPC namespace ({off['ipcns']})")
+    layers.append(Layer("ipc", "active" if plan.seccomp and plan.ipcns
+                        else "fallback" if plan.seccomp or plan.ipcns else "unavailable",
+                        "; ".join(ipc) if plan.seccomp or plan.ipcns
+                        else f"off, because there is neither seccomp ({off['seccomp']}) nor "
+                             f"an IPC namespace ({off['ipcns']}): SysV objects and POSIX "
+                             "queues are shared with the host"))
     files = []
     if plan.landlock_abi:
         files.append(f"Landlock ABI {plan.landlock_abi}: read-only interpreter, site-packages, "
@@ -352,7 +395,7 @@ def format_report(result: CapabilityReport) -> str:
         ("kernel", f"Linux {host.kernel} {host.arch}, running as {who}"),
         ("landlock", f"ABI {host.landlock_abi}" if host.landlock_abi else "not available"),
         *((name, "available" if host.works(name) else f"unavailable: {host.probes.get(name)}")
-          for name in ("seccomp", "userns", "pidns", "netns", "mountns", "setuid")),
+          for name in ("seccomp", "userns", "pidns", "netns", "ipcns", "mountns", "setuid")),
         ("cgroup", f"{cgroup_v1}; "
                    + ("writable" if not host.cgroup_v1_problem else host.cgroup_v1_problem)
                    + (f"; v2 mounted at {host.cgroup_v2} (not used)" if host.cgroup_v2 else "")),

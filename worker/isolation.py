@@ -2,8 +2,9 @@
 
 Once, in the zygote (`apply_zygote_layers`): no_new_privs and no core dumps; as root, its own
 mount namespace (paths the execution uids cannot reach exposed read-only, the whole view made
-read-only) and, for skills without the network permission, its own network namespace; the
-Landlock plan (read-only paths opened once); the seccomp deny-list, which every fork inherits.
+read-only), its own IPC namespace and, for skills without the network permission, its own
+network namespace; the Landlock plan (read-only paths opened once); the seccomp allow-list of
+the skill's runtime profile, which every fork inherits.
 
 Per execution, in the zygote: `before_fork` mounts the tmpfs workdir, `after_fork` moves a
 child forked on request into its cgroups and opens the gate it waits at (a pre-forked spare
@@ -78,8 +79,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     drop_uid: bool = False  # the uid/gid of each execution arrive with its ForkCommand
     mount_ns: bool = False  # own mount namespace: exposed paths, read-only view, tmpfs workdir
     net_ns: bool = False  # own network namespace: no interface but a downed loopback
+    ipc_ns: bool = False  # own IPC namespace: no SysV object or POSIX queue shared with others
     seccomp: bool = False
-    seccomp_network: bool = False  # socket() limited to AF_UNIX (denial without a netns)
+    seccomp_network: bool = False  # AF_UNIX stream sockets only, no connect()
+    seccomp_audit: bool = False  # calls off the allow-list allowed and logged (deriving lists)
     landlock_abi: int = 0
     workdir_root: str = ""
     read_only: list[str] = []  # further read-only paths the operator allows
@@ -146,6 +149,8 @@ def apply_zygote_layers(settings: dict[str, Any], code: SkillCode | None = None)
         namespaces.check_reachable(reach, readable)
     if config.net_ns:
         namespaces.unshare(namespaces.CLONE_NEWNET)
+    if config.ipc_ns:
+        namespaces.unshare(namespaces.CLONE_NEWIPC)
     if config.landlock_abi:
         rules = {path: landlock.READ_EXEC for path in (*SYSTEM_CODE, *paths)}
         rules.update({path: landlock.READ_ONLY for path in SYSTEM_FILES})
@@ -155,9 +160,13 @@ def apply_zygote_layers(settings: dict[str, Any], code: SkillCode | None = None)
     if config.seccomp:
         # Children mount their workdir before dropping privileges: they get mount/umount2
         # denied by a small filter of their own, the zygote keeps umount2 to detach it.
+        # One allow-list per runtime profile serves the zygote and its children: a zygote
+        # serves one skill, so nothing is stacked per execution but the mount filter.
         allow_mount = config.mount_ns
-        seccomp.Filter(seccomp.build_filter(config.seccomp_network,
-                                            allow_mount=allow_mount)).install()
+        profile = "command" if code.kind == "command" else "python"
+        seccomp.Filter(seccomp.build_filter(config.seccomp_network, allow_mount=allow_mount,
+                                            profile=profile,
+                                            audit=config.seccomp_audit)).install()
         if allow_mount:
             _Zygote.child_filter = seccomp.Filter(seccomp.build_mount_filter())
 
@@ -330,7 +339,11 @@ def apply_child_layers(command: ForkCommand, code: SkillCode) -> None:
 
 
 def release_execution(workdir: str) -> None:
-    """In the zygote, after the reap: detach the execution's tmpfs (a no-op if it has none)."""
+    """In the zygote, after the reap: detach the execution's tmpfs (a no-op if it has none)
+    and, where the IPC namespace stands alone (no seccomp refusing the calls), remove the SysV
+    objects the execution made, so the next one cannot find them."""
+    if _Zygote.settings.ipc_ns and not _Zygote.settings.seccomp:
+        namespaces.remove_sysv_objects()
     if _Zygote.settings.mount_ns:
         # OSError: never mounted (killed early) or already gone with its directory.
         with contextlib.suppress(OSError):

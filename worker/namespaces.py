@@ -9,6 +9,10 @@ permission, its own network namespace) before it serves. Inside it:
   ancestor's other contents;
 - the whole view is made read-only (except the cgroup mounts the child writes before it drops
   privileges): the file-system fallback when Landlock is missing, and a second wall when not;
+- SysV IPC objects live in the zygote's own IPC namespace; where seccomp does not refuse the
+  calls, the zygote removes every object after each execution (`remove_sysv_objects`). POSIX
+  message queues have no such sweep (listing them needs an mqueue mount): seccomp refuses
+  mq_open, and the namespace keeps them from the host and other skills;
 - each execution gets a size-capped tmpfs over its workdir (a disk quota that leaves nothing on
   the host), mounted by the child and detached by the zygote after the reap.
 """
@@ -21,6 +25,7 @@ import stat
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWIPC = 0x08000000
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -155,3 +160,27 @@ def mount_workdir(path: str, uid: int, gid: int, size_bytes: int) -> None:
     inodes = max(1024, size_bytes // 4096)
     mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
           f"size={size_bytes},nr_inodes={inodes},mode=0700,uid={uid},gid={gid}")
+
+
+_SYSV_TABLES = (("/proc/sysvipc/shm", "shmctl"), ("/proc/sysvipc/msg", "msgctl"),
+                ("/proc/sysvipc/sem", "semctl"))
+_IPC_RMID = 0
+
+
+def remove_sysv_objects() -> None:
+    """Remove every SysV segment, queue and semaphore set of this IPC namespace (the files
+    under /proc/sysvipc list the caller's namespace only). An id gone meanwhile is skipped."""
+    for table, call in _SYSV_TABLES:
+        try:
+            with open(table, "rb") as listing:
+                lines = listing.read().splitlines()[1:]
+        except OSError:
+            continue
+        remove = getattr(_libc, call)
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 1:
+                if call == "semctl":
+                    remove(ctypes.c_int(int(fields[1])), 0, _IPC_RMID)
+                else:
+                    remove(ctypes.c_int(int(fields[1])), _IPC_RMID, None)

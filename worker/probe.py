@@ -109,6 +109,7 @@ def main() -> None:
         "landlock": _landlock(scratch),
         "mountns": _mount_ns(scratch),
         "netns": lambda: namespaces.unshare(namespaces.CLONE_NEWNET),
+        "ipcns": lambda: namespaces.unshare(namespaces.CLONE_NEWIPC),
         "pidns": _pid_ns,
         "userns": lambda: namespaces.unshare(0x10000000),
         "setuid": _setuid(uid),

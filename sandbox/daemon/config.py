@@ -90,7 +90,7 @@ class IsolationSettings(_Strict):
     read_only: list[str] = Field(default_factory=list,
                                  description="extra absolute paths every skill may read")
     disabled: list[str] = Field(default_factory=list,
-                                description="mechanisms to switch off (uid, mountns, netns, "
+                                description="mechanisms to switch off (uid, mountns, netns, ipcns, "
                                 "landlock, seccomp, cgroups)")
     required: list[str] = Field(default_factory=list,
                                 description="mechanisms without which the daemon refuses to "

@@ -20,7 +20,7 @@ from sandbox.capabilities import (
     report,
 )
 
-LAYERS = ["hygiene", "identity", "supervisor hidden", "seccomp", "network", "filesystem",
+LAYERS = ["hygiene", "identity", "supervisor hidden", "seccomp", "network", "ipc", "filesystem",
           "processes"]
 
 
@@ -96,3 +96,41 @@ def test_bad_isolation_config_names_the_problem(config: dict[str, object],
                                                 message: str) -> None:
     with pytest.raises(ValueError, match=message):
         IsolationConfig(**config)  # type: ignore[arg-type]
+
+
+def test_doctor_names_the_allow_list_socket_rules_and_ipc_mechanisms() -> None:
+    from worker import seccomp
+
+    plan = plan_layers(detect(), IsolationConfig())
+    layers = {layer.name: layer for layer in capability_report(detect(), plan).layers}
+    if plan.seccomp:
+        detail = layers["seccomp"].detail
+        for profile in seccomp.PROFILES:
+            assert f"{profile} profile {len(seccomp.allowed_calls(profile))} syscalls" in detail
+        assert "AF_UNIX stream/seqpacket only, connect and bind denied" in detail
+        assert "seccomp refuses SysV IPC" in layers["ipc"].detail
+        assert "host Unix sockets" in layers["network"].detail
+    if plan.ipcns:
+        assert "an IPC namespace per zygote" in layers["ipc"].detail
+
+
+def test_a_host_without_seccomp_or_ipc_namespace_says_why_ipc_and_unix_sockets_are_off(
+        ) -> None:
+    bare = dataclasses.replace(detect(), euid=1000, probes={**detect().probes,
+                                                            "seccomp": "EINVAL: no seccomp"})
+    plan = plan_layers(bare, IsolationConfig())
+    layers = {layer.name: layer for layer in capability_report(bare, plan).layers}
+    assert layers["ipc"].status == "unavailable"
+    assert layers["ipc"].detail.startswith("off, because there is neither seccomp")
+    assert "EINVAL: no seccomp" in layers["ipc"].detail
+    assert "the supervisor is not root" in layers["ipc"].detail
+    assert layers["network"].status == "unavailable"
+    assert "host Unix sockets are reachable" in layers["network"].detail
+    only_ns = dataclasses.replace(detect(), probes={**detect().probes,
+                                                    "seccomp": "EINVAL: no seccomp"})
+    if only_ns.euid == 0 and only_ns.works("ipcns"):
+        layers = {layer.name: layer for layer in capability_report(
+            only_ns, plan_layers(only_ns, IsolationConfig())).layers}
+        assert layers["ipc"].status == "fallback"
+        assert "removed after each execution" in layers["ipc"].detail
+        assert "off for host Unix sockets" in layers["network"].detail

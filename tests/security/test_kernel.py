@@ -3,8 +3,11 @@ skill runs as (uid, groups, capabilities, no_new_privs, seccomp, environment, um
 
 from __future__ import annotations
 
+import ast
 import errno
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -147,3 +150,104 @@ def test_layers_hold_across_exec_in_spawn_and_command_skills(
     assert commanded.json()["uid"] != 0
     assert commanded.json() | {"uid": 0} == {"uid": 0, "shadow": "denied", "tmp": "denied",
                                              "seccomp": "2"}
+
+
+#: Calls no runtime profile needs and the old deny-list did not name; each does something on
+#: the host (the control shows it), so a default-deny filter is what refuses them.
+_UNLISTED = {
+    "sysfs(3)": (139, 3),
+    "modify_ldt(0)": (154, 0, 0, 0),
+    "personality(query)": (135, 0xFFFFFFFF),
+    "syscall 1000": (1000,),
+}
+_UNLISTED_CODE = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+
+def call_each(calls):
+    outcome = {}
+    for name, call in calls.items():
+        ctypes.set_errno(0)
+        result = libc.syscall(*(ctypes.c_long(value) for value in call))
+        outcome[name] = ctypes.get_errno() if result == -1 else "returned"
+    return outcome
+"""
+
+
+@requires("seccomp")
+def test_calls_off_the_allow_list_fail_with_enosys(hostile: Callable[..., Hostile]) -> None:
+    plain = subprocess.run([sys.executable, "-c", _UNLISTED_CODE
+                            + f"\nprint(repr(call_each({_UNLISTED!r})))"],
+                           capture_output=True, text=True, timeout=30, check=True)
+    control = ast.literal_eval(plain.stdout)
+    # The control: on the host the calls do something (only the made-up number is ENOSYS).
+    assert {name: value for name, value in control.items() if value == errno.ENOSYS} == \
+        {"syscall 1000": errno.ENOSYS}
+    attack = hostile(_UNLISTED_CODE + "\n\ndef attack(input):\n"
+                                      "    return call_each(input['calls'])\n")
+    result = attack.run(calls=_UNLISTED)
+    assert result.status is ExecutionStatus.SUCCESS, result
+    assert result.json() == dict.fromkeys(_UNLISTED, errno.ENOSYS)
+    attack.assert_still_serving()
+
+
+_WORKLOAD = r"""
+mkdir d && printf 'b\na\n' > d/f && cp -a d e && ln -s f e/l && readlink e/l >/dev/null &&
+sort e/f | tr -d '\n' && tar cf - d 2>/dev/null | gzip -c | gzip -dc | tar tf - >/dev/null &&
+find . -name f | wc -l | tr -d ' \n' && sleep 0.01 && rm -r d e && date +%Y >/dev/null &&
+id -u >/dev/null && awk 'END {printf "%d", NR}' /etc/hosts >/dev/null && printf ok
+"""
+#: The same as a command skill, whose stdout must be JSON: the output as a JSON string.
+_WORKLOAD_JSON = "printf '\"%s\"' \"$(" + _WORKLOAD + ")\""
+_RUNTIME_SKILL = """\
+import asyncio, concurrent.futures, hashlib, os, shutil, signal, subprocess, time
+
+
+async def _child():
+    proc = await asyncio.create_subprocess_exec("/bin/echo", "hi",
+                                                stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    await asyncio.sleep(0.01)
+    return out.decode().strip()
+
+
+def run(input):
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        digests = set(pool.map(lambda n: hashlib.sha256(b"x" * n).hexdigest(), range(64)))
+    fired = []
+    signal.signal(signal.SIGALRM, lambda *args: fired.append(1))
+    signal.setitimer(signal.ITIMER_REAL, 0.01)
+    time.sleep(0.05)
+    os.mkfifo("fifo")
+    shell = subprocess.run(["/bin/sh", "-c", input["script"]], capture_output=True, text=True,
+                           timeout=5)
+    return {"threads": len(digests), "timer": len(fired), "asyncio": asyncio.run(_child()),
+            "shell": shell.stdout, "stderr": shell.stderr, "random": len(os.urandom(8))}
+"""
+
+
+@requires("seccomp")
+def test_threads_asyncio_subprocess_and_coreutils_work_under_the_allow_list(
+        make_sandbox: Callable[..., Sandbox], tmp_path: Path) -> None:
+    # No false denials: what ordinary skills do, in both runtime profiles.
+    python = tmp_path / "python"
+    python.mkdir()
+    (python / "main.py").write_text(_RUNTIME_SKILL)
+    (python / "skill.toml").write_text('id = "test/runtime"\nentrypoint = "main:run"\n'
+                                       '[limits]\ntimeout = 20\nmax_processes = 32\n')
+    command = tmp_path / "command"
+    command.mkdir()
+    (command / "skill.toml").write_text(
+        f'id = "test/coreutils"\ncommand = ["/bin/sh", "-c", {json.dumps(_WORKLOAD_JSON)}]\n'
+        '[limits]\ntimeout = 20\nmax_processes = 32\n')
+    sandbox = make_sandbox(Skill.from_dir(python), Skill.from_dir(command))
+    result = sandbox.execute(ExecutionRequest(skill_id="test/runtime",
+                                              input=json.dumps({"script": _WORKLOAD}).encode()))
+    assert result.status is ExecutionStatus.SUCCESS, result
+    assert result.json() == {"threads": 64, "timer": 1, "asyncio": "hi", "shell": "ab2ok",
+                             "stderr": "", "random": 8}
+    commanded = sandbox.execute(ExecutionRequest(skill_id="test/coreutils"))
+    assert commanded.status is ExecutionStatus.SUCCESS, commanded
+    assert commanded.json() == "ab2ok"
