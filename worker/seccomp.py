@@ -119,19 +119,18 @@ def _names(text: str) -> frozenset[str]:
 #: stdlib (threads, asyncio, subprocess of /bin/sh and coreutils), native extensions (mmap,
 #: futex, sched_*, getrandom) and the worker's own set-up (setresuid, Landlock, seccomp, prctl).
 PYTHON_PROFILE = _names("""
-read write readv writev pread64 pwrite64 preadv pwritev preadv2 pwritev2 lseek close
-close_range dup dup2 dup3 fcntl ioctl flock fsync fdatasync sync_file_range fadvise64
-readahead fallocate ftruncate truncate sendfile splice tee copy_file_range open openat openat2
+read write readv writev pread64 pwrite64 preadv pwritev pwritev2 lseek close
+close_range dup dup2 dup3 ioctl fsync fdatasync sync_file_range readahead fallocate ftruncate
+truncate sendfile splice tee copy_file_range open openat openat2
 creat stat fstat lstat newfstatat statx statfs fstatfs access faccessat faccessat2 getdents
 getdents64 getcwd chdir fchdir readlink readlinkat mkdir mkdirat rmdir unlink unlinkat rename
 renameat renameat2 link linkat symlink symlinkat chmod fchmod fchmodat fchmodat2 chown fchown
 lchown fchownat umask utime utimes futimesat utimensat mknod mknodat getxattr lgetxattr
 fgetxattr listxattr llistxattr flistxattr getxattrat listxattrat setxattr lsetxattr fsetxattr
-removexattr lremovexattr fremovexattr inotify_init inotify_init1
-inotify_add_watch inotify_rm_watch pipe pipe2 select pselect6 poll ppoll epoll_create
+removexattr lremovexattr fremovexattr pipe pipe2 select pselect6 poll ppoll epoll_create
 epoll_create1 epoll_ctl epoll_wait epoll_pwait epoll_pwait2 eventfd eventfd2 signalfd
 signalfd4 timerfd_create timerfd_settime timerfd_gettime memfd_create mmap munmap mprotect
-mremap madvise msync mincore brk pkey_mprotect pkey_alloc pkey_free get_mempolicy
+mremap msync mincore brk pkey_mprotect pkey_alloc pkey_free get_mempolicy
 set_mempolicy mbind map_shadow_stack mseal membarrier futex futex_waitv futex_wake futex_wait
 futex_requeue set_robust_list get_robust_list set_tid_address rseq arch_prctl prctl
 rt_sigaction rt_sigprocmask rt_sigreturn rt_sigpending rt_sigtimedwait rt_sigqueueinfo
@@ -144,20 +143,22 @@ sched_getattr sched_setattr getcpu getpriority setpriority fork vfork execve exe
 exit_group wait4 waitid pidfd_open pidfd_send_signal getpid getppid gettid getuid geteuid
 getgid getegid getresuid getresgid getgroups getpgid getpgrp getsid setsid setpgid setuid
 setgid setreuid setregid setresuid setresgid setgroups capget getrlimit
-setrlimit prlimit64 getrusage times sysinfo uname getrandom bind listen accept accept4
+setrlimit getrusage times sysinfo uname getrandom bind listen accept accept4
 getsockname getpeername setsockopt getsockopt shutdown sendto recvfrom sendmsg recvmsg
 sendmmsg recvmmsg landlock_create_ruleset landlock_add_rule landlock_restrict_self seccomp
 """)
 #: Command skills exec arbitrary programs: the python profile plus what shells, coreutils and
-#: other runtimes use on top (sync, mlock, AIO, ioprio).
+#: other runtimes use on top (sync, mlock, ioprio). Not AIO (`RWF_NOWAIT` hides in its iocbs,
+#: out of the filter's sight) nor `cachestat`: both read the shared page cache's state.
 COMMAND_PROFILE = PYTHON_PROFILE | _names("""
-sync syncfs mlock munlock mlock2 mlockall munlockall ioprio_get ioprio_set io_setup io_destroy
-io_submit io_getevents io_cancel io_pgetevents cachestat
+sync syncfs mlock munlock mlock2 mlockall munlockall ioprio_get ioprio_set
 """)
 PROFILES = {"python": PYTHON_PROFILE, "command": COMMAND_PROFILE}
 #: Allowed with their arguments checked: clone without namespace flags; socket, socketpair and
-#: connect (and bind, on the list) as the network permission says (see the module docstring).
-CHECKED = frozenset({"clone", "socket", "socketpair", "connect"})
+#: connect (and bind, on the list) as the network permission says (see the module docstring);
+#: and the calls below that would otherwise be channels between executions.
+CHECKED = frozenset({"clone", "socket", "socketpair", "connect", "fadvise64", "madvise",
+                     "preadv2", "prlimit64", "fcntl", "flock"})
 #: Known-dangerous: refused with EPERM (everything else off the list gets ENOSYS).
 DENIED = _names("""
 ptrace process_vm_readv process_vm_writev pidfd_getfd kcmp mount umount2 pivot_root chroot
@@ -168,7 +169,8 @@ name_to_handle_at open_by_handle_at settimeofday clock_settime adjtimex clock_ad
 sethostname setdomainname iopl ioperm syslog vhangup lookup_dcookie fanotify_init
 io_uring_setup io_uring_enter io_uring_register process_madvise shmget shmat shmdt shmctl
 msgget msgsnd msgrcv msgctl semget semop semtimedop semctl mq_open mq_unlink mq_timedsend
-mq_timedreceive mq_notify mq_getsetattr
+mq_timedreceive mq_notify mq_getsetattr inotify_init inotify_init1 inotify_add_watch
+inotify_rm_watch
 """)
 SYSV_IPC = frozenset(name for name in DENIED if name[:3] in {"shm", "msg", "sem"}
                      or name.startswith("mq_"))
@@ -179,6 +181,19 @@ _X32_SYSCALL_BIT = 0x40000000
 _AUDIT_ARCH_X86_64 = 0xC000003E
 CLONE_NAMESPACE_FLAGS = (0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000
                          | 0x20000000 | 0x40000000)  # NEWNS CGROUP UTS IPC USER PID NET
+#: A sibling instead of a child: it would be the zygote's, reaped there, its CPU billed to no
+#: execution (where no cgroup counts it).
+CLONE_PARENT = 0x00008000
+#: Advice that evicts shared page-cache pages: with it, one execution could write bits into
+#: the cache state of files every execution reads (`FADV_DONTNEED`; `MADV_COLD`/`PAGEOUT`).
+#: Answered 0 without effect: advice may be ignored.
+POSIX_FADV_DONTNEED = 4
+MADV_COLD = 20
+MADV_PAGEOUT = 21
+#: `preadv2` flag that reads only what is cached (EAGAIN otherwise): a page-cache oracle.
+RWF_NOWAIT = 0x8
+#: fcntl commands refused: F_NOTIFY (dnotify: see who reads a shared directory).
+F_NOTIFY = 1026
 AF_UNIX = 1
 AF_INET = 2
 AF_INET6 = 10
@@ -292,6 +307,12 @@ def _actions(profile: str, deny_network: bool, allow_mount: bool) -> dict[int, s
     actions[X86_64[_CLONE3]] = "enosys"
     actions[X86_64["clone"]] = "check_clone"
     actions[X86_64["socket"]] = "check_socket"
+    for name in ("fadvise64", "madvise", "preadv2", "prlimit64", "fcntl"):
+        actions[X86_64[name]] = f"check_{name}"
+    # flock on a file every execution may open read-only is a lock any of them can take: a
+    # channel between concurrent executions. (fcntl locks need write access for a write lock,
+    # and read locks never conflict.)
+    actions[X86_64["flock"]] = "enolck"
     actions[X86_64["socketpair"]] = "check_socketpair" if deny_network else "allow"
     actions[X86_64["connect"]] = "eacces" if deny_network else "allow"
     if deny_network:  # nor a name to squat: an abstract one a host client would connect to
@@ -339,6 +360,9 @@ def build_filter(deny_network: bool, allow_mount: bool = False, profile: str = "
         "enosys": _RET_ERRNO | errno.ENOSYS,
         "eacces": _RET_ERRNO | errno.EACCES,
         "unlisted": _RET_LOG if audit else _RET_ERRNO | errno.ENOSYS,
+        "ignore": _RET_ERRNO | 0,  # the call returns 0 and does nothing
+        "eopnotsupp": _RET_ERRNO | errno.EOPNOTSUPP,
+        "enolck": _RET_ERRNO | errno.ENOLCK,
     }
     actions = _actions(profile, deny_network, allow_mount)
     ranges: list[tuple[int, str]] = []
@@ -349,10 +373,11 @@ def build_filter(deny_network: bool, allow_mount: bool = False, profile: str = "
     program = _Program()
     _prologue(program)
     _search(program, ranges, returns)
-    # clone(flags, ...): a new process or thread, never a new namespace.
+    # clone(flags, ...): a new process or thread, never a new namespace nor a sibling.
     program.mark("check_clone")
     program.add(_LD_W_ABS, _arg(0))
-    program.add(_JSET_K, CLONE_NAMESPACE_FLAGS, "eperm", "allow")
+    program.add(_JSET_K, CLONE_NAMESPACE_FLAGS | CLONE_PARENT, "eperm", "allow")
+    _channel_checks(program)
     program.mark("check_socket")
     program.add(_LD_W_ABS, _arg(0))
     if deny_network:
@@ -367,6 +392,27 @@ def build_filter(deny_network: bool, allow_mount: bool = False, profile: str = "
         program.add(_LD_W_ABS, _arg(2))
         program.add(_JEQ_K, NETLINK_ROUTE, "allow", "eacces")
     return program.assemble(returns)
+
+
+def _channel_checks(program: _Program) -> None:
+    """Argument checks that keep ordinary calls from becoming channels between executions
+    (or handles on another process of the same uid)."""
+    program.mark("check_fadvise64")  # fadvise64(fd, offset, len, advice)
+    program.add(_LD_W_ABS, _arg(3))
+    program.add(_JEQ_K, POSIX_FADV_DONTNEED, "ignore", "allow")
+    program.mark("check_madvise")  # madvise(addr, len, advice)
+    program.add(_LD_W_ABS, _arg(2))
+    program.add(_JEQ_K, MADV_COLD, "ignore", 0)
+    program.add(_JEQ_K, MADV_PAGEOUT, "ignore", "allow")
+    program.mark("check_preadv2")  # preadv2(fd, iov, iovcnt, pos_l, pos_h, flags)
+    program.add(_LD_W_ABS, _arg(5))
+    program.add(_JSET_K, RWF_NOWAIT, "eopnotsupp", "allow")
+    program.mark("check_prlimit64")  # prlimit64(pid, ...): its own limits only
+    program.add(_LD_W_ABS, _arg(0))
+    program.add(_JEQ_K, 0, "allow", "eperm")
+    program.mark("check_fcntl")  # fcntl(fd, cmd, ...)
+    program.add(_LD_W_ABS, _arg(1))
+    program.add(_JEQ_K, F_NOTIFY, "eperm", "allow")
 
 
 def build_mount_filter() -> bytes:
