@@ -275,8 +275,8 @@ def capability_report(host: HostInfo, plan: IsolationPlan) -> CapabilityReport:
     if plan.uid:
         layers.append(Layer("identity", "active",
                             f"each concurrent execution runs as its own uid/gid (pool of "
-                            f"{config.uid_count} from {config.uid_base}), no groups, no "
-                            "capabilities"))
+                            f"{config.uid_count} from {config.uid_base}, each leased host-wide "
+                            "while it runs), no groups, no capabilities"))
     else:
         layers.append(Layer("identity", "unavailable",
                             f"executions run as the supervisor's uid: {off['uid']}"))
@@ -306,9 +306,12 @@ def capability_report(host: HostInfo, plan: IsolationPlan) -> CapabilityReport:
                             "zygote: calls off the list fail with ENOSYS, "
                             f"{len(seccomp.DENIED)} known-dangerous ones (ptrace, mount, bpf, "
                             "kexec, modules, keyctl, userfaultfd, unshare/setns, io_uring, SysV "
-                            "IPC, mq_*, ...) with EPERM; clone without namespace flags; socket "
-                            "families: AF_UNIX stream/seqpacket only, connect and bind denied "
-                            "without network = true, AF_UNIX/INET/INET6/NETLINK_ROUTE with it"))
+                            "IPC, mq_*, inotify, ...) with EPERM; clone without namespace flags "
+                            "or CLONE_PARENT; no channels between executions through flock, "
+                            "dnotify, page-cache eviction or RWF_NOWAIT reads; prlimit of its "
+                            "own process only; socket families: AF_UNIX stream/seqpacket only, "
+                            "connect and bind denied without network = true, "
+                            "AF_UNIX/INET/INET6/NETLINK_ROUTE with it"))
     else:
         layers.append(Layer("seccomp", "unavailable", off["seccomp"]))
     host_sockets = ("host Unix sockets (pathname and abstract): seccomp allows only AF_UNIX "
