@@ -11,6 +11,7 @@ closed and the workdir is removed.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import shutil
@@ -58,6 +59,10 @@ KILL_GRACE = 5.0
 #: Tree sampling starts this late, so quick executions pay nothing for it, then repeats.
 FIRST_SAMPLE_AFTER = 0.02
 SAMPLE_INTERVAL = 0.05
+#: After draining a skill's stdout or stderr, leave it unpolled this long (the pipe buffers
+#: 64 KiB meanwhile): the supervisor wakes at most ~200 times a second per stream, however
+#: the skill writes.
+STREAM_REST = 0.005
 #: Result frames may exceed the output cap by this much (framing, error text).
 FRAME_SLACK = 64 << 10
 _READ_CHUNK = 1 << 16
@@ -224,9 +229,14 @@ class Execution:
             os.close(request_w)
             fds.remove(request_w)
         next_sample = self.start + FIRST_SAMPLE_AFTER
+        resting: dict[int, float] = {}  # stdout/stderr fds left unpolled until then
 
         while True:
             now = time.monotonic()
+            for fd, until in list(resting.items()):
+                if until <= now or state.exited is not None or state.killed_kind:
+                    poller.register(fd, select.POLLIN)
+                    del resting[fd]
             if state.exited is not None and not readers:
                 return
             if state.report_closed and state.exited is None:
@@ -243,7 +253,7 @@ class Execution:
                     self._check_tree()
                     next_sample = now + SAMPLE_INTERVAL
                     continue
-            wake = self._next_wake(now, next_sample)
+            wake = min(self._next_wake(now, next_sample), *resting.values(), math.inf)
             for fd, events in poller.poll(max(0.0, wake - now) * 1000):
                 if fd == request_w:
                     if events & (select.POLLERR | select.POLLHUP):
@@ -265,6 +275,12 @@ class Execution:
                     if not self._drain(fd, readers[fd]):
                         poller.unregister(fd)
                         del readers[fd]
+                    elif readers[fd] != "result":
+                        poller.unregister(fd)
+                        # A skill that writes a byte at a time would wake this thread for
+                        # each one, on the supervisor's CPU: let its pipe fill for a moment.
+                        # The exit report ends the rest at once, so no result waits on it.
+                        resting[fd] = time.monotonic() + STREAM_REST
                 elif fd == spec.cancel_fd:
                     poller.unregister(fd)
                     if not state.killed_kind:

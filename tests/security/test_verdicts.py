@@ -175,3 +175,32 @@ def test_a_disguised_supervisor_phrase_is_still_marked_as_the_skill_s(
     assert result.error.startswith("skill error: "), repr(result.error)
     assert result.error.isprintable(), repr(result.error)
     assert result.error_kind is ErrorKind.SKILL_FAILED
+
+
+def test_a_skill_writing_a_byte_at_a_time_costs_the_supervisor_little_cpu(
+        hostile: Callable[..., Hostile]) -> None:
+    attack = hostile("""
+        import threading
+
+        def trickle(stream):
+            end = time.monotonic() + 1.5
+            while time.monotonic() < end:
+                os.write(stream, b"x")
+                time.sleep(0.0002)
+
+        def attack(input):
+            threads = [threading.Thread(target=trickle, args=(1 + i % 2,)) for i in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            return "done"
+    """, limits={"timeout": 10, "cpu_time": 10, "memory_mb": 256, "max_output_bytes": 1 << 24})
+    before = time.thread_time()  # execute runs the supervision loop in this thread
+    result = attack.run()
+    spent = time.thread_time() - before
+    assert result.ok, result
+    # Control: the skill really did write thousands of separate bytes on both streams.
+    assert len(result.stdout) > 2000 or len(result.stderr) > 2000, (len(result.stdout),
+                                                                   len(result.stderr))
+    assert spent < 0.2, f"the supervisor spent {spent:.2f}s of CPU on one trickling skill"
