@@ -395,7 +395,7 @@ class CgroupRoot:
         for group in groups:
             group.kill_all()
             group.remove()
-        for path in self.parents.values():
+        for path in dict.fromkeys(self.parents.values()):  # co-mounted: one directory
             for child in os.listdir(path):
                 full = os.path.join(path, child)
                 if os.path.isdir(full):
