@@ -185,6 +185,8 @@ def _cgroup_facts() -> tuple[dict[str, str], str, str]:
         problem = f"no cgroup v1 hierarchy for {', '.join(missing)}" if missing else ""
     if not problem:
         for controller, path in v1.items():
+            if controller not in cgroups.CONTROLLERS:
+                continue  # optional (cpuacct): used if it works, see CgroupRoot.create
             probe = os.path.join(path, f"skill-sandbox-probe-{os.getpid()}")
             try:
                 os.mkdir(probe)
@@ -367,9 +369,12 @@ def capability_report(host: HostInfo, plan: IsolationPlan) -> CapabilityReport:
                      "RLIMIT_FSIZE only")
     layers.append(Layer("filesystem", status, "; ".join(files)))
     if plan.cgroups:
+        cpu = ("cpuacct: the CPU of every process it ever had" if "cpuacct" in host.cgroup_v1
+               else "no cpuacct hierarchy: CPU from wait4 and the tree watch")
         layers.append(Layer("processes", "active",
-                            "cgroup v1 per execution: pids.max, memory limit and peak, every "
-                            "process killed at the end; subreaper sweep as a backstop"))
+                            "cgroup v1 per execution: pids.max, memory limit (memory_mb, every "
+                            f"kind of memory) and peak, {cpu}, every process killed at the end; "
+                            "subreaper sweep as a backstop"))
     else:
         layers.append(Layer("processes", "fallback",
                             f"no cgroups ({off['cgroups']}): process-group kill, subreaper "

@@ -1,12 +1,15 @@
-"""Per-execution cgroups (v1 `pids` and `memory`): the tree's real process and memory caps, its
-peak memory, and a way to find and kill every process of an execution — `setsid` escapees and
-double forks included — whatever it did.
+"""Per-execution cgroups (v1 `pids`, `memory` and, where the host has it, `cpuacct`): the
+tree's real process and memory caps, its peak memory, the CPU of every process it ever had
+(reaped or not), and a way to find and kill every process of an execution — `setsid` escapees
+and double forks included — whatever it did.
 
 The supervisor owns their life: `CgroupRoot` makes one parent per `Sandbox` under the
 supervisor's own cgroups (so limits set above it still apply), `ExecutionCgroup` one child per
 concurrent execution with a random name (pid-derived names collide across PID namespaces),
-reused once emptied. The zygote moves each execution child into them right after the fork;
-the child waits for that before it runs anything else.
+reused only once emptied *and* uncharged (a charge left behind: tmpfs or shm pages, page
+cache, kernel memory still held, would count against the next execution's limit). The
+zygote moves each execution child into them right after the fork; the child waits for that
+before it runs anything else.
 
 cgroup v2 is detected and reported by `sandbox.capabilities` but not driven here.
 """
@@ -22,7 +25,16 @@ import time
 from dataclasses import dataclass
 
 CONTROLLERS = ("pids", "memory")
+#: Used when the host has them, not required: without `cpuacct` an execution's CPU is what wait4
+#: and the tree watch see (orphans' and unreaped zombies' CPU can slip through).
+OPTIONAL_CONTROLLERS = ("cpuacct",)
 _UNLIMITED = 1 << 63
+#: What an emptied memory cgroup may still hold and be reused: a few kernel objects stay
+#: charged after every execution (4-12 KB measured here, force_empty does not free them). The
+#: next execution's own charge is measured from that baseline; its limit is memory_mb in all,
+#: so it gets at most this much less than memory_mb, never more, and leftovers cannot pile up.
+#: (Page cache and the kernel's per-CPU charge stock may add to the baseline: `uncharged`.)
+RESIDUE_BYTES = 64 << 10
 KILL_DEADLINE = 2.0
 
 
@@ -57,8 +69,8 @@ def v1_hierarchies() -> dict[str, str]:
             if fields[separator + 1] != "cgroup":
                 continue
             options = set(fields[separator + 3].split(","))
-            for controller in CONTROLLERS:
-                if controller in options:
+            for controller in (*CONTROLLERS, *OPTIONAL_CONTROLLERS):
+                if controller in options:  # co-mounted ones (cpu,cpuacct) share a directory
                     mounts.setdefault(controller, fields[4])
     own: dict[str, str] = {}
     with open("/proc/self/cgroup") as cgroups:
@@ -120,23 +132,31 @@ def _number(path: str) -> int:
 
 @dataclass
 class ExecutionCgroup:
-    """One execution's `pids` and `memory` cgroups.
+    """One execution's `pids`, `memory` and (optional, "" without) `cpuacct` cgroups.
 
-    Emptied groups are reused by later executions (a memory cgroup costs ~0.1 ms to make and
-    remove): counters are read as differences from `begin`, and the peak is reset there.
+    Emptied groups with no charge left are reused by later executions (a memory cgroup costs
+    ~0.1 ms to make and remove): counters are read as differences from `begin`, and the peak is
+    reset there.
     """
 
     pids: str
     memory: str
+    cpuacct: str = ""
     limits: tuple[int, int] = (0, _UNLIMITED)  # a new cgroup's: no limits yet
     killed: int = 0  # processes `kill_all` had to kill in this execution
     _limit_events: int = 0
     _oom_kills: int = 0
     _usage: int = 0
+    _cpu_ns: int = 0
+
+    @property
+    def directories(self) -> list[str]:
+        """Each distinct cgroup directory (a hierarchy may carry several controllers)."""
+        return list(dict.fromkeys(path for path in (self.pids, self.memory, self.cpuacct) if path))
 
     @property
     def procs_files(self) -> list[str]:
-        return [os.path.join(self.pids, "cgroup.procs"), os.path.join(self.memory, "cgroup.procs")]
+        return [os.path.join(path, "cgroup.procs") for path in self.directories]
 
     def begin(self, max_tasks: int, memory_bytes: int) -> None:
         """Set the limits (if they differ from the last execution's) and the baselines."""
@@ -156,6 +176,8 @@ class ExecutionCgroup:
         # Resets the peak to the current charge: what earlier executions left cached.
         _write(os.path.join(self.memory, "memory.max_usage_in_bytes"), "0")
         self._usage = _number(os.path.join(self.memory, "memory.usage_in_bytes"))
+        if self.cpuacct:
+            self._cpu_ns = _number(os.path.join(self.cpuacct, "cpuacct.usage"))
         self.killed = 0
 
     def kill_all(self, deadline: float = KILL_DEADLINE) -> bool:
@@ -186,9 +208,42 @@ class ExecutionCgroup:
         return _procs(self.pids)
 
     def memory_bytes(self) -> int:
-        """Anonymous memory of the execution's processes now (the skill's `memory_mb`); files
-        in its tmpfs workdir are charged too, but against the disk allowance, not this."""
-        return _counter(os.path.join(self.memory, "memory.stat"), "rss")
+        """Everything charged to the execution now: anonymous and shared memory, memfd, tmpfs
+        files (its workdir's too), page cache, kernel memory — what `memory_mb` limits."""
+        usage = _number(os.path.join(self.memory, "memory.usage_in_bytes"))
+        return max(0, usage - self._usage)
+
+    def cpu_seconds(self) -> float:
+        """CPU used by every process the execution ever had — reaped, orphaned, zombie or
+        killed — since `begin` (cpuacct); 0.0 without cpuacct (see `has_cpu`)."""
+        if not self.cpuacct:
+            return 0.0
+        used = _number(os.path.join(self.cpuacct, "cpuacct.usage")) - self._cpu_ns
+        return max(0, used) / 1e9
+
+    @property
+    def has_cpu(self) -> bool:
+        return bool(self.cpuacct)
+
+    def uncharged(self) -> bool:
+        """Whether the emptied group holds no charge that could hurt another execution: the
+        condition for handing it on. Its usage counter alone says little: it also holds the
+        per-CPU charge stock the kernel pre-charges in batches (up to 256 KB a CPU, measured
+        28-434 KB here after every execution) and clean page cache, which the kernel reclaims
+        under the next execution's limit before any OOM kill. What counts is what cannot be
+        reclaimed: anonymous and shmem pages (tmpfs, SysV shm, memfd someone still holds; no
+        swap here) and kernel memory. Only when that is over `RESIDUE_BYTES` (or unknown) is
+        the kernel asked to reclaim and drain (force_empty, ~1.3 ms: too dear for every
+        execution) and the usage itself judged."""
+        stat = os.path.join(self.memory, "memory.stat")
+        kmem = os.path.join(self.memory, "memory.kmem.usage_in_bytes")
+        if os.path.exists(kmem):
+            held = _counter(stat, "rss") + _counter(stat, "shmem") + _number(kmem)
+            if held <= RESIDUE_BYTES:
+                return True
+        with contextlib.suppress(OSError):  # v1 only, and only without members
+            _write(os.path.join(self.memory, "memory.force_empty"), "0")
+        return _number(os.path.join(self.memory, "memory.usage_in_bytes")) <= RESIDUE_BYTES
 
     def peak_memory_bytes(self) -> int:
         """The most memory charged to this execution at once, files in its tmpfs included."""
@@ -197,7 +252,7 @@ class ExecutionCgroup:
 
     def remove(self) -> bool:
         removed = True
-        for directory in (self.pids, self.memory):
+        for directory in self.directories:
             try:
                 os.rmdir(directory)
             except FileNotFoundError:
@@ -264,17 +319,33 @@ class CgroupRoot:
             raise OSError(f"no cgroup v1 hierarchy for {', '.join(missing)}")
         name = f"{_PREFIX}{_pid_namespace()}-{os.getpid()}-{secrets.token_hex(4)}"
         parents: dict[str, str] = {}
+        made: list[str] = []
         try:
-            for controller in CONTROLLERS:
-                _sweep_abandoned(own[controller])
+            for controller in (*CONTROLLERS, *OPTIONAL_CONTROLLERS):
+                if controller not in own:
+                    continue
                 path = os.path.join(own[controller], name)
-                os.mkdir(path, 0o755)
+                if path not in made:  # co-mounted with one made already: the same directory
+                    _sweep_abandoned(own[controller])
+                    try:
+                        os.mkdir(path, 0o755)
+                    except OSError:
+                        if controller in CONTROLLERS:
+                            raise
+                        continue  # an optional controller we may not use: go without it
+                    made.append(path)
                 parents[controller] = path
         except OSError:
-            for path in parents.values():
+            for path in made:
                 os.rmdir(path)
             raise
         return cls(parents)
+
+    def _group(self, name: str) -> ExecutionCgroup:
+        cpuacct = self.parents.get("cpuacct")
+        return ExecutionCgroup(os.path.join(self.parents["pids"], name),
+                               os.path.join(self.parents["memory"], name),
+                               os.path.join(cpuacct, name) if cpuacct else "")
 
     def new_execution(self, max_tasks: int, memory_bytes: int) -> ExecutionCgroup:
         with self._lock:
@@ -282,32 +353,39 @@ class CgroupRoot:
         if group is not None:
             try:
                 group.begin(max_tasks, memory_bytes)
-                return group
+                return group  # `finish` found it uncharged; nobody charges an empty group
             except OSError:  # e.g. a lower limit than what it still holds: start afresh
-                group.remove()
-        name = secrets.token_hex(8)
-        group = ExecutionCgroup(os.path.join(self.parents["pids"], name),
-                                os.path.join(self.parents["memory"], name))
-        os.mkdir(group.pids, 0o755)
+                pass
+            group.remove()
+        group = self._group(secrets.token_hex(8))
+        made = 0
         try:
-            os.mkdir(group.memory, 0o755)
+            for directory in group.directories:
+                os.mkdir(directory, 0o755)
+                made += 1
             group.begin(max_tasks, memory_bytes)
         except OSError:
-            group.remove()
+            if made:
+                group.remove()
             raise
         return group
 
     def finish(self, group: ExecutionCgroup, reuse: bool = True) -> None:
-        """Kill what is left; keep the group for reuse if the execution ended cleanly (a bomb's
-        dying processes free kernel memory for a while and would skew the next peak)."""
+        """Kill what is left; keep the group for reuse only if the execution ended cleanly (a
+        bomb's dying processes free kernel memory for a while and would skew the next peak)
+        and nothing is charged to it any more. Otherwise it is removed: on v1 a charged memory
+        cgroup can be removed, its leftover charge stays with the dying group (and its parent)
+        until freed, and never counts against another execution."""
         emptied = group.kill_all()
-        with self._lock:
-            if not emptied:
+        if not emptied:
+            with self._lock:
                 self._stale.append(group)
-                return
-            if reuse and not group.killed and len(self._idle) < self.MAX_IDLE:
-                self._idle.append(group)
-                return
+            return
+        if reuse and not group.killed and len(self._idle) < self.MAX_IDLE and group.uncharged():
+            with self._lock:
+                if len(self._idle) < self.MAX_IDLE:
+                    self._idle.append(group)
+                    return
         group.remove()
 
     def close(self) -> None:
@@ -317,11 +395,11 @@ class CgroupRoot:
         for group in groups:
             group.kill_all()
             group.remove()
-        for path in self.parents.values():
+        for path in dict.fromkeys(self.parents.values()):  # co-mounted: one directory
             for child in os.listdir(path):
                 full = os.path.join(path, child)
                 if os.path.isdir(full):
-                    ExecutionCgroup(full, full).kill_all()
+                    ExecutionCgroup(full, full, full).kill_all()
                     with contextlib.suppress(OSError):
                         os.rmdir(full)
             with contextlib.suppress(OSError):

@@ -144,6 +144,7 @@ class Execution:
         self.cgroup: ExecutionCgroup | None = None
         self.cgroup_limit = ""  # the cgroup limit the execution ran into, if any
         self.cgroup_peak = 0
+        self.cgroup_cpu = 0.0  # the cgroup's final CPU figure (cpuacct), seconds
 
     # -- the whole life of one execution ---------------------------------------------------
 
@@ -385,9 +386,18 @@ class Execution:
     # -- limits ---------------------------------------------------------------------------
 
     def _finish_cgroup(self, group: ExecutionCgroup) -> None:
-        """Kill whatever is left (setsid escapees too), keep the figures, remove the cgroup."""
+        """Kill whatever is left (setsid escapees too), keep the figures, remove the cgroup.
+
+        The final CPU figure covers every process the execution ever had; over `cpu_time` it
+        is a CPU verdict even when the overrun fell between two samples."""
         group.kill_all()
         self.cgroup_peak = group.peak_memory_bytes()
+        self.cgroup_cpu = group.cpu_seconds()
+        cpu_time = self.spec.limits.cpu_time
+        if self.cgroup_cpu > cpu_time and not self.state.killed_kind:
+            self.state.killed_kind = ErrorKind.RESOURCE_EXHAUSTED
+            self.state.killed_for = f"cpu time: used more than {cpu_time:g}s"
+            self.state.killed_at = time.monotonic()
         self.cgroup_limit = self.cgroup_limit or self._cgroup_limit_hit(group)
         tickets = self.spec.zygote.cgroups
         assert tickets is not None
@@ -413,7 +423,8 @@ class Execution:
             try:  # created on first use: quick executions never pay for psutil
                 cgroup = self.cgroup
                 state.watch = (TreeWatch(state.started.pid) if cgroup is None else
-                               TreeWatch(state.started.pid, cgroup.members, cgroup.memory_bytes))
+                               TreeWatch(state.started.pid, cgroup.members, cgroup.memory_bytes,
+                                         cgroup.cpu_seconds if cgroup.has_cpu else None))
             except Exception:  # noqa: BLE001 - already gone: the exit report follows
                 return
         watch = state.watch
@@ -580,6 +591,7 @@ class Execution:
             memory_kb = max(memory_kb, state.watch.peak_memory_bytes // 1024)
         if self.cgroup_peak:  # what the kernel charged to the execution itself: the real peak
             memory_kb = self.cgroup_peak // 1024
+        cpu = max(cpu, self.cgroup_cpu)  # every process it ever had, reaped or not
         return ResourceUsage(cpu_time_ms=round(cpu * 1000), memory_mb=round(memory_kb / 1024))
 
     _exited_at: float = 0.0

@@ -187,10 +187,11 @@ class Sandbox:
                 "layers; allow a module with IsolationConfig(trusted_preload=...) (daemon: "
                 "[isolation] trusted_preload)")
         tickets = None
-        if self._cgroups is not None:  # tmpfs pages of its workdir count as its memory too
+        if self._cgroups is not None:
+            # Exactly memory_mb: every page charged to the execution counts (anonymous, shared,
+            # memfd, its tmpfs workdir's files); the workdir's size cap is its disk quota.
             limits = skill.manifest.limits
-            tickets = CgroupTickets(self._cgroups, limits.max_processes,
-                                    (limits.memory_mb << 20) + self._plan.workdir_bytes)
+            tickets = CgroupTickets(self._cgroups, limits.max_processes, limits.memory_mb << 20)
         zygote = ZygoteProcess(skill.id, code, list(skill.manifest.preload),
                                self._isolation_for(skill), cgroups=tickets,
                                prefork=self.prefork)

@@ -3,15 +3,19 @@ not left behind by a supervisor that was killed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from sandbox import ExecutionRequest, ExecutionStatus, Sandbox, Skill
-from sandbox.cgroups import CgroupRoot
+from sandbox.cgroups import CgroupRoot, ExecutionCgroup
 from tests.conftest import ROOT
 from tests.security.hostile import EXHAUSTED, Hostile, requires
 
@@ -64,7 +68,7 @@ def test_cgroups_of_a_killed_supervisor_are_swept_by_the_next() -> None:
                           timeout=30, cwd=ROOT, check=False,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     abandoned = done.stdout.split()
-    assert done.returncode == -9 and len(abandoned) == 2
+    assert done.returncode == -9 and len(abandoned) >= 2  # pids, memory (+ cpuacct)
     assert all(os.path.isdir(path) for path in abandoned)
     root = CgroupRoot.create()
     try:
@@ -87,3 +91,69 @@ def test_skills_with_different_limits_share_the_cgroup_pool(
         assert result.status is ExecutionStatus.SUCCESS, result
         assert result.json() == mb << 20
         assert result.resource_usage.memory_mb >= mb
+
+
+_CHARGE = textwrap.dedent("""
+    import os, sys
+    with open(sys.argv[1], "w") as procs:  # into the execution's memory cgroup
+        procs.write(str(os.getpid()))
+    with open(sys.argv[2], "wb") as shm:  # tmpfs pages outlive the process: a leftover charge
+        for _ in range(int(sys.argv[3])):
+            shm.write(b"c" * (1 << 20))
+""")
+
+_ALLOCATE = "import os, sys\nopen(sys.argv[1], 'w').write(str(os.getpid()))\nb'a' * (40 << 20)\n"
+
+
+def _in_memory_cgroup(script: str, memory_dir: str, *args: str) -> int:
+    """Run `script` in a plain subprocess that joins the memory cgroup first; its exit code."""
+    done = subprocess.run([sys.executable, "-c", script, os.path.join(memory_dir, "cgroup.procs"),
+                           *args], capture_output=True, timeout=30, check=False)
+    return done.returncode
+
+
+@requires("processes")
+def test_a_cgroup_left_charged_is_never_handed_to_another_execution(
+        make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # What an execution could leave behind (SysV shm, a tmpfs file, page cache) is played by a
+    # test helper that charges 40 MB of tmpfs to the execution's cgroup as it ends.
+    code = "def run(input):\n    return len(b'h' * (40 << 20))\n"
+    skill = Skill.from_dir(skill_dir(code, "[limits]\nmemory_mb = 64\n"))
+    sandbox = make_sandbox(skill, max_concurrency=1, prefork=False)
+    root = sandbox._cgroups
+    assert root is not None
+    leftovers: list[str] = []
+    finish = root.finish
+
+    def charge_then_finish(group: ExecutionCgroup, reuse: bool = True) -> None:
+        if not leftovers and group.kill_all():
+            leftovers.append(f"/dev/shm/skill-sandbox-test-{os.getpid()}-{len(leftovers)}")
+            # As much as the limit lets it (it may be OOM-killed on the way: the file stays).
+            _in_memory_cgroup(_CHARGE, group.memory, leftovers[-1], "100")
+            assert int(Path(group.memory, "memory.usage_in_bytes").read_text()) >= 40 << 20
+        finish(group, reuse)
+
+    try:
+        # Control: a charged cgroup OOM-kills an honest 40 MB process under a 64 MB limit.
+        control = root.new_execution(16, 64 << 20)
+        leftovers.append(f"/dev/shm/skill-sandbox-test-{os.getpid()}-control")
+        assert _in_memory_cgroup(_CHARGE, control.memory, leftovers[-1], "40") == 0
+        usage = Path(control.memory, "memory.usage_in_bytes")
+        assert int(usage.read_text()) >= 40 << 20
+        assert _in_memory_cgroup(_ALLOCATE, control.memory) == -signal.SIGKILL
+        root.finish(control)
+        assert not os.path.exists(control.memory)  # removed, not pooled
+        os.unlink(leftovers.pop())
+
+        monkeypatch.setattr(root, "finish", charge_then_finish)
+        request = ExecutionRequest(skill_id=skill.id, input=b"{}")
+        for _ in range(4):
+            result = sandbox.execute(request)
+            assert result.status is ExecutionStatus.SUCCESS, result
+            assert result.json() == 40 << 20
+        assert leftovers  # the charge was left behind, after the first execution
+    finally:
+        for path in leftovers:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)

@@ -118,7 +118,7 @@ def test_filling_the_disk_stops_at_the_workdir_quota(hostile: Callable[..., Host
                 with open(f"fill{index}", "wb") as handle:
                     handle.write(chunk)
                 sys.stderr.write(f"WROTE {(index + 1) * 4}\\n")
-    """)
+    """, limits={"memory_mb": 256})  # tmpfs files are memory too: the disk quota must stop it
     workdir_root = attack.sandbox.workdir_root
     result = attack.run()
     assert result.status is ExecutionStatus.FAILED
