@@ -112,15 +112,21 @@ def _kill_member(pid: int, directory: str) -> None:
 
 def _counter(path: str, key: str) -> int:
     """The value of `key` in a flat-keyed cgroup file (pids.events, memory.oom_control)."""
+    return _counters(path, key)[0]
+
+
+def _counters(path: str, *keys: str) -> list[int]:
+    """The values of `keys` in a flat-keyed cgroup file, read once (0 for a missing one)."""
     try:
         text = _read(path)
     except OSError:
-        return 0
+        return [0] * len(keys)
+    found: dict[str, int] = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name == key:
-            return int(value)
-    return 0
+        if name in keys:
+            found[name] = int(value)
+    return [found.get(key, 0) for key in keys]
 
 
 def _number(path: str) -> int:
@@ -238,7 +244,7 @@ class ExecutionCgroup:
         stat = os.path.join(self.memory, "memory.stat")
         kmem = os.path.join(self.memory, "memory.kmem.usage_in_bytes")
         if os.path.exists(kmem):
-            held = _counter(stat, "rss") + _counter(stat, "shmem") + _number(kmem)
+            held = sum(_counters(stat, "rss", "shmem")) + _number(kmem)
             if held <= RESIDUE_BYTES:
                 return True
         with contextlib.suppress(OSError):  # v1 only, and only without members

@@ -394,10 +394,8 @@ class Execution:
         self.cgroup_peak = group.peak_memory_bytes()
         self.cgroup_cpu = group.cpu_seconds()
         cpu_time = self.spec.limits.cpu_time
-        if self.cgroup_cpu > cpu_time and not self.state.killed_kind:
-            self.state.killed_kind = ErrorKind.RESOURCE_EXHAUSTED
-            self.state.killed_for = f"cpu time: used more than {cpu_time:g}s"
-            self.state.killed_at = time.monotonic()
+        if self.cgroup_cpu > cpu_time:  # the first reason given stays the one reported
+            self._kill(ErrorKind.RESOURCE_EXHAUSTED, f"cpu time: used more than {cpu_time:g}s")
         self.cgroup_limit = self.cgroup_limit or self._cgroup_limit_hit(group)
         tickets = self.spec.zygote.cgroups
         assert tickets is not None

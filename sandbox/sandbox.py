@@ -379,7 +379,7 @@ class Sandbox:
             with loaded.idle:
                 loaded.inflight += 1
             try:
-                return self._run(loaded, request, limits, token, started, deadline)
+                return self._run(loaded, request, limits, token, started, deadline, early)
             finally:
                 with loaded.idle:
                     loaded.inflight -= 1
@@ -399,28 +399,24 @@ class Sandbox:
         return False
 
     def _run(self, loaded: _Loaded, request: ExecutionRequest, limits: Limits,
-             token: _CancelToken, arrived: float, deadline: float) -> ExecutionResult:
+             token: _CancelToken, arrived: float, deadline: float,
+             early: Callable[[ExecutionStatus, ErrorKind, str], ExecutionResult]
+             ) -> ExecutionResult:
         """Fork and run it; `deadline` (monotonic) was fixed at `arrived`, and the waits here
-        (zygote restart, an execution uid) spend from it too."""
+        (zygote restart, an execution uid) spend from it too. `early` answers without a run."""
         skill = loaded.skill
 
         def worker_failure(detail: str) -> ExecutionResult:
-            return ExecutionResult(status=ExecutionStatus.FAILED,
-                                   error_kind=ErrorKind.WORKER_FAILURE,
-                                   error=f"{WORKER_ERROR}: {detail}",
-                                   request_id=request.request_id, skill_id=skill.id,
-                                   duration=time.monotonic() - arrived)
+            return early(ExecutionStatus.FAILED, ErrorKind.WORKER_FAILURE,
+                         f"{WORKER_ERROR}: {detail}")
 
         for attempt in range(2):
             error = self._ensure_zygote(loaded)
             if error:
                 return worker_failure(error)
             if time.monotonic() >= deadline:  # a zygote restart took what was left
-                return ExecutionResult(status=ExecutionStatus.TIMEOUT,
-                                       error_kind=ErrorKind.TIMEOUT,
-                                       error=f"{TIMEOUT_ERROR} after {limits.timeout:g}s",
-                                       request_id=request.request_id, skill_id=skill.id,
-                                       duration=time.monotonic() - arrived)
+                return early(ExecutionStatus.TIMEOUT, ErrorKind.TIMEOUT,
+                             f"{TIMEOUT_ERROR} after {limits.timeout:g}s")
             try:
                 uid = (self._uids.acquire(max(0.0, deadline - time.monotonic()))
                        if self._uids is not None else -1)
