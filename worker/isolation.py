@@ -77,6 +77,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     network: bool = False
     drop_uid: bool = False  # the uid/gid of each execution arrive with its ForkCommand
+    user_ns: bool = False  # not root: a user namespace of its own (for mount/net/ipc ones)
+    execution_user_ns: bool = False  # and a nested one per execution: RLIMIT_NPROC its own
     mount_ns: bool = False  # own mount namespace: exposed paths, read-only view, tmpfs workdir
     net_ns: bool = False  # own network namespace: no interface but a downed loopback
     ipc_ns: bool = False  # own IPC namespace: no SysV object or POSIX queue shared with others
@@ -140,6 +142,8 @@ def apply_zygote_layers(settings: dict[str, Any], code: SkillCode | None = None)
     paths = code_paths(code, config.read_only)
     readable = [path for path in paths if os.path.isdir(path)]
     reach = readable + ([config.workdir_root] if config.workdir_root else [])
+    if config.user_ns:  # first: it is what lets an ordinary user create the others
+        namespaces.enter_user_namespace()
     if config.mount_ns:
         namespaces.enter_mount_namespace()
         if config.drop_uid:
@@ -158,17 +162,18 @@ def apply_zygote_layers(settings: dict[str, Any], code: SkillCode | None = None)
         _Zygote.plan = landlock.Plan(config.landlock_abi, rules)
         _Zygote.plan.prepare()
     if config.seccomp:
-        # Children mount their workdir before dropping privileges: they get mount/umount2
-        # denied by a small filter of their own, the zygote keeps umount2 to detach it.
-        # One allow-list per runtime profile serves the zygote and its children: a zygote
-        # serves one skill, so nothing is stacked per execution but the mount filter.
+        # Children mount their workdir and enter their own user namespace before they are
+        # confined: they get mount/umount2/unshare denied by a small filter of their own, the
+        # zygote keeps umount2 to detach the workdir. One allow-list per runtime profile
+        # serves the zygote and its children: a zygote serves one skill, so nothing is
+        # stacked per execution but the child filter.
         allow_mount = config.mount_ns
         profile = "command" if code.kind == "command" else "python"
         seccomp.Filter(seccomp.build_filter(config.seccomp_network, allow_mount=allow_mount,
-                                            profile=profile,
-                                            audit=config.seccomp_audit)).install()
-        if allow_mount:
-            _Zygote.child_filter = seccomp.Filter(seccomp.build_mount_filter())
+                                            profile=profile, audit=config.seccomp_audit,
+                                            allow_userns=config.execution_user_ns)).install()
+        if allow_mount or config.execution_user_ns:
+            _Zygote.child_filter = seccomp.Filter(seccomp.build_child_filter())
 
 
 _data_baseline = 0
@@ -210,8 +215,11 @@ def apply_rlimits(command: ForkCommand) -> None:
     _set_limit(resource.RLIMIT_FSIZE, limits.max_file_bytes)
     _set_limit(resource.RLIMIT_NOFILE, limits.max_open_files)
     _set_limit(resource.RLIMIT_CORE, 0)
-    # No RLIMIT_NPROC: root ignores it and, for anyone else, it counts every process and thread
-    # of the uid host-wide. The process cap is the supervisor's tree watch (and a pids cgroup).
+    # RLIMIT_NPROC only where it counts this execution's tasks alone: its own uid
+    # (`drop_privileges`) or its own user namespace (`enter_execution`); elsewhere it would
+    # count every process of the uid. Beyond that: the tree watch and a pids cgroup.
+    if _Zygote.settings.execution_user_ns:
+        _set_limit(resource.RLIMIT_NPROC, limits.max_processes + 2)
 
 
 def _int(isolation: dict[str, Any], key: str, default: int) -> int:
@@ -229,7 +237,7 @@ def before_fork(command: ForkCommand, gate: bool = True) -> None:
     if _Zygote.settings.mount_ns and disk_bytes > 0:
         uid = _int(isolation, "uid", -1)
         gid = _int(isolation, "gid", -1)
-        owner = (uid, gid) if uid >= 0 and gid >= 0 else (0, 0)
+        owner = (uid, gid) if uid >= 0 and gid >= 0 else (os.getuid(), os.getgid())
         namespaces.mount_workdir(command.workdir, owner[0], owner[1], disk_bytes)
     _Zygote.gate = None
     if gate:
@@ -292,9 +300,29 @@ def prepare_next() -> None:
         _Zygote.plan.handoff()
 
 
+_in_own_user_namespace = False
+
+
+def enter_own_user_namespace() -> None:
+    """In an execution child (or a spare, ahead of its request): its own user namespace, in
+    which RLIMIT_NPROC (set with the other rlimits) counts its tasks alone. Creating one costs
+    ~0.3 ms (the kernel registers a sysctl table per user namespace): a spare pays it while
+    nobody waits. A no-op where the settings do not ask for it, or done already."""
+    global _in_own_user_namespace
+    if not _Zygote.settings.execution_user_ns or _in_own_user_namespace:
+        return
+    namespaces.enter_execution_user_namespace()
+    _in_own_user_namespace = True
+    namespaces.drop_capabilities()
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a credential change may clear it
+    if _parent_pid and os.getppid() != _parent_pid:
+        os._exit(1)
+
+
 def enter_execution(command: ForkCommand) -> None:
-    """In the child, still root and before the fds are placed: wait until the zygote has put
-    this process in its cgroups, then Landlock (which needs the zygote's O_PATH fds open)."""
+    """In the child, still privileged and before the fds are placed: wait until the zygote
+    has put this process in its cgroups, enter the execution's own user namespace (while
+    /proc/self is writable), then Landlock (which needs the zygote's O_PATH fds open)."""
     gate = _Zygote.gate
     if gate is not None:
         os.close(gate[1])
@@ -302,6 +330,7 @@ def enter_execution(command: ForkCommand) -> None:
         os.close(gate[0])
         if opened != b"1":
             raise RuntimeError("the zygote could not put this execution in its cgroups")
+    enter_own_user_namespace()
     if _Zygote.plan is not None:
         _Zygote.plan.restrict(command.workdir)
 

@@ -130,6 +130,7 @@ def _serve(code: SkillCode, preload: list[str], precompiled: CodeType | None,
         # pipes replace them; the Landlock plan's fds are needed to confine the request.
         _close_inherited({0, 1, 2, sock.fileno(), *isolation.kept_fds()})
         isolation.join_cgroups(cgroups, os.getpid())
+        isolation.enter_own_user_namespace()
         sock.send(READY)
         message, fds, _flags, _addr = socket.recv_fds(sock, _MAX_COMMAND, _EXECUTION_FDS)
     except BaseException:  # noqa: BLE001 - the zygote sees the exit and forks on request

@@ -1,0 +1,72 @@
+"""An ordinary user's supervisor: the layers it gets and a process cap that holds before growth.
+
+Each test runs `user_supervisor.py` as an unprivileged uid through `as_user.py` (which needs
+root to become that uid; as an ordinary user the whole suite runs unprivileged already).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.security import user_supervisor
+
+HERE = Path(__file__).parent
+#: Above the sandbox's uid pool and any real account: only these tests' processes run as it.
+TEST_UID = 1_999_999_000
+#: The execution's own tasks may reach max_processes + 2 (the runtime's own: the execution
+#: process and a thread); the zygote forks one new spare meanwhile.
+RUNTIME_TASKS = 3
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="becoming another uid needs root (as an ordinary user, "
+                                       "every test already runs unprivileged)")
+
+
+def as_user(*args: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, str(HERE / "as_user.py"), str(TEST_UID),
+         str(HERE / "user_supervisor.py"), *args],
+        capture_output=True, text=True, timeout=50, check=False)
+    assert done.returncode == 0, done.stderr
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
+
+
+@pytest.fixture(scope="module")
+def user_layers() -> dict[str, list[str]]:
+    answer = as_user("doctor")
+    assert answer["euid"] == TEST_UID
+    layers: dict[str, list[str]] = answer["layers"]
+    if "no user namespace" in layers["identity"][1]:
+        pytest.skip(f"no unprivileged user namespaces here: {layers['identity'][1]}")
+    return layers
+
+
+def test_an_ordinary_user_gets_network_ipc_and_mount_namespaces(
+        user_layers: dict[str, list[str]]) -> None:
+    assert user_layers["identity"][0] == "fallback"
+    assert "each in a user namespace of its own" in user_layers["identity"][1]
+    assert user_layers["network"][0] == "active", user_layers["network"]
+    assert "an IPC namespace per zygote" in user_layers["ipc"][1]
+    assert "mount namespace" in user_layers["filesystem"][1]
+    assert "no mount namespace" not in user_layers["filesystem"][1]
+
+
+@pytest.mark.timeout(120)
+def test_an_ordinary_users_fork_bomb_never_exceeds_its_process_limit(
+        user_layers: dict[str, list[str]]) -> None:
+    assert "RLIMIT_NPROC in each execution's own user namespace" in user_layers["processes"][1]
+    contained = as_user("bomb")
+    assert contained["peak"] <= user_supervisor.MAX_PROCESSES + RUNTIME_TASKS, contained
+    assert json.loads(contained["output"] or "{}").get("refused", 11) == 11, contained
+    # Control: without the per-execution user namespace the same bomb grows past its limit:
+    # the tree watch samples every 50 ms and kills only what it has seen grow.
+    uncapped = as_user("bomb", "userns")
+    assert uncapped["peak"] > user_supervisor.MAX_PROCESSES + RUNTIME_TASKS, uncapped

@@ -1,0 +1,100 @@
+"""A supervisor run by an ordinary user (started through `as_user.py`); prints one JSON object.
+
+`doctor`: the layers this user gets. `bomb [DISABLED,...]`: a skill with `max_processes` =
+MAX_PROCESSES forks up to CHILDREN sleeping children as fast as it can; its tree is sampled from
+outside (every descendant of this supervisor, every millisecond) and the peak number of tasks
+above the idle zygote and spare is reported with the execution's result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+
+from sandbox import ExecutionRequest, Sandbox, Skill
+from sandbox.capabilities import IsolationConfig, report
+
+MAX_PROCESSES = 8
+CHILDREN = 40
+_BOMB = f'''
+import os, time
+
+
+def run(input):
+    forked = 0
+    for _ in range({CHILDREN}):
+        try:
+            if os.fork() == 0:
+                time.sleep(2)
+                os._exit(0)
+        except OSError as exc:
+            return {{"forked": forked, "refused": exc.errno}}
+        forked += 1
+    return {{"forked": forked}}
+'''
+
+
+def _tasks_below(pid: int) -> int:
+    total = 0
+    for process in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += process.num_threads()
+    return total
+
+
+def _bomb(disabled: frozenset[str]) -> dict[str, object]:
+    root = tempfile.mkdtemp(prefix="user-supervisor-")
+    os.chmod(root, 0o755)
+    directory = os.path.join(root, "bomb")
+    os.mkdir(directory, 0o755)
+    with open(os.path.join(directory, "main.py"), "w") as main:
+        main.write(_BOMB)
+    with open(os.path.join(directory, "skill.toml"), "w") as manifest:
+        manifest.write('id = "user/bomb"\nversion = "0.1.0"\nentrypoint = "main:run"\n'
+                       f"[limits]\nmax_processes = {MAX_PROCESSES}\ntimeout = 20\n")
+    skill = Skill.from_dir(directory)
+    peak = 0
+    done = threading.Event()
+
+    def sample(baseline: int) -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _tasks_below(os.getpid()) - baseline)
+            time.sleep(0.001)
+
+    with Sandbox([skill], isolation=IsolationConfig(disabled=disabled)) as sandbox:
+        warm = sandbox.execute(ExecutionRequest(skill_id=skill.id, input=b"{}"))
+        time.sleep(0.5)  # the spare forked after the warm-up is idle by now
+        baseline = _tasks_below(os.getpid())
+        sampler = threading.Thread(target=sample, args=(baseline,))
+        sampler.start()
+        try:
+            result = sandbox.execute(ExecutionRequest(skill_id=skill.id, input=b"{}"))
+        finally:
+            done.set()
+            sampler.join(timeout=10)
+    return {"warm": warm.status.value, "status": result.status.value, "error": result.error,
+            "output": result.output.decode(errors="replace"), "peak": peak}
+
+
+def main() -> None:
+    command = sys.argv[1]
+    if command == "doctor":
+        print(json.dumps({"euid": os.geteuid(), "layers": {
+            layer.name: [layer.status, layer.detail] for layer in report().layers}}))
+    elif command == "bomb":
+        disabled = frozenset(name for name in sys.argv[2:3] for name in name.split(",") if name)
+        print(json.dumps(_bomb(disabled)))
+    else:
+        raise SystemExit(f"unknown command {command!r}")
+
+
+if __name__ == "__main__":
+    main()
