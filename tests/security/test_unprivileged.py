@@ -70,3 +70,15 @@ def test_an_ordinary_users_fork_bomb_never_exceeds_its_process_limit(
     # the tree watch samples every 50 ms and kills only what it has seen grow.
     uncapped = as_user("bomb", "userns")
     assert uncapped["peak"] > user_supervisor.MAX_PROCESSES + RUNTIME_TASKS, uncapped
+
+
+def test_an_ordinary_users_execution_holds_no_capability_and_makes_no_namespace(
+        user_layers: dict[str, list[str]]) -> None:
+    answer = as_user("probe")
+    assert answer["status"] == "success", answer
+    execution = answer["execution"]
+    assert execution["caps"] == {"CapPrm": "0" * 16, "CapEff": "0" * 16}
+    assert execution["unshare"] == {"userns": "EPERM", "mountns": "EPERM"}
+    # Control: its zygote holds every capability of its user namespace (which owns its mount,
+    # network and IPC namespaces); the execution child drops them after entering its own.
+    assert answer["zygotes"] and all(int(caps, 16) != 0 for caps in answer["zygotes"].values())

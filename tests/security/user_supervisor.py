@@ -1,6 +1,7 @@
 """A supervisor run by an ordinary user (started through `as_user.py`); prints one JSON object.
 
-`doctor`: the layers this user gets. `bomb [DISABLED,...]`: a skill with `max_processes` =
+`doctor`: the layers this user gets. `probe`: what an execution holds (capabilities, whether
+it can unshare) and what its zygote holds. `bomb [DISABLED,...]`: a skill with `max_processes` =
 MAX_PROCESSES forks up to CHILDREN sleeping children as fast as it can; its tree is sampled from
 outside (every descendant of this supervisor, every millisecond) and the peak number of tasks
 above the idle zygote and spare is reported with the execution's result.
@@ -41,6 +42,51 @@ def run(input):
 '''
 
 
+_PROBE = """
+import ctypes, errno
+
+
+def run(input):
+    status = open("/proc/self/status").read()
+    caps = {line.split(":")[0]: line.split()[1] for line in status.splitlines()
+            if line.startswith(("CapEff", "CapPrm"))}
+    libc = ctypes.CDLL(None, use_errno=True)
+    refused = {}
+    for name, flags in (("userns", 0x10000000), ("mountns", 0x20000)):
+        libc.unshare(flags)
+        refused[name] = errno.errorcode.get(ctypes.get_errno(), "none")
+    return {"caps": caps, "unshare": refused}
+"""
+
+
+def _write_skill(name: str, code: str, limits: str = "") -> Skill:
+    root = tempfile.mkdtemp(prefix="user-supervisor-")
+    os.chmod(root, 0o755)
+    directory = os.path.join(root, name)
+    os.mkdir(directory, 0o755)
+    with open(os.path.join(directory, "main.py"), "w") as main:
+        main.write(code)
+    with open(os.path.join(directory, "skill.toml"), "w") as manifest:
+        manifest.write(f'id = "user/{name}"\nversion = "0.1.0"\nentrypoint = "main:run"\n'
+                       f"[limits]\n{limits}\n")
+    return Skill.from_dir(directory)
+
+
+def _probe() -> dict[str, object]:
+    """What an execution holds, and (the control) what its zygote holds."""
+    skill = _write_skill("probe", _PROBE)
+    with Sandbox([skill]) as sandbox:
+        result = sandbox.execute(ExecutionRequest(skill_id=skill.id, input=b"{}"))
+        zygotes = psutil.Process().children()
+        zygote_caps = {}
+        for zygote in zygotes:
+            with open(f"/proc/{zygote.pid}/status") as status:
+                zygote_caps[zygote.pid] = next(line.split()[1] for line in status
+                                           if line.startswith("CapEff"))
+    return {"status": result.status.value, "error": result.error,
+            "execution": json.loads(result.output or b"{}"), "zygotes": zygote_caps}
+
+
 def _tasks_below(pid: int) -> int:
     total = 0
     for process in psutil.Process(pid).children(recursive=True):
@@ -50,16 +96,7 @@ def _tasks_below(pid: int) -> int:
 
 
 def _bomb(disabled: frozenset[str]) -> dict[str, object]:
-    root = tempfile.mkdtemp(prefix="user-supervisor-")
-    os.chmod(root, 0o755)
-    directory = os.path.join(root, "bomb")
-    os.mkdir(directory, 0o755)
-    with open(os.path.join(directory, "main.py"), "w") as main:
-        main.write(_BOMB)
-    with open(os.path.join(directory, "skill.toml"), "w") as manifest:
-        manifest.write('id = "user/bomb"\nversion = "0.1.0"\nentrypoint = "main:run"\n'
-                       f"[limits]\nmax_processes = {MAX_PROCESSES}\ntimeout = 20\n")
-    skill = Skill.from_dir(directory)
+    skill = _write_skill("bomb", _BOMB, f"max_processes = {MAX_PROCESSES}\ntimeout = 20")
     peak = 0
     done = threading.Event()
 
@@ -89,6 +126,8 @@ def main() -> None:
     if command == "doctor":
         print(json.dumps({"euid": os.geteuid(), "layers": {
             layer.name: [layer.status, layer.detail] for layer in report().layers}}))
+    elif command == "probe":
+        print(json.dumps(_probe()))
     elif command == "bomb":
         disabled = frozenset(name for name in sys.argv[2:3] for name in name.split(",") if name)
         print(json.dumps(_bomb(disabled)))
