@@ -57,6 +57,22 @@ class ErrorKind(enum.StrEnum):
 #: the supervisor clamps whatever a (possibly forged) result frame says.
 MAX_TOKENS = 2**53 - 1
 
+#: Fixed fds inside a Python execution (after 0, 1, 2): result pipe (write), request pipe (read).
+RESULT_FD = 3
+REQUEST_FD = 4
+#: Exit codes of the worker processes, read by the supervisor. A zygote that could not boot
+#: (preload, compile, isolation); an execution child that could not write its result frame; one
+#: that could not be set up (a worker failure only while its request is still unread, i.e.
+#: before any skill code could run and exit with this code itself); a spare that failed before
+#: any request.
+EXIT_BOOT_FAILED = 3
+EXIT_FRAME_FAILED = 70
+EXIT_SETUP_FAILED = 71
+EXIT_SPARE_FAILED = 72
+#: The line a child (or the zygote, for it) that cannot set an execution up writes on the
+#: execution's stderr; the supervisor quotes it only when no skill code can have run.
+SETUP_FAILED = "skill-sandbox: execution set-up failed: "
+
 
 class ResourceUsage(msgspec.Struct, frozen=True, kw_only=True):
     """What an execution cost, measured by the supervisor from outside the child.

@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from worker.protocol import (
+    EXIT_FRAME_FAILED,
     MAX_TOKENS,
     ChildResult,
     ExecutionInput,
@@ -241,5 +242,5 @@ def run_and_exit(code: SkillCode, command: ForkCommand, precompiled: CodeType | 
                 stream.flush()
         _write_all(result_fd, frame)
     except BaseException:  # noqa: BLE001 - a broken pipe or worse: the exit code says so
-        status = 70
+        status = EXIT_FRAME_FAILED
     os._exit(status)

@@ -32,6 +32,9 @@ import msgspec
 
 from worker import child, isolation, spare
 from worker.protocol import (
+    EXIT_BOOT_FAILED,
+    EXIT_SPARE_FAILED,
+    SETUP_FAILED,
     ChildExited,
     ChildStarted,
     ControlMessage,
@@ -42,9 +45,6 @@ from worker.protocol import (
     ZygoteReady,
 )
 
-#: Exit code when start-up (preload, compile, isolation) fails: the supervisor reports the error
-#: it received and does not retry in a loop.
-EXIT_BOOT_FAILED = 3
 MAX_CONTROL_MESSAGE = 1 << 16
 #: The zygote's RSS (the baseline subtracted from a child's peak) is re-read every this many forks.
 RSS_REFRESH_FORKS = 64
@@ -187,7 +187,7 @@ class Zygote:
             isolation.before_fork(command, gate=ready is None)
         except OSError as exc:  # this execution cannot be isolated: refuse it, keep serving
             with contextlib.suppress(OSError):
-                os.write(fds[3], f"skill-sandbox: execution set-up failed: {exc}\n".encode())
+                os.write(fds[3], f"\n{SETUP_FAILED}{exc}\n".encode())
             for fd in fds[:-1]:
                 os.close(fd)
             report.close()  # the supervisor sees no child: a worker failure, for this one only
@@ -294,7 +294,7 @@ class Zygote:
         join failed (its own exit code, or it does not end): the pair goes back to the
         supervisor. Killed from outside: the pair is sound and the replacement takes it."""
         status = _reap_within(current.pid, current.pidfd, SPARE_EXIT_WAIT)
-        failed = status is None or os.waitstatus_to_exitcode(status) == spare.EXIT_SPARE_FAILED
+        failed = status is None or os.waitstatus_to_exitcode(status) == EXIT_SPARE_FAILED
         self.retire_spare(release=failed, reaped=status is not None)
 
     def retire_spare(self, release: bool, reaped: bool = False) -> None:
