@@ -35,16 +35,10 @@ from typing import Any, Protocol
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from sandbox.errors import SandboxError
+from sandbox.errors import PolicyError as PolicyError  # raised here; defined with the others
 from sandbox.skill import Skill
 from sandbox.validation import describe
 from worker.protocol import ExecutionRequest
-
-
-class PolicyError(SandboxError):
-    """A policy file or model that cannot be loaded; the text names the file and the field."""
-
-    message = "runtime: invalid policy"
 
 
 class ExecutionPolicy(Protocol):
