@@ -350,6 +350,9 @@ class _Calls:
     def skills(self) -> _Call[list[dict[str, Any]]]:
         return _Call("GET", "/v1/skills", _reading(lambda data: list(data["skills"])))
 
+    def skills_report(self) -> _Call[dict[str, Any]]:
+        return _Call("GET", "/v1/skills", _reading(dict))
+
     def skill(self, skill_id: str) -> _Call[dict[str, Any]]:
         return _Call("GET", f"/v1/skills/{quote(skill_id, safe='/')}", _reading(dict))
 
@@ -438,6 +441,10 @@ class SandboxClient(_Client[httpx.Client]):
     def skills(self) -> list[dict[str, Any]]:
         return self._send(self._calls.skills())
 
+    def skills_report(self) -> dict[str, Any]:
+        """`skills` (the loaded ones) and `errors` (skill directories that failed to load)."""
+        return self._send(self._calls.skills_report())
+
     def skill(self, skill_id: str) -> dict[str, Any]:
         return self._send(self._calls.skill(skill_id))
 
@@ -514,6 +521,9 @@ class AsyncSandboxClient(_Client[httpx.AsyncClient]):
 
     async def skills(self) -> list[dict[str, Any]]:
         return await self._send(self._calls.skills())
+
+    async def skills_report(self) -> dict[str, Any]:
+        return await self._send(self._calls.skills_report())
 
     async def skill(self, skill_id: str) -> dict[str, Any]:
         return await self._send(self._calls.skill(skill_id))

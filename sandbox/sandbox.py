@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox.capabilities import (
     CapabilityReport,
@@ -39,12 +39,14 @@ from sandbox.execlog.records import ExecutionLogger, StepInfo
 from sandbox.execution import CANCELED_ERROR, TIMEOUT_ERROR, WORKER_ERROR, Execution, ExecutionSpec
 from sandbox.planrun import arun_plan, run_plan
 from sandbox.plans import ExecutionContext, ExecutionPlan, StepResult
-from sandbox.policy import ExecutionPolicy
 from sandbox.skill import Skill
 from sandbox.tools import ToolRegistry, ToolRunner
 from sandbox.uidpool import UidPool, UidPoolExhausted
 from sandbox.zygote import BASE_ENV, ZygoteDied, ZygoteProcess
 from worker.protocol import ErrorKind, ExecutionRequest, ExecutionResult, ExecutionStatus, Limits
+
+if TYPE_CHECKING:  # the built-in `Policy` (pydantic, YAML) is loaded by whoever makes one
+    from sandbox.policy import ExecutionPolicy
 
 _log = logging.getLogger("sandbox")
 SKILL_NOT_LOADED = SkillNotLoaded.message
