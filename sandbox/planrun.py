@@ -150,7 +150,7 @@ class _Run:
                            tenant_id=ec.tenant_id, user_id=ec.user_id, step_index=index,
                            timeout=timeout)
 
-    def finish(self, index: int, step: ExecutionStep, result: StepResult) -> None:
+    def finish(self, step: ExecutionStep, result: StepResult) -> None:
         """Record a step's result; raise `PlanFailed` if it failed."""
         self.ec.add_result(result)
         self.results.append(result)
@@ -252,7 +252,7 @@ def _drive(host: PlanHost, plan: ExecutionPlan,
     try:
         plan.validate(host)
         for index, step in enumerate(plan.steps):
-            run.finish(index, step, (yield from _drive_step(run, index, step)))
+            run.finish(step, (yield from _drive_step(run, index, step)))
     except GeneratorExit:  # the shell let go of the driver: nothing left to log through it
         raise
     except BaseException as exc:

@@ -111,10 +111,6 @@ class Skill:
             return None
         return _check(self._output_validator, data, "output") or None
 
-    @property
-    def has_output_schema(self) -> bool:
-        return self._output_validator is not None
-
     def code(self) -> SkillCode:
         manifest = self.manifest
         return SkillCode(

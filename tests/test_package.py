@@ -3,14 +3,19 @@ what ships in the wheel runs from it."""
 
 from __future__ import annotations
 
+import ast
+import graphlib
 import importlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import sandbox
+
+ROOT = Path(__file__).resolve().parent.parent
 
 #: Dependencies of parts a program may never use: the client (httpx), the CLI (click), the
 #: daemon (starlette, uvicorn, prometheus), schemas (jsonschema) and YAML files.
@@ -51,3 +56,37 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
         sandbox.Nope  # noqa: B018
     with pytest.raises(ImportError):
         exec("from sandbox import Nope", {})
+
+
+def _imports_at_run_time(path: Path, modules: set[str]) -> set[str]:
+    """The modules among `modules` that `path` imports when it runs: at module level or in a
+    function, but not under `if TYPE_CHECKING:` (annotations only)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    typing_only = {id(node) for branch in ast.walk(tree)
+                   if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+                   for node in ast.walk(branch)}
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return found & modules
+
+
+def _module_graph(root: Path) -> dict[str, set[str]]:
+    paths = {}
+    for path in [*root.glob("sandbox/**/*.py"), *root.glob("worker/**/*.py")]:
+        name = ".".join(path.relative_to(root).with_suffix("").parts)
+        paths[name.removesuffix(".__init__")] = path
+    return {name: _imports_at_run_time(path, set(paths)) - {name}
+            for name, path in paths.items()}
+
+
+def test_no_module_imports_itself_back_at_run_time() -> None:
+    graph = _module_graph(ROOT)
+    assert {"sandbox.sandbox", "sandbox.planrun", "sandbox.errors"} <= set(graph)
+    assert "sandbox.planrun" in graph["sandbox.sandbox"]  # control: edges are seen
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
