@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -78,14 +79,19 @@ def test_another_supervisor_process_never_gets_a_uid_in_use_here(
             process.stdout.close()
 
 
+def _two_sandboxes(make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path],
+                   *ranges: tuple[int, int]) -> tuple[Skill, Sandbox, Sandbox]:
+    """The WHOAMI skill loaded in two sandboxes, with the uid ranges (base, count) given."""
+    skill = Skill.from_dir(skill_dir(WHOAMI))
+    first, second = (make_sandbox(skill, isolation=IsolationConfig(uid_base=base, uid_count=count))
+                     for base, count in ranges)
+    return skill, first, second
+
+
 @requires("identity")
 def test_sandboxes_with_overlapping_uid_ranges_never_share_a_uid(
         make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path]) -> None:
-    skill = Skill.from_dir(skill_dir(WHOAMI))
-    wide = make_sandbox(skill, isolation=IsolationConfig(uid_base=BASE + 10, uid_count=4))
-    narrow = make_sandbox(skill, isolation=IsolationConfig(uid_base=BASE + 10, uid_count=1))
-    from concurrent.futures import ThreadPoolExecutor
-
+    skill, wide, narrow = _two_sandboxes(make_sandbox, skill_dir, (BASE + 10, 4), (BASE + 10, 1))
     with ThreadPoolExecutor(1) as pool:
         slow = pool.submit(wide.execute, ExecutionRequest(skill_id=skill.id,
                                                           input=b'{"sleep": 1.5}'))
@@ -131,11 +137,7 @@ def _sessions_by_uid(base: int, count: int) -> dict[int, set[int]]:
 @requires("identity")
 def test_sandboxes_with_shifted_overlapping_ranges_never_run_two_executions_under_one_uid(
         make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path]) -> None:
-    skill = Skill.from_dir(skill_dir(WHOAMI))
-    low = make_sandbox(skill, isolation=IsolationConfig(uid_base=BASE + 20, uid_count=3))
-    high = make_sandbox(skill, isolation=IsolationConfig(uid_base=BASE + 21, uid_count=3))
-    from concurrent.futures import ThreadPoolExecutor
-
+    skill, low, high = _two_sandboxes(make_sandbox, skill_dir, (BASE + 20, 3), (BASE + 21, 3))
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(sandbox.execute,
                                ExecutionRequest(skill_id=skill.id, input=b'{"sleep": 6}'))
