@@ -30,6 +30,8 @@ EXIT_TIMEOUT = 4
 EXIT_CANCELED = 5
 EXIT_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE
 EXIT_NOPERM = 77  # sysexits EX_NOPERM
+#: What `pip install 'skill-sandbox[daemon]'` adds; the daemon's commands need them.
+DAEMON_EXTRA = frozenset({"starlette", "uvicorn", "prometheus_client"})
 STATUS_EXIT = {"success": EXIT_OK, "failed": EXIT_FAILED, "rejected": EXIT_REJECTED,
                "timeout": EXIT_TIMEOUT, "canceled": EXIT_CANCELED}
 
@@ -93,6 +95,12 @@ def handle_errors(function: F) -> F:
             fail(str(exc), EXIT_USAGE, as_json, "invalid_config")
         except SandboxError as exc:
             fail(str(exc), EXIT_FAILED, as_json, type(exc).__name__)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").split(".")[0] not in DAEMON_EXTRA:
+                raise
+            fail(f"{exc.name} is not installed: this command needs the daemon's dependencies "
+                 "(pip install 'skill-sandbox[daemon]')", EXIT_UNAVAILABLE, as_json,
+                 "missing_dependency")
 
     return wrapper  # type: ignore[return-value]
 
@@ -418,7 +426,7 @@ def skills_list(dirs: tuple[Path, ...], socket: Path | None, url: str | None,
         errors = found.errors
     else:
         with make_client(socket, url, token) as client:
-            answer = client._get("/v1/skills")
+            answer = client.skills_report()
         items, errors = answer["skills"], answer["errors"]
     if as_json:
         emit_json({"skills": items, "errors": errors})
@@ -647,6 +655,21 @@ def doctor(as_json: bool) -> None:
     sys.exit(capabilities.main() or EXIT_OK)
 
 
+def _benchmarks(checkout: Path | None = None) -> Any:
+    """The harness, from the source checkout this package runs from (an editable install or
+    the checkout's root on sys.path); None from a wheel, which does not ship it."""
+    checkout = checkout or Path(__file__).resolve().parent.parent
+    if not (checkout / "benchmarks" / "__main__.py").is_file():
+        return None
+    if str(checkout) not in sys.path:
+        sys.path.append(str(checkout))
+    import importlib
+
+    module = importlib.import_module("benchmarks")
+    found = Path(module.__file__ or "").resolve().parent.parent
+    return module if found == checkout else None
+
+
 @main.command(context_settings={**CONTEXT, "ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @json_option
@@ -655,11 +678,10 @@ def bench(args: tuple[str, ...], as_json: bool) -> None:
 
     With --json, print the results file instead of the table.
     """
-    try:
-        import benchmarks
-    except ImportError:
-        fail("the benchmark harness (benchmarks/) is not in this installation; run from a "
-             "source checkout", EXIT_FAILED, as_json, "unavailable")
+    benchmarks = _benchmarks()
+    if benchmarks is None:
+        fail("the benchmark harness (benchmarks/) is not shipped in the wheel: it needs the "
+             "source tree; run `make bench` in a checkout", EXIT_FAILED, as_json, "unavailable")
     argv = list(args)
     if not as_json:
         sys.exit(benchmarks.main(argv))

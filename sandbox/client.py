@@ -14,12 +14,14 @@ or of the request itself raise the `SandboxError` family (`DaemonUnavailable`, `
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 from urllib.parse import quote
 
 import httpcore
@@ -27,8 +29,19 @@ import httpx
 import msgspec
 from httpcore._backends.sync import SyncStream  # the stream type the sync backend returns
 
-from sandbox.errors import SandboxError, SkillNotLoaded
-from sandbox.plans import ExecutionContext, ExecutionPlan, InvalidPlan, PlanFailed, StepResult
+from sandbox.errors import (
+    BadRequest,
+    DaemonBusy,
+    DaemonError,
+    DaemonUnavailable,
+    InvalidInput,
+    InvalidPlan,
+    PlanFailed,
+    SandboxError,
+    SkillNotLoaded,
+    Unauthorized,
+)
+from sandbox.plans import ExecutionContext, ExecutionPlan, StepResult
 from worker.protocol import (
     ErrorKind,
     ExecutionRequest,
@@ -37,48 +50,13 @@ from worker.protocol import (
     ResourceUsage,
 )
 
+__all__ = ["DEFAULT_TIMEOUT", "AsyncSandboxClient", "BadRequest", "DaemonBusy", "DaemonError",
+           "DaemonUnavailable", "SandboxClient", "Unauthorized", "result_from_json"]
+
 DEFAULT_TIMEOUT = 300.0
 #: Time the daemon may take beyond an execution's own timeout (queueing, starting, answering).
 _TIMEOUT_MARGIN = 30.0
 _UNIX_BASE_URL = "http://skill-sandbox"
-
-
-class DaemonError(SandboxError):
-    """The daemon answered with an error of its own (a bug or a server fault)."""
-
-    message = "runtime: daemon error"
-
-    def __init__(self, detail: str = "", status_code: int = 0, code: str = "") -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.code = code
-
-
-class DaemonUnavailable(DaemonError):
-    """No daemon to talk to: not running, wrong socket/URL, shutting down, or no answer."""
-
-    message = "runtime: daemon unavailable"
-
-
-class Unauthorized(DaemonError):
-    message = "runtime: daemon refused the bearer token"
-
-
-class BadRequest(DaemonError):
-    """The daemon refused the request as malformed (4xx); `problems` names the fields."""
-
-    message = "runtime: daemon rejected the request"
-
-    def __init__(self, detail: str = "", status_code: int = 0, code: str = "",
-                 problems: list[dict[str, str]] | None = None) -> None:
-        super().__init__(detail, status_code, code)
-        self.problems = problems or []
-
-
-class DaemonBusy(DaemonError):
-    """Too many executions in flight on the daemon; retry later."""
-
-    message = "runtime: daemon busy"
 
 
 class _UnixBackend(httpcore.SyncBackend):
@@ -171,7 +149,7 @@ def _input_problem(request: ExecutionRequest) -> ExecutionResult | None:
     if not problem:
         return None
     return ExecutionResult(status=ExecutionStatus.REJECTED, error_kind=ErrorKind.INVALID_INPUT,
-                           error=f"runtime: invalid input: {problem}",
+                           error=f"{InvalidInput.message}: {problem}",
                            request_id=request.request_id, skill_id=request.skill_id)
 
 
@@ -275,12 +253,21 @@ def _error_for(response: httpx.Response, target: _Target) -> SandboxError:
     return DaemonError(where, status, code)
 
 
-def _transport_error(exc: httpx.HTTPError, target: _Target) -> DaemonUnavailable:
-    if isinstance(exc, httpx.TimeoutException):
-        return DaemonUnavailable(f"{target.where}: no answer in time ({type(exc).__name__})")
-    reason = str(exc) or type(exc).__name__
-    hint = " (is `skill-sandbox serve` running?)" if isinstance(exc, httpx.ConnectError) else ""
-    return DaemonUnavailable(f"cannot reach the daemon at {target.where}: {reason}{hint}")
+@contextlib.contextmanager
+def _transport_errors(target: _Target) -> Iterator[None]:
+    """httpx's transport exceptions become `DaemonUnavailable` here, at the boundary (as
+    httpcore's `map_exceptions` does)."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise DaemonUnavailable(f"{target.where}: no answer in time "
+                                f"({type(exc).__name__})") from None
+    except httpx.HTTPError as exc:
+        reason = str(exc) or type(exc).__name__
+        hint = " (is `skill-sandbox serve` running?)" if isinstance(exc, httpx.ConnectError) \
+            else ""
+        raise DaemonUnavailable(f"cannot reach the daemon at {target.where}: "
+                                f"{reason}{hint}") from None
 
 
 def _json(response: httpx.Response, target: _Target) -> Any:
@@ -293,103 +280,195 @@ def _json(response: httpx.Response, target: _Target) -> Any:
             from None
 
 
-# -- synchronous ---------------------------------------------------------------------------------
+T = TypeVar("T")
 
 
-class SandboxClient:
-    """Blocking client. Thread-safe (httpx connection pool); close it or use `with`."""
+def _read_found(response: httpx.Response, target: _Target) -> bool:
+    """True for an answer, False for a 404 (no such skill or execution)."""
+    if response.status_code == 404:
+        return False
+    _json(response, target)
+    return True
+
+
+def _read_text(response: httpx.Response, target: _Target) -> str:
+    if response.status_code >= 400:
+        raise _error_for(response, target)
+    return response.text
+
+
+def _reading(convert: Callable[[Any], T]) -> Callable[[httpx.Response, _Target], T]:
+    """A reader of a JSON answer that hands the decoded body to `convert`."""
+    return lambda response, target: convert(_json(response, target))
+
+
+_JSON_BODY = {"Content-Type": "application/json"}
+
+
+# -- the calls, described once; each client below only sends them -----------------------------
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    """One call of the daemon's API, described without making it: the sync and the async
+    client each send it their own way and hand the response to `read` (the sans-IO shape:
+    one core, two thin shells). `answer` is set when no round trip is needed."""
+
+    method: str
+    path: str
+    read: Callable[[httpx.Response, _Target], T]
+    options: dict[str, Any] = field(default_factory=dict)
+    answer: T | None = None
+
+
+class _Calls:
+    """Every call of the API, for a client whose default timeout is `timeout`."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+
+    def execute(self, request: ExecutionRequest) -> _Call[ExecutionResult]:
+        timeout = httpx.Timeout(_read_timeout(request, self.timeout), connect=5.0)
+        return _Call("POST", "/v1/execute", _reading(result_from_json),
+                     {"content": _execute_body(request), "headers": _JSON_BODY,
+                      "timeout": timeout}, answer=_input_problem(request))
+
+    def execute_plan(self, plan: ExecutionPlan,
+                     ec: ExecutionContext) -> _Call[list[StepResult]]:
+        timeout = httpx.Timeout(_plan_timeout(ec, self.timeout), connect=5.0)
+        return _Call("POST", "/v1/plans", _reading(lambda data: _plan_outcome(data, ec)),
+                     {"content": _plan_body(plan, ec), "headers": _JSON_BODY,
+                      "timeout": timeout})
+
+    def can_execute(self, skill_id: str) -> _Call[bool]:
+        return _Call("GET", f"/v1/skills/{quote(skill_id, safe='/')}", _read_found)
+
+    def cancel(self, request_id: str) -> _Call[bool]:
+        return _Call("POST", f"/v1/executions/{quote(request_id, safe='')}/cancel",
+                     _read_found)
+
+    def skills(self) -> _Call[list[dict[str, Any]]]:
+        return _Call("GET", "/v1/skills", _reading(lambda data: list(data["skills"])))
+
+    def skills_report(self) -> _Call[dict[str, Any]]:
+        return _Call("GET", "/v1/skills", _reading(dict))
+
+    def skill(self, skill_id: str) -> _Call[dict[str, Any]]:
+        return _Call("GET", f"/v1/skills/{quote(skill_id, safe='/')}", _reading(dict))
+
+    def reload(self, force: bool) -> _Call[dict[str, Any]]:
+        return _Call("POST", "/v1/skills/reload", _reading(dict),
+                     {"params": {"force": "1"} if force else None})
+
+    def status(self) -> _Call[dict[str, Any]]:
+        return _Call("GET", "/v1/status", _reading(dict))
+
+    def health(self) -> _Call[dict[str, Any]]:
+        return _Call("GET", "/healthz", _reading(dict))
+
+    def ready(self) -> _Call[bool]:
+        return _Call("GET", "/readyz", lambda response, _: response.status_code == 200)
+
+    def metrics(self) -> _Call[str]:
+        return _Call("GET", "/metrics", _read_text)
+
+    def executions(self, filters: dict[str, Any]) -> _Call[list[dict[str, Any]]]:
+        params = {key: str(value) for key, value in filters.items() if value is not None}
+        return _Call("GET", "/v1/executions", _reading(lambda data: list(data["records"])),
+                     {"params": params})
+
+    def execution(self, request_id: str) -> _Call[list[dict[str, Any]]]:
+        return _Call("GET", f"/v1/executions/{quote(request_id, safe='')}",
+                     _reading(lambda data: list(data["records"])))
+
+
+H = TypeVar("H", httpx.Client, httpx.AsyncClient)
+
+
+class _Client(Generic[H]):
+    """Where the daemon is, how to reach it, and the calls; the subclasses send them."""
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, *, url: str | None = None,
                  token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  env: Mapping[str, str] | None = None) -> None:
         self.target = _Target(socket, url, token, env)
         self.timeout = timeout
-        transport = _unix_transport(self.target.socket) if self.target.socket else None
-        self._http = httpx.Client(base_url=self.target.url, transport=transport,
-                                  headers=self.target.headers(),
-                                  timeout=httpx.Timeout(timeout, connect=5.0))
+        self._calls = _Calls(timeout)
+        self._http: H = self._open(base_url=self.target.url, headers=self.target.headers(),
+                                timeout=httpx.Timeout(timeout, connect=5.0))
 
-    def _request(self, method: str, path: str, **options: Any) -> httpx.Response:
-        try:
-            return self._http.request(method, path, **options)
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.target) from None
+    def _open(self, **options: Any) -> H:
+        raise NotImplementedError
 
-    def _get(self, path: str, **options: Any) -> Any:
-        return _json(self._request("GET", path, **options), self.target)
+
+# -- synchronous ---------------------------------------------------------------------------------
+
+
+class SandboxClient(_Client[httpx.Client]):
+    """Blocking client. Thread-safe (httpx connection pool); close it or use `with`."""
+
+    def _open(self, **options: Any) -> httpx.Client:
+        socket = self.target.socket
+        return httpx.Client(transport=_unix_transport(socket) if socket else None, **options)
+
+    def _send(self, call: _Call[T]) -> T:
+        if call.answer is not None:
+            return call.answer
+        with _transport_errors(self.target):
+            response = self._http.request(call.method, call.path, **call.options)
+        return call.read(response, self.target)
 
     # -- the `Sandbox` shape --
 
     def execute(self, request: ExecutionRequest) -> ExecutionResult:
         """Run one execution on the daemon; every outcome is a result, as in-process."""
-        problem = _input_problem(request)
-        if problem is not None:
-            return problem
-        response = self._request(
-            "POST", "/v1/execute", content=_execute_body(request),
-            headers={"Content-Type": "application/json"},
-            timeout=httpx.Timeout(_read_timeout(request, self.timeout), connect=5.0))
-        return result_from_json(_json(response, self.target))
+        return self._send(self._calls.execute(request))
 
     def execute_plan(self, plan: ExecutionPlan,
                      ec: ExecutionContext | None = None) -> list[StepResult]:
         """Run a plan on the daemon: the step results, or `InvalidPlan` / `PlanFailed`."""
         ec = ec or ExecutionContext(assistant_id=plan.assistant_id)
-        response = self._request(
-            "POST", "/v1/plans", content=_plan_body(plan, ec),
-            headers={"Content-Type": "application/json"},
-            timeout=httpx.Timeout(_plan_timeout(ec, self.timeout), connect=5.0))
-        return _plan_outcome(_json(response, self.target), ec)
+        return self._send(self._calls.execute_plan(plan, ec))
 
     def can_execute(self, skill_id: str) -> bool:
-        response = self._request("GET", f"/v1/skills/{quote(skill_id, safe='/')}")
-        if response.status_code == 404:
-            return False
-        _json(response, self.target)
-        return True
+        return self._send(self._calls.can_execute(skill_id))
 
     def cancel(self, request_id: str) -> bool:
-        response = self._request("POST", f"/v1/executions/{quote(request_id, safe='')}/cancel")
-        if response.status_code == 404:
-            return False
-        _json(response, self.target)
-        return True
+        return self._send(self._calls.cancel(request_id))
 
     # -- operating --
 
     def skills(self) -> list[dict[str, Any]]:
-        return list(self._get("/v1/skills")["skills"])
+        return self._send(self._calls.skills())
+
+    def skills_report(self) -> dict[str, Any]:
+        """`skills` (the loaded ones) and `errors` (skill directories that failed to load)."""
+        return self._send(self._calls.skills_report())
 
     def skill(self, skill_id: str) -> dict[str, Any]:
-        return dict(self._get(f"/v1/skills/{quote(skill_id, safe='/')}"))
+        return self._send(self._calls.skill(skill_id))
 
     def reload(self, *, force: bool = False) -> dict[str, Any]:
-        params = {"force": "1"} if force else None
-        return dict(_json(self._request("POST", "/v1/skills/reload", params=params),
-                          self.target))
+        return self._send(self._calls.reload(force))
 
     def status(self) -> dict[str, Any]:
-        return dict(self._get("/v1/status"))
+        return self._send(self._calls.status())
 
     def health(self) -> dict[str, Any]:
-        return dict(self._get("/healthz"))
+        return self._send(self._calls.health())
 
     def ready(self) -> bool:
-        return self._request("GET", "/readyz").status_code == 200
+        return self._send(self._calls.ready())
 
     def metrics(self) -> str:
-        response = self._request("GET", "/metrics")
-        if response.status_code >= 400:
-            raise _error_for(response, self.target)
-        return response.text
+        return self._send(self._calls.metrics())
 
     def executions(self, **filters: Any) -> list[dict[str, Any]]:
         """Execution-log records: request_id, tenant_id, skill_id, status, since, limit."""
-        params = {key: str(value) for key, value in filters.items() if value is not None}
-        return list(self._get("/v1/executions", params=params)["records"])
+        return self._send(self._calls.executions(filters))
 
     def execution(self, request_id: str) -> list[dict[str, Any]]:
-        return list(self._get(f"/v1/executions/{quote(request_id, safe='')}")["records"])
+        return self._send(self._calls.execution(request_id))
 
     def close(self) -> None:
         self._http.close()
@@ -405,84 +484,70 @@ class SandboxClient:
 # -- asynchronous ------------------------------------------------------------------------------
 
 
-class AsyncSandboxClient:
-    """asyncio client; `execute` is a coroutine (also available as `aexecute`, as on `Sandbox`).
-    Cancelling an awaiting task closes its connection, and the daemon cancels that execution."""
+class AsyncSandboxClient(_Client[httpx.AsyncClient]):
+    """asyncio client: every call of `SandboxClient`, as a coroutine (`execute` and
+    `execute_plan` also as `aexecute` and `aexecute_plan`, as on `Sandbox`). Cancelling an
+    awaiting task closes its connection, and the daemon cancels that execution."""
 
-    def __init__(self, socket: str | os.PathLike[str] | None = None, *, url: str | None = None,
-                 token: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 env: Mapping[str, str] | None = None) -> None:
-        self.target = _Target(socket, url, token, env)
-        self.timeout = timeout
-        transport = httpx.AsyncHTTPTransport(uds=str(self.target.socket)) \
-            if self.target.socket else None
-        self._http = httpx.AsyncClient(base_url=self.target.url, transport=transport,
-                                       headers=self.target.headers(),
-                                       timeout=httpx.Timeout(timeout, connect=5.0))
+    def _open(self, **options: Any) -> httpx.AsyncClient:
+        socket = self.target.socket
+        transport = httpx.AsyncHTTPTransport(uds=str(socket)) if socket else None
+        return httpx.AsyncClient(transport=transport, **options)
 
-    async def _request(self, method: str, path: str, **options: Any) -> httpx.Response:
-        try:
-            return await self._http.request(method, path, **options)
-        except httpx.HTTPError as exc:
-            raise _transport_error(exc, self.target) from None
-
-    async def _get(self, path: str, **options: Any) -> Any:
-        return _json(await self._request("GET", path, **options), self.target)
+    async def _send(self, call: _Call[T]) -> T:
+        if call.answer is not None:
+            return call.answer
+        with _transport_errors(self.target):
+            response = await self._http.request(call.method, call.path, **call.options)
+        return call.read(response, self.target)
 
     async def execute(self, request: ExecutionRequest) -> ExecutionResult:
-        problem = _input_problem(request)
-        if problem is not None:
-            return problem
-        response = await self._request(
-            "POST", "/v1/execute", content=_execute_body(request),
-            headers={"Content-Type": "application/json"},
-            timeout=httpx.Timeout(_read_timeout(request, self.timeout), connect=5.0))
-        return result_from_json(_json(response, self.target))
+        return await self._send(self._calls.execute(request))
 
     aexecute = execute
 
     async def execute_plan(self, plan: ExecutionPlan,
                            ec: ExecutionContext | None = None) -> list[StepResult]:
         ec = ec or ExecutionContext(assistant_id=plan.assistant_id)
-        response = await self._request(
-            "POST", "/v1/plans", content=_plan_body(plan, ec),
-            headers={"Content-Type": "application/json"},
-            timeout=httpx.Timeout(_plan_timeout(ec, self.timeout), connect=5.0))
-        return _plan_outcome(_json(response, self.target), ec)
+        return await self._send(self._calls.execute_plan(plan, ec))
 
     aexecute_plan = execute_plan
 
     async def can_execute(self, skill_id: str) -> bool:
-        response = await self._request("GET", f"/v1/skills/{quote(skill_id, safe='/')}")
-        if response.status_code == 404:
-            return False
-        _json(response, self.target)
-        return True
+        return await self._send(self._calls.can_execute(skill_id))
 
     async def cancel(self, request_id: str) -> bool:
-        response = await self._request("POST",
-                                       f"/v1/executions/{quote(request_id, safe='')}/cancel")
-        if response.status_code == 404:
-            return False
-        _json(response, self.target)
-        return True
+        return await self._send(self._calls.cancel(request_id))
 
     async def skills(self) -> list[dict[str, Any]]:
-        return list((await self._get("/v1/skills"))["skills"])
+        return await self._send(self._calls.skills())
 
-    async def status(self) -> dict[str, Any]:
-        return dict(await self._get("/v1/status"))
+    async def skills_report(self) -> dict[str, Any]:
+        return await self._send(self._calls.skills_report())
+
+    async def skill(self, skill_id: str) -> dict[str, Any]:
+        return await self._send(self._calls.skill(skill_id))
 
     async def reload(self, *, force: bool = False) -> dict[str, Any]:
-        params = {"force": "1"} if force else None
-        return dict(_json(await self._request("POST", "/v1/skills/reload", params=params),
-                          self.target))
+        return await self._send(self._calls.reload(force))
+
+    async def status(self) -> dict[str, Any]:
+        return await self._send(self._calls.status())
+
+    async def health(self) -> dict[str, Any]:
+        return await self._send(self._calls.health())
+
+    async def ready(self) -> bool:
+        return await self._send(self._calls.ready())
 
     async def metrics(self) -> str:
-        response = await self._request("GET", "/metrics")
-        if response.status_code >= 400:
-            raise _error_for(response, self.target)
-        return response.text
+        return await self._send(self._calls.metrics())
+
+    async def executions(self, **filters: Any) -> list[dict[str, Any]]:
+        return await self._send(self._calls.executions(filters))
+
+    async def execution(self, request_id: str) -> list[dict[str, Any]]:
+        return await self._send(self._calls.execution(request_id))
 
     async def aclose(self) -> None:
         await self._http.aclose()

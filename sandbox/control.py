@@ -8,6 +8,7 @@ here is called with the sandbox's configured policy, breaker and logger (each ma
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from sandbox.circuit import CircuitBreaker, counts_as_failure
 from sandbox.errors import CircuitOpen, PolicyRejected
@@ -17,9 +18,11 @@ from sandbox.execlog.records import (
     StepInfo,
     record_for_execution,
 )
-from sandbox.policy import ExecutionPolicy
-from sandbox.skill import Skill
 from worker.protocol import ErrorKind, ExecutionRequest, ExecutionResult
+
+if TYPE_CHECKING:
+    from sandbox.policy import ExecutionPolicy
+    from sandbox.skill import Skill
 
 POLICY_REJECTED = PolicyRejected.message
 CIRCUIT_OPEN = CircuitOpen.message

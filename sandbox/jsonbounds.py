@@ -32,10 +32,6 @@ _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 _PLUS_MINUS = bytes.maketrans(b"[]", b"\x01\xff")
 
 
-class JsonTooDeep(ValueError):
-    """Arrays/objects nested deeper than the bound."""
-
-
 def depth_problem(raw: bytes, limit: int = MAX_JSON_DEPTH) -> str:
     """Why `raw` nests arrays/objects deeper than `limit`, or "" (also "" for malformed JSON
     whose brackets are shallow: the decoder reports that). Linear in `len(raw)` per level."""

@@ -11,7 +11,6 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sandbox.errors import SkillLoadError
@@ -151,6 +150,8 @@ _SUPPORTED_RUNTIMES = {None, "python", "py", "command", "native"}
 
 def load_openbotstack(path: Path) -> SkillManifest:
     """Map openbotstack's `manifest.yaml` onto the native model."""
+    import yaml  # only openbotstack's manifest.yaml needs it
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

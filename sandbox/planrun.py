@@ -1,10 +1,18 @@
 """Running a plan: steps in order, data passed by templates, one deadline for the whole plan.
 
-`skill` steps go through `Sandbox.execute` (so policy, circuit breaker, limits and the
+`skill` steps go through the host's `execute` (so policy, circuit breaker, limits and the
 execution log apply to each), with the step's rendered arguments as input and the context's
-identities; `tool` steps call the sandbox's registered tools in-process. Each step gets at
-most the time left before `ec.deadline`. The first step that fails stops the plan and
-`PlanFailed` is raised carrying its `StepResult`; on success the step results are returned.
+identities; `tool` steps call the host's registered tools in-process. Each step gets at most the
+time left before `ec.deadline`. The first step that fails stops the plan and `PlanFailed` is
+raised carrying its `StepResult`; on success the step results are returned.
+
+The host is anything with the `PlanHost` methods (a `Sandbox`): this module never imports the
+sandbox, so the sandbox can import it without a cycle.
+
+Sync and async run from one source: `_drive` is a generator that makes every decision and
+yields the three things that wait (a logger call, a skill execution, a tool call) as effects;
+`run_plan` performs them by blocking, `arun_plan` by awaiting. It is the sans-IO shape (as in
+h11, under httpcore): the logic cannot drift between the two because there is one copy of it.
 """
 
 from __future__ import annotations
@@ -14,15 +22,17 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 
 from sandbox import jsonbounds
+from sandbox.errors import ExecutionCanceled, ExecutionTimeout, InvalidPlan, PlanFailed, ToolError
 from sandbox.execlog.records import (
     DEFAULT_MAX_OUTPUT_BYTES,
+    ExecutionLogger,
     ExecutionLogRecord,
     StepInfo,
     record_for_step,
@@ -31,20 +41,37 @@ from sandbox.plans import (
     ExecutionContext,
     ExecutionPlan,
     ExecutionStep,
-    InvalidPlan,
-    PlanFailed,
+    PlanTarget,
     StepResult,
     StepType,
 )
+from sandbox.skill import Skill
 from sandbox.templates import TemplateError, render
-from sandbox.tools import TIMEOUT_ERROR, ToolContext, ToolError
+from sandbox.tools import ToolContext, ToolRegistry, ToolTimeout
 from worker.protocol import ExecutionRequest, ExecutionResult, ExecutionStatus
 
-if TYPE_CHECKING:
-    from sandbox.sandbox import Sandbox
-
-CANCELED_ERROR = "runtime: execution canceled"
 _log = logging.getLogger("sandbox")
+
+
+class PlanHost(PlanTarget, Protocol):
+    """What running a plan asks of its host (a `Sandbox`): skills to execute (and cancel),
+    tools to call, and where the execution log goes."""
+
+    @property
+    def logger(self) -> ExecutionLogger | None: ...
+
+    @property
+    def tools(self) -> ToolRegistry: ...
+
+    def get_skill(self, skill_id: str) -> Skill | None: ...
+
+    def execute(self, request: ExecutionRequest, *,
+                step: StepInfo | None = None) -> ExecutionResult: ...
+
+    async def aexecute(self, request: ExecutionRequest, *,
+                       step: StepInfo | None = None) -> ExecutionResult: ...
+
+    def cancel(self, request_id: str) -> bool: ...
 
 
 @dataclass
@@ -57,12 +84,12 @@ class _Prepared:
 
 
 class _Run:
-    """State of one plan run shared by the sync and async drivers."""
+    """State of one plan run."""
 
-    def __init__(self, sandbox: Sandbox, plan: ExecutionPlan, ec: ExecutionContext) -> None:
+    def __init__(self, host: PlanHost, plan: ExecutionPlan, ec: ExecutionContext) -> None:
         if not ec.assistant_id:
             ec.assistant_id = plan.assistant_id
-        self.sandbox = sandbox
+        self.host = host
         self.plan = plan
         self.ec = ec
         self.names: list[str] = []
@@ -72,7 +99,7 @@ class _Run:
     @contextlib.contextmanager
     def canceled_with_plan(self, request: ExecutionRequest) -> Iterator[None]:
         """While a skill step runs, `ec.cancel()` cancels its execution."""
-        cancel = functools.partial(self.sandbox.cancel, request.request_id)
+        cancel = functools.partial(self.host.cancel, request.request_id)
         self.ec._add_cancel_callback(cancel)
         try:
             yield
@@ -86,12 +113,12 @@ class _Run:
                                                 status=status.value))
 
         if self.ec.canceled:
-            return stop(ExecutionStatus.CANCELED, f"{CANCELED_ERROR}: the plan was canceled "
-                                                  "before this step started")
+            return stop(ExecutionStatus.CANCELED, f"{ExecutionCanceled.message}: the plan was "
+                                                  "canceled before this step started")
         timeout = self.ec.time_left()
         if timeout is not None and timeout <= 0:
-            return stop(ExecutionStatus.TIMEOUT, f"{TIMEOUT_ERROR}: the plan's deadline "
-                                                 "passed before this step started")
+            return stop(ExecutionStatus.TIMEOUT, f"{ExecutionTimeout.message}: the plan's "
+                                                 "deadline passed before this step started")
         try:
             arguments = render(step.arguments, self.names, self.outputs)
         except TemplateError as exc:
@@ -104,7 +131,7 @@ class _Run:
         (so a plan never asks for more than the skill's configured timeout)."""
         requested = None
         if timeout is not None:
-            skill = self.sandbox.get_skill(step.name)
+            skill = self.host.get_skill(step.name)
             if skill is None or timeout < skill.manifest.limits.timeout:
                 requested = max(timeout, 0.001)
         return ExecutionRequest(skill_id=step.name, input=msgspec.json.encode(arguments),
@@ -123,7 +150,7 @@ class _Run:
                            tenant_id=ec.tenant_id, user_id=ec.user_id, step_index=index,
                            timeout=timeout)
 
-    def finish(self, index: int, step: ExecutionStep, result: StepResult) -> None:
+    def finish(self, step: ExecutionStep, result: StepResult) -> None:
         """Record a step's result; raise `PlanFailed` if it failed."""
         self.ec.add_result(result)
         self.results.append(result)
@@ -134,7 +161,7 @@ class _Run:
 
     def record(self, result: StepResult) -> ExecutionLogRecord:
         """The log record of a step that did not go through `execute` (tools, stopped steps)."""
-        limit = getattr(self.sandbox.logger, "max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES)
+        limit = getattr(self.host.logger, "max_output_bytes", DEFAULT_MAX_OUTPUT_BYTES)
         return record_for_step(self.ec, result, limit)
 
 
@@ -171,15 +198,13 @@ def tool_step_result(index: int, step: ExecutionStep, started: float, output: An
         error = exc.detail
     else:
         error = f"tool {step.name!r} raised {type(exc).__name__}: {exc}"
-    status = ExecutionStatus.TIMEOUT if error.startswith(TIMEOUT_ERROR) else \
-        ExecutionStatus.FAILED
+    status = ExecutionStatus.TIMEOUT if isinstance(exc, ToolTimeout) else ExecutionStatus.FAILED
     return StepResult(step_name=step.name, type="tool", error=error, duration=duration,
                       index=index, status=status.value)
 
 
-def _call_logger(sandbox: Sandbox, method: str, *args: Any) -> None:
+def _call_logger(logger: ExecutionLogger | None, method: str, *args: Any) -> None:
     """The execution log must never fail a plan: a logger error is reported, then ignored."""
-    logger = sandbox.logger
     if logger is None:
         return
     try:
@@ -188,89 +213,157 @@ def _call_logger(sandbox: Sandbox, method: str, *args: Any) -> None:
         _log.exception("execution logger %r failed in %s", logger, method)
 
 
-def run_plan(sandbox: Sandbox, plan: ExecutionPlan, ec: ExecutionContext) -> list[StepResult]:
-    run = _Run(sandbox, plan, ec)
-    _call_logger(sandbox, "log_plan_start", ec, plan)
+# -- effects: what the driver asks its shell to do -------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Log:
+    """Call `method` of the execution logger with `args`; the reply is None."""
+
+    method: str
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class _Execute:
+    """Execute a skill step; the reply is its `ExecutionResult`."""
+
+    request: ExecutionRequest
+    step: StepInfo
+
+
+@dataclass(frozen=True)
+class _CallTool:
+    """Call a tool; the reply is `(output, None)`, or `(None, exception)` if it raised."""
+
+    name: str
+    arguments: dict[str, Any]
+    ctx: ToolContext
+
+
+_Effect = _Log | _Execute | _CallTool
+
+
+def _drive(host: PlanHost, plan: ExecutionPlan,
+           ec: ExecutionContext) -> Generator[_Effect, Any, list[StepResult]]:
+    """The whole plan run; yields effects, gets their replies, returns the step results."""
+    run = _Run(host, plan, ec)
+    yield _Log("log_plan_start", (ec, plan))
     try:
-        plan.validate(sandbox)
+        plan.validate(host)
         for index, step in enumerate(plan.steps):
-            run.finish(index, step, _run_step(run, index, step))
-    except (InvalidPlan, PlanFailed) as exc:
-        _call_logger(sandbox, "log_plan_end", ec, str(exc))
+            run.finish(step, (yield from _drive_step(run, index, step)))
+    except GeneratorExit:  # the shell let go of the driver: nothing left to log through it
         raise
     except BaseException as exc:
-        _call_logger(sandbox, "log_plan_end", ec, f"{type(exc).__name__}: {exc}")
+        yield _Log("log_plan_end", (ec, *_plan_end(exc)))
         raise
-    _call_logger(sandbox, "log_plan_end", ec, None)
+    yield _Log("log_plan_end", (ec, None, ExecutionStatus.SUCCESS))
     return run.results
 
 
-def _run_step(run: _Run, index: int, step: ExecutionStep) -> StepResult:
+def _plan_end(exc: BaseException) -> tuple[str, ExecutionStatus]:
+    """The error text and the verdict of a plan that ended with `exc`, decided by its type."""
+    if isinstance(exc, InvalidPlan):
+        return str(exc), ExecutionStatus.REJECTED
+    if isinstance(exc, PlanFailed):
+        canceled = exc.step_result.status == ExecutionStatus.CANCELED.value
+        return str(exc), ExecutionStatus.CANCELED if canceled else ExecutionStatus.FAILED
+    if isinstance(exc, asyncio.CancelledError):
+        return f"{ExecutionCanceled.message}: the task was canceled", ExecutionStatus.CANCELED
+    return f"{type(exc).__name__}: {exc}", ExecutionStatus.FAILED
+
+
+def _drive_step(run: _Run, index: int,
+                step: ExecutionStep) -> Generator[_Effect, Any, StepResult]:
     prepared = run.prepare(index, step)
     if prepared.stopped is not None:
-        _call_logger(run.sandbox, "log_step", run.record(prepared.stopped))
+        yield _Log("log_step", (run.record(prepared.stopped),))
         return prepared.stopped
     assert prepared.arguments is not None
     if step.type is StepType.SKILL:
         request = run.skill_request(step, prepared.arguments, prepared.timeout)
         with run.canceled_with_plan(request):
-            result = run.sandbox._execute_step(request, run.step_info(index))
+            result = yield _Execute(request, run.step_info(index))
         return skill_step_result(index, step, result)
     started = time.monotonic()
-    ctx = run.tool_context(index, step, prepared.timeout)
-    try:
-        output = run.sandbox.tools.call(step.name, prepared.arguments, ctx)
-    except Exception as exc:  # noqa: BLE001 - a tool's failure is its step's result
-        step_result = tool_step_result(index, step, started, exc=exc)
-    else:
-        step_result = tool_step_result(index, step, started, output)
-    _call_logger(run.sandbox, "log_step", run.record(step_result))
+    output, exc = yield _CallTool(step.name, prepared.arguments,
+                                  run.tool_context(index, step, prepared.timeout))
+    step_result = tool_step_result(index, step, started, output, exc)
+    yield _Log("log_step", (run.record(step_result),))
     return step_result
 
 
-async def arun_plan(sandbox: Sandbox, plan: ExecutionPlan,
+class _Driver:
+    """Steps `_drive` for a shell: `next()` is the next effect (None when the plan is done,
+    its step results then in `results`); the shell sets `reply` or `failure` after each."""
+
+    def __init__(self, host: PlanHost, plan: ExecutionPlan, ec: ExecutionContext) -> None:
+        self._steps = _drive(host, plan, ec)
+        self.reply: Any = None
+        self.failure: BaseException | None = None
+        self.results: list[StepResult] = []
+
+    def next(self) -> _Effect | None:
+        failure, self.failure = self.failure, None
+        try:
+            effect = self._steps.send(self.reply) if failure is None else \
+                self._steps.throw(failure)
+        except StopIteration as done:
+            self.results = done.value
+            return None
+        self.reply = None
+        return effect
+
+
+# -- the two shells ----------------------------------------------------------------------------
+
+
+def run_plan(host: PlanHost, plan: ExecutionPlan, ec: ExecutionContext) -> list[StepResult]:
+    """Run the plan, blocking; see the module docstring."""
+    driver = _Driver(host, plan, ec)
+    while (effect := driver.next()) is not None:
+        try:
+            driver.reply = _perform(host, effect)
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver, which re-raises
+            driver.failure = exc
+    return driver.results
+
+
+def _perform(host: PlanHost, effect: _Effect) -> Any:
+    if isinstance(effect, _Log):
+        return _call_logger(host.logger, effect.method, *effect.args)
+    if isinstance(effect, _Execute):
+        return host.execute(effect.request, step=effect.step)
+    try:
+        return host.tools.call(effect.name, effect.arguments, effect.ctx), None
+    except Exception as exc:  # noqa: BLE001 - a tool's failure is its step's result
+        return None, exc
+
+
+async def arun_plan(host: PlanHost, plan: ExecutionPlan,
                     ec: ExecutionContext) -> list[StepResult]:
     """`run_plan` for asyncio. Cancelling the awaiting task kills the running skill step and
     logs the plan as canceled before `CancelledError` propagates."""
-    run = _Run(sandbox, plan, ec)
-    await asyncio.to_thread(_call_logger, sandbox, "log_plan_start", ec, plan)
-    try:
-        plan.validate(sandbox)
-        for index, step in enumerate(plan.steps):
-            run.finish(index, step, await _arun_step(run, index, step))
-    except (InvalidPlan, PlanFailed) as exc:
-        await asyncio.to_thread(_call_logger, sandbox, "log_plan_end", ec, str(exc))
-        raise
-    except asyncio.CancelledError:
-        _call_logger(sandbox, "log_plan_end", ec, f"{CANCELED_ERROR}: the task was canceled")
-        raise
-    except BaseException as exc:
-        _call_logger(sandbox, "log_plan_end", ec, f"{type(exc).__name__}: {exc}")
-        raise
-    await asyncio.to_thread(_call_logger, sandbox, "log_plan_end", ec, None)
-    return run.results
+    driver = _Driver(host, plan, ec)
+    canceled = False
+    while (effect := driver.next()) is not None:
+        try:
+            driver.reply = await _aperform(host, effect, canceled)
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver, which re-raises
+            canceled = canceled or isinstance(exc, asyncio.CancelledError)
+            driver.failure = exc
+    return driver.results
 
 
-async def _arun_step(run: _Run, index: int, step: ExecutionStep) -> StepResult:
-    prepared = run.prepare(index, step)
-    if prepared.stopped is not None:
-        await asyncio.to_thread(_call_logger, run.sandbox, "log_step",
-                                run.record(prepared.stopped))
-        return prepared.stopped
-    assert prepared.arguments is not None
-    if step.type is StepType.SKILL:
-        request = run.skill_request(step, prepared.arguments, prepared.timeout)
-        with run.canceled_with_plan(request):
-            result = await run.sandbox._aexecute_step(request, run.step_info(index))
-        return skill_step_result(index, step, result)
-    started = time.monotonic()
-    ctx = run.tool_context(index, step, prepared.timeout)
+async def _aperform(host: PlanHost, effect: _Effect, canceled: bool) -> Any:
+    if isinstance(effect, _Log):
+        if canceled:  # the task is being cancelled: log at once rather than await again
+            return _call_logger(host.logger, effect.method, *effect.args)
+        return await asyncio.to_thread(_call_logger, host.logger, effect.method, *effect.args)
+    if isinstance(effect, _Execute):
+        return await host.aexecute(effect.request, step=effect.step)
     try:
-        output = await run.sandbox.tools.acall(step.name, prepared.arguments, ctx)
+        return await host.tools.acall(effect.name, effect.arguments, effect.ctx), None
     except Exception as exc:  # noqa: BLE001 - a tool's failure is its step's result
-        step_result = tool_step_result(index, step, started, exc=exc)
-    else:
-        step_result = tool_step_result(index, step, started, output)
-    await asyncio.to_thread(_call_logger, run.sandbox, "log_step",
-                            run.record(step_result))
-    return step_result
+        return None, exc

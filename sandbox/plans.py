@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from sandbox.errors import SandboxError
+from sandbox.errors import InvalidPlan as InvalidPlan  # raised here; defined with the others
+from sandbox.errors import PlanFailed as PlanFailed
 from sandbox.templates import TemplateError, references_in, resolve_reference
 
 if TYPE_CHECKING:
@@ -34,29 +35,6 @@ _FORBIDDEN_IN_NAME = frozenset("{}#") | frozenset(" \t\r\n")
 class StepType(enum.StrEnum):
     SKILL = "skill"
     TOOL = "tool"
-
-
-class InvalidPlan(SandboxError):
-    """A plan that is malformed or cannot run here; raised before any step runs."""
-
-    message = "runtime: invalid plan"
-
-
-class PlanFailed(SandboxError):
-    """A step failed and stopped the plan.
-
-    `step_result` is the failing step's result, `results` every step result of this run (the
-    failing one last), `result` the `ExecutionResult` when a skill step failed, and `__cause__`
-    the matching `SandboxError` (e.g. `CircuitOpen`) when there is one.
-    """
-
-    message = "runtime: plan failed"
-
-    def __init__(self, step_result: StepResult, results: list[StepResult]) -> None:
-        self.step_result = step_result
-        self.results = results
-        super().__init__(f"steps[{step_result.index}] {step_result.step_name!r} "
-                         f"({step_result.type}): {step_result.error}", step_result.execution)
 
 
 class PlanTarget(Protocol):

@@ -32,19 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from sandbox.errors import SandboxError
+from sandbox.errors import PolicyError as PolicyError  # raised here; defined with the others
 from sandbox.skill import Skill
 from sandbox.validation import describe
 from worker.protocol import ExecutionRequest
-
-
-class PolicyError(SandboxError):
-    """A policy file or model that cannot be loaded; the text names the file and the field."""
-
-    message = "runtime: invalid policy"
 
 
 class ExecutionPolicy(Protocol):
@@ -109,6 +102,8 @@ class Policy(BaseModel):
     @classmethod
     def from_file(cls, path: str | Path) -> Policy:
         """Load a `.toml`, `.yaml` or `.yml` policy file; errors name the file and the field."""
+        import yaml  # loaded for policy files only, not with the package
+
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")

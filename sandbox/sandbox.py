@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox.capabilities import (
     CapabilityReport,
@@ -34,21 +34,23 @@ from sandbox.capabilities import (
 from sandbox.cgroups import CgroupRoot, CgroupTickets
 from sandbox.circuit import CircuitBreaker, InMemoryCircuitBreaker
 from sandbox.control import admission_error, log_execution, settle
-from sandbox.errors import SkillLoadError
+from sandbox.errors import InvalidInput, SkillLoadError, SkillNotLoaded
 from sandbox.execlog.records import ExecutionLogger, StepInfo
 from sandbox.execution import CANCELED_ERROR, TIMEOUT_ERROR, WORKER_ERROR, Execution, ExecutionSpec
 from sandbox.planrun import arun_plan, run_plan
 from sandbox.plans import ExecutionContext, ExecutionPlan, StepResult
-from sandbox.policy import ExecutionPolicy
 from sandbox.skill import Skill
 from sandbox.tools import ToolRegistry, ToolRunner
 from sandbox.uidpool import UidPool, UidPoolExhausted
 from sandbox.zygote import BASE_ENV, ZygoteDied, ZygoteProcess
 from worker.protocol import ErrorKind, ExecutionRequest, ExecutionResult, ExecutionStatus, Limits
 
+if TYPE_CHECKING:  # the built-in `Policy` (pydantic, YAML) is loaded by whoever makes one
+    from sandbox.policy import ExecutionPolicy
+
 _log = logging.getLogger("sandbox")
-SKILL_NOT_LOADED = "runtime: skill not loaded"
-INVALID_INPUT = "runtime: invalid input"
+SKILL_NOT_LOADED = SkillNotLoaded.message
+INVALID_INPUT = InvalidInput.message
 #: How often a caller queued for a concurrency slot checks whether it was cancelled.
 _QUEUE_POLL = 0.05
 
@@ -267,26 +269,20 @@ class Sandbox:
 
     # -- executing ------------------------------------------------------------------------
 
-    def execute(self, request: ExecutionRequest) -> ExecutionResult:
+    def execute(self, request: ExecutionRequest, *,
+                step: StepInfo | None = None) -> ExecutionResult:
         """Run one execution to its end. Every outcome is a result: nothing a skill does
-        raises here."""
-        return self._execute_step(request, None)
-
-    async def aexecute(self, request: ExecutionRequest) -> ExecutionResult:
-        """`execute` for asyncio. Cancelling the awaiting task kills the execution and reaps it
-        before `CancelledError` propagates."""
-        return await self._aexecute_step(request, None)
-
-    def _execute_step(self, request: ExecutionRequest, step: StepInfo | None) -> ExecutionResult:
-        """`execute`, with the plan step it belongs to (for the execution log)."""
+        raises here. `step` names the plan step it belongs to, for the execution log."""
         token = self._register_token(request.request_id)
         try:
             return self._execute(request, token, step)
         finally:
             self._release_token(request.request_id, token)
 
-    async def _aexecute_step(self, request: ExecutionRequest,
-                             step: StepInfo | None) -> ExecutionResult:
+    async def aexecute(self, request: ExecutionRequest, *,
+                       step: StepInfo | None = None) -> ExecutionResult:
+        """`execute` for asyncio. Cancelling the awaiting task kills the execution and reaps it
+        before `CancelledError` propagates."""
         token = self._register_token(request.request_id)
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, self._execute, request, token, step)

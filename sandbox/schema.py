@@ -348,7 +348,3 @@ def _pattern_property_keys(schema: Any) -> Iterator[str]:
         if isinstance(patterns, dict):
             yield from patterns
 
-
-#: Errors a check may raise on hostile data or a hostile schema that are the schema's fault.
-CHECK_ERRORS = (SchemaBudgetExceeded, SchemaProblem, RecursionError,
-                referencing.exceptions.Unresolvable)

@@ -6,19 +6,23 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox import jsonbounds
 from sandbox.errors import SkillLoadError
 from sandbox.manifest import NATIVE_MANIFEST, OPENBOTSTACK_MANIFEST, SkillManifest, load_manifest
-from sandbox.schema import BoundedSchema, SchemaBudgetExceeded, SchemaProblem, compile_schema
 from worker.protocol import SkillCode
+
+if TYPE_CHECKING:  # jsonschema is loaded when a skill has a schema, not with this module
+    from sandbox.schema import BoundedSchema
 
 
 def _compile_schema(schema: dict[str, Any] | None, path: Path,
                     field_name: str) -> BoundedSchema | None:
     if schema is None:
         return None
+    from sandbox.schema import SchemaProblem, compile_schema
+
     try:
         return compile_schema(schema)
     except SchemaProblem as exc:
@@ -28,6 +32,8 @@ def _compile_schema(schema: dict[str, Any] | None, path: Path,
 def _check(validator: BoundedSchema, data: Any, what: str) -> str:
     """Why `data` fails the skill author's schema, or "". Never raises: a schema that cannot
     be evaluated within its bounds fails the data (the schema is as untrusted as the skill)."""
+    from sandbox.schema import SchemaBudgetExceeded  # loaded already: `validator` is one
+
     try:
         problem = validator.check(data)
     except SchemaBudgetExceeded as exc:
@@ -104,10 +110,6 @@ class Skill:
         if self._output_validator is None:
             return None
         return _check(self._output_validator, data, "output") or None
-
-    @property
-    def has_output_schema(self) -> bool:
-        return self._output_validator is not None
 
     def code(self) -> SkillCode:
         manifest = self.manifest

@@ -13,25 +13,23 @@ own; tools should honour `ctx.timeout` themselves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import httpx
 import msgspec
 
-from sandbox.errors import SandboxError
+from sandbox.errors import ExecutionTimeout, ToolError, ToolTimeout
 
-TIMEOUT_ERROR = "runtime: execution timeout"
+if TYPE_CHECKING:  # httpx is imported when an HttpToolRunner is made, not with this module
+    import httpx
 
-
-class ToolError(SandboxError):
-    """A tool call that failed: raised, timed out, or (HTTP) answered with an error."""
-
-    message = "runtime: tool failed"
+__all__ = ["CallableTool", "HttpToolRunner", "ToolContext", "ToolError", "ToolRegistry",
+           "ToolRunner", "ToolTimeout"]
 
 
 @dataclass(frozen=True)
@@ -107,9 +105,9 @@ async def _bounded(awaitable: Any, ctx: ToolContext) -> Any:
         raise _timeout(ctx) from None
 
 
-def _timeout(ctx: ToolContext) -> ToolError:
-    return ToolError(f"{TIMEOUT_ERROR}: tool {ctx.tool!r} did not finish within "
-                     f"{ctx.timeout:g}s")
+def _timeout(ctx: ToolContext) -> ToolTimeout:
+    return ToolTimeout(f"{ExecutionTimeout.message}: tool {ctx.tool!r} did not finish within "
+                       f"{ctx.timeout:g}s")
 
 
 def _start_thread(call: Callable[[], Any], ctx: ToolContext) -> Future[Any]:
@@ -204,6 +202,8 @@ class HttpToolRunner:
                  max_response_bytes: int = 1 << 20, headers: dict[str, str] | None = None,
                  transport: httpx.BaseTransport | None = None,
                  async_transport: httpx.AsyncBaseTransport | None = None) -> None:
+        import httpx
+
         parsed = httpx.URL(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
@@ -227,49 +227,57 @@ class HttpToolRunner:
         return self.timeout if ctx.timeout is None else min(self.timeout, ctx.timeout)
 
     def _sync_client(self) -> httpx.Client:
+        import httpx
+
         with self._lock:
             if self._client is None:
                 self._client = httpx.Client(transport=self._transport, follow_redirects=False)
             return self._client
 
-    def run(self, arguments: dict[str, Any], ctx: ToolContext) -> Any:
-        timeout = self._timeout_for(ctx)
+    def _post(self, arguments: dict[str, Any], ctx: ToolContext, timeout: float) -> dict[str, Any]:
+        """The arguments of the POST both `run` and `arun` stream."""
+        return {"method": "POST", "url": self.url, "content": self._body(arguments, ctx),
+                "headers": self.headers, "timeout": timeout}
+
+    @contextlib.contextmanager
+    def _mapped_errors(self, ctx: ToolContext, timeout: float) -> Iterator[None]:
+        """httpx's exceptions become `ToolError`s here, at the boundary (httpcore's
+        `map_exceptions`): a timeout is a `ToolTimeout`, anything else cannot reach."""
+        import httpx
+
         try:
-            with self._sync_client().stream("POST", self.url, content=self._body(arguments, ctx),
-                                            headers=self.headers, timeout=timeout) as response:
-                body = bytearray()
-                for chunk in response.iter_bytes():
-                    body += chunk
-                    self._check_size(body, ctx)
-                return self._answer(response.status_code, bytes(body), ctx)
+            yield
         except httpx.TimeoutException:
-            raise ToolError(f"{TIMEOUT_ERROR}: tool {ctx.tool!r} did not answer within "
-                            f"{timeout:g}s ({self.url})") from None
+            raise ToolTimeout(f"{ExecutionTimeout.message}: tool {ctx.tool!r} did not answer "
+                              f"within {timeout:g}s ({self.url})") from None
         except httpx.HTTPError as exc:
             raise ToolError(f"tool {ctx.tool!r}: cannot reach {self.url}: {exc}") from None
 
-    async def arun(self, arguments: dict[str, Any], ctx: ToolContext) -> Any:
-        timeout = self._timeout_for(ctx)
-        try:
-            async with httpx.AsyncClient(transport=self._async_transport,
-                                         follow_redirects=False) as client, \
-                    client.stream("POST", self.url, content=self._body(arguments, ctx),
-                                  headers=self.headers, timeout=timeout) as response:
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    self._check_size(body, ctx)
-                return self._answer(response.status_code, bytes(body), ctx)
-        except httpx.TimeoutException:
-            raise ToolError(f"{TIMEOUT_ERROR}: tool {ctx.tool!r} did not answer within "
-                            f"{timeout:g}s ({self.url})") from None
-        except httpx.HTTPError as exc:
-            raise ToolError(f"tool {ctx.tool!r}: cannot reach {self.url}: {exc}") from None
-
-    def _check_size(self, body: bytearray, ctx: ToolContext) -> None:
+    def _add(self, body: bytearray, chunk: bytes, ctx: ToolContext) -> None:
+        body += chunk
         if len(body) > self.max_response_bytes:
             raise ToolError(f"tool {ctx.tool!r}: the response from {self.url} is larger than "
                             f"{self.max_response_bytes} bytes")
+
+    def run(self, arguments: dict[str, Any], ctx: ToolContext) -> Any:
+        timeout, body = self._timeout_for(ctx), bytearray()
+        with self._mapped_errors(ctx, timeout), \
+                self._sync_client().stream(**self._post(arguments, ctx, timeout)) as response:
+            for chunk in response.iter_bytes():
+                self._add(body, chunk, ctx)
+        return self._answer(response.status_code, bytes(body), ctx)
+
+    async def arun(self, arguments: dict[str, Any], ctx: ToolContext) -> Any:
+        import httpx
+
+        timeout, body = self._timeout_for(ctx), bytearray()
+        with self._mapped_errors(ctx, timeout):
+            async with httpx.AsyncClient(transport=self._async_transport,
+                                         follow_redirects=False) as client, \
+                    client.stream(**self._post(arguments, ctx, timeout)) as response:
+                async for chunk in response.aiter_bytes():
+                    self._add(body, chunk, ctx)
+        return self._answer(response.status_code, bytes(body), ctx)
 
     def _answer(self, status: int, body: bytes, ctx: ToolContext) -> Any:
         if status != 200:

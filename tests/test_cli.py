@@ -264,6 +264,41 @@ def test_bench_forwards_its_arguments() -> None:
     assert result.exit_code == 2  # the harness's own argument check answered
 
 
+def test_the_installed_command_finds_the_harness_of_its_checkout(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "skill-sandbox"
+    done = subprocess.run([str(script), "bench", "--", "--latency-runs", "0"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr  # the harness's own argument check answered
+    assert "--latency-runs" in done.stderr
+
+
+def test_bench_outside_a_checkout_says_it_is_not_shipped(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import sandbox.cli
+
+    assert sandbox.cli._benchmarks(tmp_path) is None
+    assert sandbox.cli._benchmarks(ROOT) is not None  # control: a checkout has it
+    monkeypatch.setattr(sandbox.cli, "_benchmarks", lambda: None)
+    result = invoke("bench")
+    assert result.exit_code == EXIT_FAILED
+    assert "not shipped in the wheel" in result.output
+
+
+def test_serve_without_the_daemon_extra_says_what_to_install(tmp_path: Path) -> None:
+    script = ("import sys\n{block}from sandbox.cli import main\n"
+              "main(['serve', '--check', '--socket', sys.argv[1]])\n")
+    socket = str(tmp_path / "s.sock")
+    blocked = subprocess.run(
+        [sys.executable, "-c", script.format(block="sys.modules['starlette'] = None\n"), socket],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert blocked.returncode == EXIT_UNAVAILABLE, blocked.stderr
+    assert "pip install 'skill-sandbox[daemon]'" in blocked.stderr
+    assert "Traceback" not in blocked.stderr
+    plain = subprocess.run([sys.executable, "-c", script.format(block=""), socket],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert plain.returncode == EXIT_OK, plain.stderr  # control: with it, the check passes
+
+
 TERMINAL_TRICKS = ("import sys\n"
                    "def run(input):\n"
                    "    sys.stdout.write('\\x1b]52;c;cm0gLXJmIH4=\\x07out\\n')\n"

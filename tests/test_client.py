@@ -126,6 +126,34 @@ def test_operator_calls(client: SandboxClient) -> None:
     assert not client.cancel("not-running")
 
 
+def _public(cls: type) -> set[str]:
+    return {name for name in dir(cls) if not name.startswith("_")}
+
+
+def test_the_async_client_has_every_call_of_the_sync_one() -> None:
+    sync_only = {"close"}  # the async client closes with `aclose`, as httpx's does
+    assert _public(SandboxClient) - sync_only <= _public(AsyncSandboxClient)
+
+
+def test_the_async_client_answers_the_operator_calls_like_the_sync_one(
+        daemon: Daemon, client: SandboxClient) -> None:
+    request = ExecutionRequest(skill_id="examples/echo", input=b'{"async": true}')
+    client.execute(request)
+
+    async def main() -> None:
+        async with AsyncSandboxClient(daemon.socket, env={}) as aclient:
+            assert await aclient.health() == client.health()
+            assert await aclient.ready() is True
+            assert await aclient.skill("test/upper") == client.skill("test/upper")
+            assert await aclient.execution(request.request_id) == \
+                client.execution(request.request_id)
+            assert await aclient.executions(request_id=request.request_id) == \
+                client.executions(request_id=request.request_id)
+            assert not await aclient.cancel("not-running")
+
+    asyncio.run(main())
+
+
 def test_tcp_client_needs_the_right_token(daemon: Daemon) -> None:
     url = f"http://{daemon.tcp_address}"
     with pytest.raises(Unauthorized, match="needs a bearer token"):

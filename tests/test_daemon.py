@@ -227,7 +227,7 @@ def test_kill_9_of_the_daemon_leaves_no_zygote_or_worker(
             skill_id="test/sleeper", input=b'{"seconds": 15}')))
         wait_for(lambda: execution_children(psutil.Process(sleeper_zygote)), what="the worker")
         workers = {child.pid for child in psutil.Process(sleeper_zygote).children()}
-        item.process.kill()  # type: ignore[union-attr]
+        item.process.kill()
         item.wait()
         assert wait_until_gone(zygotes | workers, timeout=5.0) == set()
         thread.join(timeout=10)

@@ -49,8 +49,8 @@ def http(daemon: Daemon) -> Iterator[httpx.Client]:
 
 
 def _executions(http: httpx.Client, skill: str, status: str) -> float:
-    return metric(http.get("/metrics").text, "skill_sandbox_executions_total", skill=skill,
-                  status=status)
+    return float(metric(http.get("/metrics").text, "skill_sandbox_executions_total",
+                        skill=skill, status=status))
 
 
 # -- execute -------------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def test_metrics_follow_executions(http: httpx.Client) -> None:
     assert http.get("/metrics").headers["content-type"].startswith("text/plain")
 
     def delta(name: str, **labels: str) -> float:
-        return metric(after, name, **labels) - metric(before, name, **labels)
+        return float(metric(after, name, **labels) - metric(before, name, **labels))
 
     assert delta("skill_sandbox_executions_total", skill="examples/echo", status="success") == 3
     assert delta("skill_sandbox_executions_total", skill="test/boom_metrics",

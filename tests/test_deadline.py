@@ -9,7 +9,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
+from conftest import execution_children
 
 from sandbox import ErrorKind, ExecutionRequest, ExecutionStatus, Sandbox, Skill, execution
 from sandbox.capabilities import IsolationConfig
@@ -22,14 +24,23 @@ def _sleep(skill: Skill, seconds: float, timeout: float | None = None) -> Execut
                             timeout=timeout)
 
 
+def _wait_running(sandbox: Sandbox, skill: Skill, timeout: float = 10.0) -> None:
+    """Until an execution of `skill` runs (its zygote forked or handed off a child for it)."""
+    zygote = psutil.Process(sandbox.zygote_info(skill.id)["pid"])
+    deadline = time.monotonic() + timeout
+    while not execution_children(zygote):
+        assert time.monotonic() < deadline, "the holder's execution never started"
+        time.sleep(0.01)
+
+
 def test_waiting_for_an_execution_uid_spends_the_request_s_own_timeout(
         make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path]) -> None:
     skill = Skill.from_dir(skill_dir(SLEEPER))
     sandbox = make_sandbox(skill, max_concurrency=2, isolation=IsolationConfig(uid_count=1))
     with ThreadPoolExecutor(1) as pool:
         holder = pool.submit(sandbox.execute, _sleep(skill, 1.0))
-        time.sleep(0.2)  # ordering only: the holder takes the only uid first
-        # ~0.8 s waiting for the uid plus 1.0 s of sleep cannot fit in 1.5 s from arrival.
+        _wait_running(sandbox, skill)  # the holder took the only uid first
+        # ~1 s waiting for the uid plus 1.0 s of sleep cannot fit in 1.5 s from arrival.
         late = sandbox.execute(_sleep(skill, 1.0, timeout=1.5))
         assert holder.result(timeout=10).ok
     assert late.status is ExecutionStatus.TIMEOUT, late
@@ -44,11 +55,11 @@ def test_waiting_for_a_slot_counts_in_the_reported_duration(
     sandbox = make_sandbox(skill, max_concurrency=1)
     with ThreadPoolExecutor(1) as pool:
         holder = pool.submit(sandbox.execute, _sleep(skill, 0.8))
-        time.sleep(0.2)  # ordering only
+        _wait_running(sandbox, skill)  # the holder took the only slot first
         queued = sandbox.execute(_sleep(skill, 0.0, timeout=5))
         assert holder.result(timeout=10).ok
     assert queued.ok, queued
-    # It queued behind the holder (at least the holder's remaining ~0.6 s) and said so.
+    # It queued behind the holder (at least the holder's remaining ~0.8 s) and said so.
     assert queued.duration >= 0.4, queued.duration
 
 

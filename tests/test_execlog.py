@@ -3,6 +3,7 @@ the logging bridge, and that nothing acknowledged is lost when the writer is SIG
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import select
@@ -150,6 +151,47 @@ def test_failed_and_invalid_plans_are_logged(logged: Sandbox, db: SqliteExecutio
         ("started", ""), ("rejected", "runtime: invalid plan: the plan has no steps")]
 
 
+SLOW = "import time\ndef run(input):\n    time.sleep(8)\n    return {}\n"
+
+
+@pytest.mark.parametrize("when", ["between steps", "during a skill step"])
+def test_a_plan_canceled_with_its_context_is_logged_canceled(
+        make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path],
+        db: SqliteExecutionLogger, when: str) -> None:
+    sandbox = make_sandbox(skill_dir(TOKENS, skill_id="t/tokens"),
+                           skill_dir(SLOW, "[limits]\ntimeout = 20\n", skill_id="t/slow"),
+                           logger=db)
+    ec = ExecutionContext(request_id="p-cancel")
+    sandbox.register_tool("stop", lambda args: ec.cancel())
+    first = (ExecutionStep("stop", "tool", {}) if when == "between steps"
+             else ExecutionStep("t/slow", "skill", {}))
+    timer = threading.Timer(0.5, ec.cancel)
+    timer.start()
+    try:
+        with pytest.raises(PlanFailed) as caught:
+            sandbox.execute_plan(ExecutionPlan("a", [
+                first, ExecutionStep("t/tokens", "skill", {"text": "never"})]), ec)
+    finally:
+        timer.cancel()
+    assert caught.value.step_result.status == "canceled"
+    end = db.by_request_id("p-cancel")[-1]
+    assert (end.step_type, end.status) == ("plan", "canceled")
+
+
+def test_an_async_plan_canceled_with_its_context_is_logged_canceled(
+        make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path],
+        db: SqliteExecutionLogger) -> None:
+    sandbox = make_sandbox(skill_dir(TOKENS, skill_id="t/tokens"), logger=db)
+    ec = ExecutionContext(request_id="p-acancel")
+    sandbox.register_tool("stop", lambda args: ec.cancel())
+    plan = ExecutionPlan("a", [ExecutionStep("stop", "tool", {}),
+                               ExecutionStep("t/tokens", "skill", {"text": "never"})])
+    with pytest.raises(PlanFailed):
+        asyncio.run(sandbox.aexecute_plan(plan, ec))
+    assert [(r.step_type, r.status) for r in db.by_request_id("p-acancel")] == [
+        ("plan", "started"), ("tool", "success"), ("skill", "canceled"), ("plan", "canceled")]
+
+
 def test_a_failing_logger_never_fails_the_execution(
         make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path],
         caplog: pytest.LogCaptureFixture) -> None:
@@ -160,7 +202,7 @@ def test_a_failing_logger_never_fails_the_execution(
         def log_plan_start(self, ec: Any, plan: Any) -> None:
             raise OSError("disk full")
 
-        def log_plan_end(self, ec: Any, error: str | None) -> None:
+        def log_plan_end(self, ec: Any, error: str | None, status: Any) -> None:
             raise OSError("disk full")
 
     sandbox = make_sandbox(skill_dir(TOKENS, skill_id="t/tokens"), logger=Broken())

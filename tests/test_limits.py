@@ -80,14 +80,16 @@ def test_timeout_kills_descendants_that_left_the_process_group(
             "            print('escaped', file=sys.stderr, flush=True)\n"
             "            time.sleep(60)\n"
             "            os._exit(0)\n"
-            "        os.waitpid(pid, 0)\n"
+            "        if os.waitpid(pid, 0)[1] == 0:\n"  # its fork worked: a grandchild left
+            "            print('forked', file=sys.stderr, flush=True)\n"
             "    time.sleep(60)\n")
     skill = Skill.from_dir(skill_dir(code))
     sandbox = make_sandbox(skill)
     result = sandbox.execute(ExecutionRequest(skill_id=skill.id, timeout=1.0))
     assert result.status is ExecutionStatus.TIMEOUT
-    # The zygote may already have killed some as orphans; none may outlive the execution.
-    assert set(result.stderr.split()) <= {"escaped"}
+    # Control: three grandchildren left the process group (each one's parent said so); the
+    # zygote may already have killed some as orphans, and none may outlive the execution.
+    assert result.stderr.split().count("forked") == 3, result.stderr
     assert not execution_survivors(sandbox)
 
 

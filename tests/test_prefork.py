@@ -263,10 +263,16 @@ def test_without_prefork_no_spare_waits_and_executions_are_forked_on_request(
     skill = Skill.from_dir(skill_dir(WHOAMI, LIMITS))
     sandbox = make_sandbox(skill, prefork=False)
     zygote = psutil.Process(sandbox.zygote_info(skill.id)["pid"])
-    pids = {run(sandbox, skill).json()["pid"] for _ in range(3)}
+    pids = {run(sandbox, skill, sleep=0.3).json()["pid"] for _ in range(3)}
     assert len(pids) == 3
-    time.sleep(0.1)  # a spare would have been forked right after each hand-off
     assert spare_pids(zygote) == []
+    # Control: with prefork, the next spare is forked right after the hand-off, so it is there
+    # by the time an execution of the same length has answered (the window above is enough).
+    preforking = make_sandbox(skill)
+    other = psutil.Process(preforking.zygote_info(skill.id)["pid"])
+    first = wait_for_spare(other)
+    run(preforking, skill, sleep=0.3)
+    assert [pid for pid in spare_pids(other) if pid != first]
 
 
 class _UnjoinableCgroups(CgroupTickets):

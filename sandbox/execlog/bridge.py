@@ -19,6 +19,7 @@ from sandbox.execlog.records import (
 
 if TYPE_CHECKING:
     from sandbox.plans import ExecutionContext, ExecutionPlan
+    from worker.protocol import ExecutionStatus
 
 _QUIET = {"success", "started"}
 
@@ -66,8 +67,9 @@ class MultiExecutionLogger:
     def log_plan_start(self, ec: ExecutionContext, plan: ExecutionPlan) -> None:
         self._each("log_plan_start", ec, plan)
 
-    def log_plan_end(self, ec: ExecutionContext, error: str | None) -> None:
-        self._each("log_plan_end", ec, error)
+    def log_plan_end(self, ec: ExecutionContext, error: str | None,
+                     status: ExecutionStatus) -> None:
+        self._each("log_plan_end", ec, error, status)
 
     def close(self) -> None:
         for logger in self.loggers:

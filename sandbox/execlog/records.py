@@ -19,7 +19,7 @@ from sandbox import jsonbounds
 
 if TYPE_CHECKING:
     from sandbox.plans import ExecutionContext, ExecutionPlan, StepResult
-    from worker.protocol import ExecutionRequest, ExecutionResult
+    from worker.protocol import ExecutionRequest, ExecutionResult, ExecutionStatus
 
 #: Outputs larger than this (encoded JSON bytes) are logged as a truncated text preview.
 DEFAULT_MAX_OUTPUT_BYTES = 4096
@@ -74,7 +74,10 @@ class ExecutionLogger(Protocol):
 
     def log_plan_start(self, ec: ExecutionContext, plan: ExecutionPlan) -> None: ...
 
-    def log_plan_end(self, ec: ExecutionContext, error: str | None) -> None: ...
+    def log_plan_end(self, ec: ExecutionContext, error: str | None,
+                     status: ExecutionStatus) -> None:
+        """The plan ended: `status` is its verdict (`success`, `failed`, `timeout`,
+        `canceled` or `rejected`), decided by the runner; `error` is text for people."""
 
 
 class StepInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -184,19 +187,9 @@ def record_for_step(ec: ExecutionContext, result: StepResult,
     )
 
 
-def plan_status(error: str | None) -> str:
-    if not error:
-        return "success"
-    if error.startswith("runtime: execution canceled"):
-        return "canceled"
-    if error.startswith("runtime: invalid plan"):
-        return "rejected"
-    return "failed"
-
-
 class RecordLogger(abc.ABC):
     """Base for loggers that store records: plan events become records with step_type `plan`
-    (status `started`, then `success`/`failed`/`canceled`/`rejected`)."""
+    (status `started`, then the verdict the plan runner passes to `log_plan_end`)."""
 
     def __init__(self, max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES) -> None:
         if max_output_bytes < 0:
@@ -234,10 +227,11 @@ class RecordLogger(abc.ABC):
             output=output, output_truncated=truncated, tenant_id=ec.tenant_id,
             user_id=ec.user_id, session_id=ec.session_id))
 
-    def log_plan_end(self, ec: ExecutionContext, error: str | None) -> None:
+    def log_plan_end(self, ec: ExecutionContext, error: str | None,
+                     status: ExecutionStatus) -> None:
         self._store(ExecutionLogRecord(
             request_id=ec.request_id, assistant_id=ec.assistant_id, step_type=PLAN_STEP_TYPE,
-            status=plan_status(error), error=error or "",
+            status=status.value, error=error or "",
             duration_ms=ec.elapsed() * 1000.0, tenant_id=ec.tenant_id, user_id=ec.user_id,
             session_id=ec.session_id))
 

@@ -45,12 +45,14 @@ def test_an_execution_cannot_find_earlier_callers_ids_in_its_memory(
                "request_id": _marker("request")}
     for _ in range(3):  # several, so a spare and forks on request both served one
         first = attack.sandbox.execute(ExecutionRequest(
-            skill_id=attack.skill.id, input=b'{"probe": true}', **earlier))
+            skill_id=attack.skill.id, input=b'{"probe": true}', tenant_id=earlier["tenant_id"],
+            user_id=earlier["user_id"], request_id=earlier["request_id"]))
         assert first.status is ExecutionStatus.SUCCESS, first
     own = {"tenant_id": _marker("tenant"), "user_id": _marker("user"),
            "request_id": _marker("request")}
-    later = attack.sandbox.execute(ExecutionRequest(skill_id=attack.skill.id, input=b"{}",
-                                                    **own))
+    later = attack.sandbox.execute(ExecutionRequest(
+        skill_id=attack.skill.id, input=b"{}", tenant_id=own["tenant_id"],
+        user_id=own["user_id"], request_id=own["request_id"]))
     assert later.status is ExecutionStatus.SUCCESS, later
     found = set(later.json())
     # Control: the scan finds what this execution was itself given, so it does look.
