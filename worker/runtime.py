@@ -68,7 +68,7 @@ class SkillContext:
         return self._tokens
 
 
-class InvalidInput(Exception):
+class _InputMismatch(Exception):
     """The JSON input does not fit the type the entrypoint's parameter is annotated with."""
 
 
@@ -143,7 +143,7 @@ def _convert_input(function: Any, data: Any) -> Any:
             return validate(data)
         return msgspec.convert(data, type=annotation)
     except Exception as exc:  # noqa: BLE001 - any conversion error is the skill's input error
-        raise InvalidInput(str(exc)) from None
+        raise _InputMismatch(str(exc)) from None
 
 
 _CO_VARARGS = inspect.CO_VARARGS
@@ -178,7 +178,7 @@ def call_skill(code: SkillCode, command: ForkCommand, precompiled: CodeType | No
         try:
             data = msgspec.json.decode(request.input)
         except msgspec.DecodeError as exc:
-            raise InvalidInput(f"input is not JSON: {exc}") from None
+            raise _InputMismatch(f"input is not JSON: {exc}") from None
         argument = _convert_input(function, data)
         value = function(argument, ctx) if _wants_context(function) else function(argument)
         if inspect.isawaitable(value):
@@ -195,7 +195,7 @@ def call_skill(code: SkillCode, command: ForkCommand, precompiled: CodeType | No
                                error=f"output is {len(output)} bytes, limit is "
                                      f"{command.limits.max_output_bytes}")
         return ChildResult(ok=True, output=output, tokens_used=ctx.tokens_used)
-    except InvalidInput as exc:
+    except _InputMismatch as exc:
         return ChildResult(ok=False, error=f"invalid input: {exc}", tokens_used=ctx.tokens_used)
     except MemoryError:
         return ChildResult(ok=False, limit="memory", error="MemoryError",

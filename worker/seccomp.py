@@ -172,8 +172,6 @@ msgget msgsnd msgrcv msgctl semget semop semtimedop semctl mq_open mq_unlink mq_
 mq_timedreceive mq_notify mq_getsetattr inotify_init inotify_init1 inotify_add_watch
 inotify_rm_watch
 """)
-SYSV_IPC = frozenset(name for name in DENIED if name[:3] in {"shm", "msg", "sem"}
-                     or name.startswith("mq_"))
 MOUNT_CALLS = ("mount", "umount2")
 #: Left to the zygote's filter for the child's set-up, denied by the child's own filter.
 CHILD_DENIED = (*MOUNT_CALLS, "unshare")
