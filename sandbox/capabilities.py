@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from sandbox import cgroups
 from sandbox.errors import SandboxError
+from worker.protocol import ZygoteSettings
 
 #: Mechanisms an operator can require or disable by name.
 MECHANISMS = ("uid", "userns", "mountns", "netns", "ipcns", "landlock", "seccomp", "cgroups")
@@ -119,24 +120,24 @@ class IsolationPlan:
     userns_nproc: bool = False
     off: dict[str, str] = field(default_factory=dict)
 
-    def zygote_settings(self, network: bool, workdir_root: str) -> dict[str, object]:
-        """`worker.isolation.Settings` for a skill's zygote."""
-        return {
-            "network": network,
-            "drop_uid": self.uid,
-            "user_ns": self.userns,
-            "execution_user_ns": self.userns_nproc,
-            "mount_ns": self.mountns,
-            "net_ns": self.netns and not network,
-            "ipc_ns": self.ipcns,
-            "seccomp": self.seccomp,
+    def zygote_settings(self, network: bool, workdir_root: str) -> ZygoteSettings:
+        """The layers of a skill's zygote (`network`: the skill's permission)."""
+        return ZygoteSettings(
+            network=network,
+            drop_uid=self.uid,
+            user_ns=self.userns,
+            execution_user_ns=self.userns_nproc,
+            mount_ns=self.mountns,
+            net_ns=self.netns and not network,
+            ipc_ns=self.ipcns,
+            seccomp=self.seccomp,
             # A netns hides no pathname socket: the socket rules hold with or without one.
-            "seccomp_network": self.seccomp and not network,
-            "seccomp_audit": self.seccomp and os.environ.get(SECCOMP_AUDIT_ENV) == "1",
-            "landlock_abi": self.landlock_abi,
-            "workdir_root": workdir_root,
-            "read_only": list(self.config.read_only),
-        }
+            seccomp_network=self.seccomp and not network,
+            seccomp_audit=self.seccomp and os.environ.get(SECCOMP_AUDIT_ENV) == "1",
+            landlock_abi=self.landlock_abi,
+            workdir_root=workdir_root,
+            read_only=list(self.config.read_only),
+        )
 
     @property
     def workdir_bytes(self) -> int:

@@ -40,6 +40,7 @@ from worker.protocol import (
     ChildStarted,
     ErrorKind,
     ExecutionInput,
+    ExecutionIsolation,
     ExecutionResult,
     ExecutionStatus,
     ForkCommand,
@@ -122,7 +123,7 @@ class ExecutionSpec:
     input: bytes
     limits: Limits
     env: dict[str, str]
-    isolation: dict[str, object]
+    isolation: ExecutionIsolation
     workdir_root: str
     tail_bytes: int
     cancel_fd: int  # readable once the caller cancels
@@ -162,10 +163,9 @@ class Execution:
         report: socket.socket | None = None
         request_r = -1
         try:
-            isolation = dict(spec.isolation)
-            uid = isolation.get("uid", -1)
-            if isinstance(uid, int) and uid >= 0 and not isolation.get("disk_bytes"):
-                os.chown(workdir, uid, uid)  # no tmpfs of its own: the uid must own the dir
+            isolation = spec.isolation
+            if isolation.uid >= 0 and not isolation.disk_bytes:
+                os.chown(workdir, isolation.uid, isolation.gid)  # no tmpfs: the uid owns it
             request_r, request_w = os.pipe2(os.O_CLOEXEC)
             result_r, result_w = os.pipe2(os.O_CLOEXEC)
             stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
@@ -180,7 +180,8 @@ class Execution:
                     # For this execution's child if the zygote must fork it now; else for the
                     # spare that replaces the one (already in a pair of its own) taking it.
                     ticket = tickets.issue()
-                    isolation["cgroups"] = ticket.procs_files
+                    isolation = msgspec.structs.replace(isolation,
+                                                        cgroups=ticket.procs_files)
                 command = ForkCommand(
                     exec_id=spec.exec_id, limits=spec.limits, workdir=workdir,
                     env={"HOME": workdir, "TMPDIR": workdir, **spec.env}, isolation=isolation,

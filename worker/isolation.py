@@ -28,12 +28,9 @@ import os
 import resource
 import signal
 import sys
-from typing import Any
-
-import msgspec
 
 from worker import landlock, namespaces, seccomp
-from worker.protocol import ForkCommand, SkillCode
+from worker.protocol import ForkCommand, SkillCode, ZygoteSettings
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
@@ -72,26 +69,8 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-class Settings(msgspec.Struct, frozen=True, kw_only=True):
-    """What the supervisor asks the zygote for (`ZygoteConfig.isolation`); all off by default."""
-
-    network: bool = False
-    drop_uid: bool = False  # the uid/gid of each execution arrive with its ForkCommand
-    user_ns: bool = False  # not root: a user namespace of its own (for mount/net/ipc ones)
-    execution_user_ns: bool = False  # and a nested one per execution: RLIMIT_NPROC its own
-    mount_ns: bool = False  # own mount namespace: exposed paths, read-only view, tmpfs workdir
-    net_ns: bool = False  # own network namespace: no interface but a downed loopback
-    ipc_ns: bool = False  # own IPC namespace: no SysV object or POSIX queue shared with others
-    seccomp: bool = False
-    seccomp_network: bool = False  # AF_UNIX stream sockets only, no connect()
-    seccomp_audit: bool = False  # calls off the allow-list allowed and logged (deriving lists)
-    landlock_abi: int = 0
-    workdir_root: str = ""
-    read_only: list[str] = []  # further read-only paths the operator allows
-
-
 class _Zygote:
-    settings = Settings()
+    settings = ZygoteSettings()
     gate: tuple[int, int] | None = None
     plan: landlock.Plan | None = None
     child_filter: seccomp.Filter | None = None
@@ -132,9 +111,8 @@ def code_paths(code: SkillCode, extra: list[str]) -> list[str]:
     return kept
 
 
-def apply_zygote_layers(settings: dict[str, Any], code: SkillCode | None = None) -> None:
+def apply_zygote_layers(config: ZygoteSettings, code: SkillCode | None = None) -> None:
     """Layers every execution inherits, applied once before the zygote serves."""
-    config = msgspec.convert(settings, Settings)
     _Zygote.settings = config
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -222,23 +200,16 @@ def apply_rlimits(command: ForkCommand) -> None:
         _set_limit(resource.RLIMIT_NPROC, limits.max_processes + 2)
 
 
-def _int(isolation: dict[str, Any], key: str, default: int) -> int:
-    value = isolation.get(key, default)
-    return value if isinstance(value, int) else default
-
-
 def before_fork(command: ForkCommand, gate: bool = True) -> None:
     """In the zygote: mount the execution's tmpfs workdir, and (for a child forked now, not a
     spare already in its cgroups) open the gate it waits at until `after_fork` has put it in
     its cgroups. Both are a few µs here, where a freshly forked child would pay ~100 µs of
     copy-on-write faults for the same calls."""
     isolation = command.isolation
-    disk_bytes = _int(isolation, "disk_bytes", 0)
-    if _Zygote.settings.mount_ns and disk_bytes > 0:
-        uid = _int(isolation, "uid", -1)
-        gid = _int(isolation, "gid", -1)
+    if _Zygote.settings.mount_ns and isolation.disk_bytes > 0:
+        uid, gid = isolation.uid, isolation.gid
         owner = (uid, gid) if uid >= 0 and gid >= 0 else (os.getuid(), os.getgid())
-        namespaces.mount_workdir(command.workdir, owner[0], owner[1], disk_bytes)
+        namespaces.mount_workdir(command.workdir, owner[0], owner[1], isolation.disk_bytes)
     _Zygote.gate = None
     if gate:
         open_gate(command)
@@ -247,7 +218,7 @@ def before_fork(command: ForkCommand, gate: bool = True) -> None:
 def open_gate(command: ForkCommand) -> None:
     """In the zygote, before forking a child on request: the pipe it waits at until
     `after_fork` has put it in its cgroups (none when it has no cgroups)."""
-    _Zygote.gate = os.pipe2(os.O_CLOEXEC) if command.isolation.get("cgroups") else None
+    _Zygote.gate = os.pipe2(os.O_CLOEXEC) if command.isolation.cgroups else None
 
 
 def join_cgroups(procs_files: list[str], pid: int) -> None:
@@ -269,7 +240,7 @@ def after_fork(command: ForkCommand, pid: int) -> None:
     if gate is not None:
         os.close(gate[0])
         try:
-            join_cgroups(command.isolation.get("cgroups") or [], pid)
+            join_cgroups(command.isolation.cgroups, pid)
             os.write(gate[1], b"1")
         except OSError:
             os.kill(pid, signal.SIGKILL)  # never runs outside its cgroups
@@ -357,8 +328,7 @@ def apply_child_layers(command: ForkCommand, code: SkillCode) -> None:
     os.umask(0o077)
     apply_rlimits(command)
     if _Zygote.settings.drop_uid:
-        uid = _int(command.isolation, "uid", -1)
-        gid = _int(command.isolation, "gid", -1)
+        uid, gid = command.isolation.uid, command.isolation.gid
         if uid < 1 or gid < 1:
             raise PermissionError(f"no unprivileged uid/gid for this execution "
                                   f"(uid={uid}, gid={gid})")

@@ -159,6 +159,43 @@ class SkillCode(msgspec.Struct, frozen=True, kw_only=True):
     spawn: bool = False  # python only: a fresh interpreter per execution instead of a fork
 
 
+class ZygoteSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """The layers a zygote applies, chosen by the supervisor (`sandbox.capabilities`) for one
+    skill and fixed for the zygote's life; all off by default."""
+
+    network: bool = False
+    drop_uid: bool = False  # the uid/gid of each execution arrive with its ForkCommand
+    user_ns: bool = False  # not root: a user namespace of its own (for mount/net/ipc ones)
+    execution_user_ns: bool = False  # and a nested one per execution: RLIMIT_NPROC its own
+    mount_ns: bool = False  # own mount namespace: exposed paths, read-only view, tmpfs workdir
+    net_ns: bool = False  # own network namespace: no interface but a downed loopback
+    ipc_ns: bool = False  # own IPC namespace: no SysV object or POSIX queue shared with others
+    seccomp: bool = False
+    seccomp_network: bool = False  # AF_UNIX stream sockets only, no connect()
+    seccomp_audit: bool = False  # calls off the allow-list allowed and logged (deriving lists)
+    landlock_abi: int = 0
+    workdir_root: str = ""
+    read_only: list[str] = []  # further read-only paths the operator allows
+
+
+class ZygoteConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Supervisor → zygote, once, on its command line: the skill and the layers to apply."""
+
+    code: SkillCode
+    preload: list[str] = []
+    settings: ZygoteSettings = ZygoteSettings()
+
+
+class ExecutionIsolation(msgspec.Struct, frozen=True, kw_only=True):
+    """What differs per execution in how it is contained: its uid/gid (-1: the zygote's own),
+    its tmpfs workdir size (0: none) and the cgroup.procs files it joins (none: no cgroups)."""
+
+    uid: int = -1
+    gid: int = -1
+    disk_bytes: int = 0
+    cgroups: list[str] = []
+
+
 class ForkCommand(msgspec.Struct, frozen=True, kw_only=True, tag="fork"):
     """Supervisor → zygote: start one execution.
 
@@ -173,7 +210,7 @@ class ForkCommand(msgspec.Struct, frozen=True, kw_only=True, tag="fork"):
     limits: Limits
     workdir: str
     env: dict[str, str]
-    isolation: dict[str, Any] = {}  # layer settings, applied by worker.isolation
+    isolation: ExecutionIsolation = ExecutionIsolation()
 
 
 class ExecutionInput(msgspec.Struct, frozen=True, kw_only=True):

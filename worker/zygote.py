@@ -26,7 +26,6 @@ import socket
 import sys
 import traceback
 from types import CodeType
-from typing import Any
 
 import msgspec
 
@@ -39,8 +38,8 @@ from worker.protocol import (
     ChildStarted,
     ControlMessage,
     ForkCommand,
-    SkillCode,
     SpareCgroups,
+    ZygoteConfig,
     ZygoteFailed,
     ZygoteReady,
 )
@@ -55,12 +54,6 @@ SPARE_EXIT_WAIT = 1.0
 #: the next request (each request allows one more try): no fork loop if something kills them.
 MAX_SPARE_FAILURES = 3
 _SPARE = "spare"  # selector key data of the spare's socket
-
-
-class ZygoteConfig(msgspec.Struct, frozen=True, kw_only=True):
-    code: SkillCode
-    preload: list[str] = []
-    isolation: dict[str, Any] = {}
 
 
 class _Running:
@@ -111,7 +104,7 @@ class Zygote:
                 importlib.import_module(name)
         if code.kind == "python" and not code.spawn:
             self.precompiled = child.compile_entrypoint(code)
-        isolation.apply_zygote_layers(self.config.isolation, code)
+        isolation.apply_zygote_layers(self.config.settings, code)
         isolation.become_subreaper()
         # Objects alive now are shared copy-on-write with every child: keep the collector from
         # touching (and so copying) them in each execution.
@@ -177,7 +170,7 @@ class Zygote:
         in a pair of its own) takes the request, to the spare that replaces it.
         """
         report = socket.socket(fileno=fds[-1])
-        ticket = list(command.isolation.get("cgroups") or [])
+        ticket = list(command.isolation.cgroups)
         self.forks += 1
         if self.forks % RSS_REFRESH_FORKS == 0:  # it drifts slowly; reading it costs ~30 µs
             self.rss_kb = _rss_kb()

@@ -96,7 +96,7 @@ def test_an_ordinary_user_with_user_namespaces_is_planned_every_namespace() -> N
     assert (plan.uid, plan.userns, plan.userns_nproc) == (False, True, True)
     assert plan.mountns and plan.netns and plan.ipcns
     settings = plan.zygote_settings(network=False, workdir_root="/tmp")
-    assert settings["user_ns"] and settings["execution_user_ns"] and settings["net_ns"]
+    assert settings.user_ns and settings.execution_user_ns and settings.net_ns
     old_kernel = dataclasses.replace(not_root, probes={
         **not_root.probes, "userns_nproc": "RuntimeError: RLIMIT_NPROC=3 ... (Linux 5.14+)"})
     plan = plan_layers(old_kernel, IsolationConfig())
