@@ -79,7 +79,8 @@ def become_execution_process(zygote_pid: int) -> None:
 
 
 def run_execution(code: SkillCode, preload: list[str], command: ForkCommand, fds: list[int],
-                  precompiled: CodeType | None, zygote_pid: int) -> None:
+                  precompiled: CodeType | None, zygote_pid: int,
+                  gate: isolation.CgroupGate | None) -> None:
     """Entry point of a child forked for a request. `fds` are the execution's four pipe ends
     and its report socket (the zygote's business: closed at once). Never returns."""
     try:
@@ -87,18 +88,18 @@ def run_execution(code: SkillCode, preload: list[str], command: ForkCommand, fds
         become_execution_process(zygote_pid)
     except BaseException as exc:  # noqa: BLE001 - nothing may escape into the zygote's loop
         setup_failed(exc)
-    run_command(code, preload, command, fds[:4], precompiled)
+    run_command(code, preload, command, fds[:4], precompiled, gate)
 
 
 def run_command(code: SkillCode, preload: list[str], command: ForkCommand, fds: list[int],
-                precompiled: CodeType | None) -> None:
+                precompiled: CodeType | None, gate: isolation.CgroupGate | None = None) -> None:
     """The per-request part, in a fresh fork or a spare handed `command`: cgroup gate and
     Landlock, pipes on fixed fds, workdir, environment, rlimits and uid, then the skill.
     `fds`: request (read), result, stdout, stderr (write). Never returns."""
     stderr_fd = fds[3]  # until the pipes are placed: then fd 2
     try:
         kind = "command" if code.kind == "command" else "python"
-        isolation.enter_execution(command)  # in its cgroups, then Landlock: still root
+        isolation.enter_execution(command, gate)  # in its cgroups, then Landlock: still root
         _place_fds(fds, kind)
         stderr_fd = 2
         os.chdir(command.workdir)

@@ -6,12 +6,13 @@ read-only), its own IPC namespace and, for skills without the network permission
 network namespace; the Landlock plan (read-only paths opened once); the seccomp allow-list of
 the skill's runtime profile, which every fork inherits.
 
-Per execution, in the zygote: `before_fork` mounts the tmpfs workdir, `after_fork` moves a
-child forked on request into its cgroups and opens the gate it waits at (a pre-forked spare
-joins its cgroups itself, before any request: `worker.spare`), `prepare_next` readies the next
-Landlock ruleset, `release_execution` detaches the workdir after the reap. In the child, before
-any skill code: `enter_execution` (gate, then Landlock) and `apply_child_layers` (umask,
-rlimits, the execution's own uid/gid, a last seccomp filter for mount/umount2). Work is done
+Per execution, in the zygote: `before_fork` mounts the tmpfs workdir, a `CgroupGate` moves a
+child forked on request into its cgroups and then lets it go on (a pre-forked spare joins its
+cgroups itself, before any request: `worker.spare`), `prepare_next` readies the next Landlock
+ruleset, `release_execution` detaches the workdir after the reap. In the child, before any
+skill code: `enter_execution` (gate, own user namespace where asked, then Landlock) and
+`apply_child_layers` (umask, rlimits, the execution's own uid/gid, a last seccomp filter for
+mount/umount2/unshare). Work is done
 in the zygote wherever it can be: there it costs microseconds, in a fresh fork every touched
 page is a copy-on-write fault.
 
@@ -71,7 +72,6 @@ def die_with_parent(parent_pid: int) -> None:
 
 class _Zygote:
     settings = ZygoteSettings()
-    gate: tuple[int, int] | None = None
     plan: landlock.Plan | None = None
     child_filter: seccomp.Filter | None = None
 
@@ -200,25 +200,53 @@ def apply_rlimits(command: ForkCommand) -> None:
         _set_limit(resource.RLIMIT_NPROC, limits.max_processes + 2)
 
 
-def before_fork(command: ForkCommand, gate: bool = True) -> None:
-    """In the zygote: mount the execution's tmpfs workdir, and (for a child forked now, not a
-    spare already in its cgroups) open the gate it waits at until `after_fork` has put it in
-    its cgroups. Both are a few µs here, where a freshly forked child would pay ~100 µs of
-    copy-on-write faults for the same calls."""
+def before_fork(command: ForkCommand) -> None:
+    """In the zygote: mount the execution's tmpfs workdir. A few µs here, where a freshly
+    forked child would pay ~100 µs of copy-on-write faults for the same calls."""
     isolation = command.isolation
     if _Zygote.settings.mount_ns and isolation.disk_bytes > 0:
         uid, gid = isolation.uid, isolation.gid
         owner = (uid, gid) if uid >= 0 and gid >= 0 else (os.getuid(), os.getgid())
         namespaces.mount_workdir(command.workdir, owner[0], owner[1], isolation.disk_bytes)
-    _Zygote.gate = None
-    if gate:
-        open_gate(command)
 
 
-def open_gate(command: ForkCommand) -> None:
-    """In the zygote, before forking a child on request: the pipe it waits at until
-    `after_fork` has put it in its cgroups (none when it has no cgroups)."""
-    _Zygote.gate = os.pipe2(os.O_CLOEXEC) if command.isolation.cgroups else None
+class CgroupGate:
+    """Where a child forked on request waits until the zygote has put it in its cgroups: it
+    runs nothing outside them. (A spare joins its own cgroups before any request: no gate.)"""
+
+    def __init__(self, procs_files: list[str]) -> None:
+        self.procs_files = procs_files
+        self._read, self._write = os.pipe2(os.O_CLOEXEC)
+
+    def open_for(self, pid: int) -> None:
+        """In the zygote, once `pid` is forked: move it into its cgroups, then let it go on (or
+        kill it if the move failed)."""
+        os.close(self._read)
+        try:
+            join_cgroups(self.procs_files, pid)
+            os.write(self._write, b"1")
+        except OSError:
+            os.kill(pid, signal.SIGKILL)  # never runs outside its cgroups
+        finally:
+            os.close(self._write)
+
+    def wait(self) -> None:
+        """In the child: block until the zygote has moved it."""
+        os.close(self._write)
+        opened = os.read(self._read, 1)
+        os.close(self._read)
+        if opened != b"1":
+            raise RuntimeError("the zygote could not put this execution in its cgroups")
+
+    def discard(self) -> None:
+        """In the zygote, when the fork itself failed."""
+        os.close(self._read)
+        os.close(self._write)
+
+
+def gate_for(command: ForkCommand) -> CgroupGate | None:
+    """The gate a child forked now for `command` waits at; None when it has no cgroups."""
+    return CgroupGate(command.isolation.cgroups) if command.isolation.cgroups else None
 
 
 def join_cgroups(procs_files: list[str], pid: int) -> None:
@@ -231,21 +259,6 @@ def join_cgroups(procs_files: list[str], pid: int) -> None:
             os.write(fd, str(pid).encode())
         finally:
             os.close(fd)
-
-
-def after_fork(command: ForkCommand, pid: int) -> None:
-    """In the zygote, once the child is forked: move it into the execution's cgroups, then open
-    the gate (or kill it if that failed)."""
-    gate, _Zygote.gate = _Zygote.gate, None
-    if gate is not None:
-        os.close(gate[0])
-        try:
-            join_cgroups(command.isolation.cgroups, pid)
-            os.write(gate[1], b"1")
-        except OSError:
-            os.kill(pid, signal.SIGKILL)  # never runs outside its cgroups
-        finally:
-            os.close(gate[1])
 
 
 def kept_fds() -> set[int]:
@@ -290,17 +303,12 @@ def enter_own_user_namespace() -> None:
         os._exit(1)
 
 
-def enter_execution(command: ForkCommand) -> None:
-    """In the child, still privileged and before the fds are placed: wait until the zygote
-    has put this process in its cgroups, enter the execution's own user namespace (while
-    /proc/self is writable), then Landlock (which needs the zygote's O_PATH fds open)."""
-    gate = _Zygote.gate
+def enter_execution(command: ForkCommand, gate: CgroupGate | None) -> None:
+    """In the child, still privileged and before the fds are placed: wait at its gate until
+    the zygote has put this process in its cgroups, enter the execution's own user namespace,
+    then Landlock (which needs the zygote's O_PATH fds open)."""
     if gate is not None:
-        os.close(gate[1])
-        opened = os.read(gate[0], 1)
-        os.close(gate[0])
-        if opened != b"1":
-            raise RuntimeError("the zygote could not put this execution in its cgroups")
+        gate.wait()
     enter_own_user_namespace()
     if _Zygote.plan is not None:
         _Zygote.plan.restrict(command.workdir)

@@ -177,7 +177,7 @@ class Zygote:
             isolation.note_data_baseline()
         ready = self.usable_spare(ticket)
         try:
-            isolation.before_fork(command, gate=ready is None)
+            isolation.before_fork(command)
         except OSError as exc:  # this execution cannot be isolated: refuse it, keep serving
             with contextlib.suppress(OSError):
                 os.write(fds[3], f"\n{SETUP_FAILED}{exc}\n".encode())
@@ -197,14 +197,20 @@ class Zygote:
             else:
                 self.selector.register(ready.sock, selectors.EVENT_READ, _SPARE)
                 self.retire_spare(release=True)
-                isolation.open_gate(command)
                 ready = None
         if ready is None:
-            pid = os.fork()
+            gate = isolation.gate_for(command)
+            try:
+                pid = os.fork()
+            except BaseException:
+                if gate is not None:
+                    gate.discard()
+                raise
             if pid == 0:  # the execution child: never returns
                 child.run_execution(self.config.code, self.config.preload, command, fds,
-                                    self.precompiled, os.getppid())
-            isolation.after_fork(command, pid)
+                                    self.precompiled, os.getppid(), gate)
+            if gate is not None:
+                gate.open_for(pid)
             pidfd = os.pidfd_open(pid)
             zygote_rss, cgroups = self.rss_kb, ticket
         for fd in fds[:-1]:
