@@ -4,7 +4,7 @@ A skill that crashes, times out or exhausts its limits on every call costs a wor
 its full timeout each time; the breaker turns that into an immediate `rejected` result for a
 cooldown, then lets a bounded number of probes through to see if the skill recovered.
 
-States (the seed's): `closed` (normal), `open` (reject at once), `half_open` (probing).
+States (as in openbotstack-core): `closed` (normal), `open` (reject at once), `half_open` (probing).
 Opening: `failure_threshold` consecutive failures, or a failure rate of at least
 `failure_rate` over the last `window` seconds once `min_calls` outcomes were seen there.
 """
