@@ -31,8 +31,8 @@ class CircuitState(enum.StrEnum):
 @runtime_checkable
 class CircuitBreaker(Protocol):
     """openbotstack-core's interface. `Sandbox` also calls `record_ignored(skill_id)`, if
-    present, for an admitted execution whose outcome says nothing about the skill (canceled, rejected), so
-    a half-open probe slot is not held forever."""
+    present, for an admitted execution whose outcome says nothing about the skill (canceled,
+    rejected), so a half-open probe slot is not held forever."""
 
     def allow(self, skill_id: str) -> bool: ...
 
