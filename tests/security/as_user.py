@@ -5,8 +5,9 @@ of its own, the interpreter, the project and the script's directory are exposed 
 any uid (the interpreter may sit under a 0700 home, as pyenv's does under /root), then the
 process becomes UID (no groups, no capabilities, RLIMIT_NPROC as an outside cap on that uid)
 and runs SCRIPT with the same interpreter. On a cgroup v2 host it first delegates a cgroup to
-that uid, as systemd does for a user's session, and removes it afterwards. The script then is a supervisor as an application
-would run one: `Sandbox` without root, detecting and using what an ordinary user may have.
+that uid, as systemd does for a user's session, and removes it afterwards. The script then is
+a supervisor as an application would run one: `Sandbox` without root, detecting and using what
+an ordinary user may have.
 """
 
 from __future__ import annotations
