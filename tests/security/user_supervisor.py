@@ -1,10 +1,12 @@
 """A supervisor run by an ordinary user (started through `as_user.py`); prints one JSON object.
 
 `doctor`: the layers this user gets. `probe`: what an execution holds (capabilities, whether
-it can unshare) and what its zygote holds. `bomb [DISABLED,...]`: a skill with `max_processes` =
-MAX_PROCESSES forks up to CHILDREN sleeping children as fast as it can; its tree is sampled from
-outside (every descendant of this supervisor, every millisecond) and the peak number of tasks
-above the idle zygote and spare is reported with the execution's result.
+it can unshare) and what its zygote holds. `bomb fork|thread [DISABLED,...]`: a skill with
+`max_processes` = MAX_PROCESSES starts up to CHILDREN sleeping children (`fork`) or threads
+(`thread`) as fast as it can; its tree is sampled from outside (every descendant of this
+supervisor, every millisecond) and the peak number of tasks above the idle zygote and spare is
+reported with the execution's result, and how many the skill itself says it started (on its
+stderr, kept even when the execution is killed).
 """
 
 from __future__ import annotations
@@ -25,20 +27,26 @@ from sandbox.capabilities import IsolationConfig, report
 MAX_PROCESSES = 8
 CHILDREN = 40
 _BOMB = f'''
-import os, time
+import os, threading, time
 
 
 def run(input):
-    forked = 0
+    threading.stack_size(1 << 16)  # threads cost tasks, not memory
+    started, refused = 0, ""
     for _ in range({CHILDREN}):
         try:
-            if os.fork() == 0:
+            if input["kind"] == "thread":  # ~20x faster than a fork: it outruns the tree watch
+                threading.Thread(target=time.sleep, args=(2,), daemon=True).start()
+            elif os.fork() == 0:
                 time.sleep(2)
                 os._exit(0)
-        except OSError as exc:
-            return {{"forked": forked, "refused": exc.errno}}
-        forked += 1
-    return {{"forked": forked}}
+        except (OSError, RuntimeError) as exc:
+            refused = str(exc)
+            break
+        started += 1
+        os.write(2, b"+")  # progress the supervisor keeps even if it kills the execution
+    time.sleep(0.5)  # the tree at its largest, for the sampler to see
+    return {{"started": started, "refused": refused}}
 '''
 
 
@@ -95,7 +103,7 @@ def _tasks_below(pid: int) -> int:
     return total
 
 
-def _bomb(disabled: frozenset[str]) -> dict[str, object]:
+def _bomb(kind: str, disabled: frozenset[str]) -> dict[str, object]:
     skill = _write_skill("bomb", _BOMB, f"max_processes = {MAX_PROCESSES}\ntimeout = 20")
     peak = 0
     done = threading.Event()
@@ -107,18 +115,20 @@ def _bomb(disabled: frozenset[str]) -> dict[str, object]:
             time.sleep(0.001)
 
     with Sandbox([skill], isolation=IsolationConfig(disabled=disabled)) as sandbox:
-        warm = sandbox.execute(ExecutionRequest(skill_id=skill.id, input=b"{}"))
+        request = ExecutionRequest(skill_id=skill.id, input=json.dumps({"kind": kind}).encode())
+        warm = sandbox.execute(request)
         time.sleep(0.5)  # the spare forked after the warm-up is idle by now
         baseline = _tasks_below(os.getpid())
         sampler = threading.Thread(target=sample, args=(baseline,))
         sampler.start()
         try:
-            result = sandbox.execute(ExecutionRequest(skill_id=skill.id, input=b"{}"))
+            result = sandbox.execute(request)
         finally:
             done.set()
             sampler.join(timeout=10)
     return {"warm": warm.status.value, "status": result.status.value, "error": result.error,
-            "output": result.output.decode(errors="replace"), "peak": peak}
+            "output": result.output.decode(errors="replace"), "peak": peak,
+            "started": result.stderr.count("+")}
 
 
 def main() -> None:
@@ -129,8 +139,8 @@ def main() -> None:
     elif command == "probe":
         print(json.dumps(_probe()))
     elif command == "bomb":
-        disabled = frozenset(name for name in sys.argv[2:3] for name in name.split(",") if name)
-        print(json.dumps(_bomb(disabled)))
+        disabled = frozenset(name for name in sys.argv[3:4] for name in name.split(",") if name)
+        print(json.dumps(_bomb(sys.argv[2], disabled)))
     else:
         raise SystemExit(f"unknown command {command!r}")
 
