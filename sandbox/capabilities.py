@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 from sandbox import cgroups
 from sandbox.errors import SandboxError
+from worker.protocol import ZygoteSettings
 
 #: Mechanisms an operator can require or disable by name.
-MECHANISMS = ("uid", "mountns", "netns", "ipcns", "landlock", "seccomp", "cgroups")
+MECHANISMS = ("uid", "userns", "mountns", "netns", "ipcns", "landlock", "seccomp", "cgroups")
 _PROBE_TIMEOUT = 20.0
 #: Set to 1 in the supervisor's environment to derive a profile: calls off the seccomp
 #: allow-list are allowed and logged by the kernel (audit type 1326) instead of refused.
@@ -113,24 +114,30 @@ class IsolationPlan:
     seccomp: bool
     cgroups: bool
     ipcns: bool = False
+    #: Not root: the zygote's own user namespace (which lets it create the others), and one
+    #: nested per execution in which RLIMIT_NPROC counts that execution's tasks alone.
+    userns: bool = False
+    userns_nproc: bool = False
     off: dict[str, str] = field(default_factory=dict)
 
-    def zygote_settings(self, network: bool, workdir_root: str) -> dict[str, object]:
-        """`worker.isolation.Settings` for a skill's zygote."""
-        return {
-            "network": network,
-            "drop_uid": self.uid,
-            "mount_ns": self.mountns,
-            "net_ns": self.netns and not network,
-            "ipc_ns": self.ipcns,
-            "seccomp": self.seccomp,
+    def zygote_settings(self, network: bool, workdir_root: str) -> ZygoteSettings:
+        """The layers of a skill's zygote (`network`: the skill's permission)."""
+        return ZygoteSettings(
+            network=network,
+            drop_uid=self.uid,
+            user_ns=self.userns,
+            execution_user_ns=self.userns_nproc,
+            mount_ns=self.mountns,
+            net_ns=self.netns and not network,
+            ipc_ns=self.ipcns,
+            seccomp=self.seccomp,
             # A netns hides no pathname socket: the socket rules hold with or without one.
-            "seccomp_network": self.seccomp and not network,
-            "seccomp_audit": self.seccomp and os.environ.get(SECCOMP_AUDIT_ENV) == "1",
-            "landlock_abi": self.landlock_abi,
-            "workdir_root": workdir_root,
-            "read_only": list(self.config.read_only),
-        }
+            seccomp_network=self.seccomp and not network,
+            seccomp_audit=self.seccomp and os.environ.get(SECCOMP_AUDIT_ENV) == "1",
+            landlock_abi=self.landlock_abi,
+            workdir_root=workdir_root,
+            read_only=list(self.config.read_only),
+        )
 
     @property
     def workdir_bytes(self) -> int:
@@ -172,7 +179,7 @@ def _probe(uid: int) -> dict[str, str]:
         return results
     except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
         reason = f"the probe failed: {exc}"
-        return {name: reason for name in (*MECHANISMS, "setuid", "pidns", "userns")}
+        return {name: reason for name in (*MECHANISMS, "setuid", "pidns", "userns_nproc")}
 
 
 def _cgroup_facts() -> tuple[dict[str, str], str, str]:
@@ -241,12 +248,25 @@ def plan_layers(host: HostInfo, config: IsolationConfig) -> IsolationPlan:
     not_root = f"the supervisor is not root (euid {host.euid})"
     uid = usable("uid", root and host.works("setuid"),
                  not_root if not root else f"setresuid failed: {host.probes.get('setuid')}")
-    mountns = usable("mountns", root and host.works("mountns"),
-                     not_root if not root else host.probes.get("mountns", ""))
-    netns = usable("netns", root and host.works("netns"),
-                   not_root if not root else host.probes.get("netns", ""))
-    ipcns = usable("ipcns", root and host.works("ipcns"),
-                   not_root if not root else host.probes.get("ipcns", "not probed"))
+    # An ordinary user creates the other namespaces inside a user namespace of its own (the
+    # probes ran them there); root needs none: its executions have uids of their own.
+    userns = usable("userns", not root and host.works("userns"),
+                    "not needed as root: each execution has its own uid" if root
+                    else f"unprivileged user namespaces are not allowed here "
+                         f"({host.probes.get('userns', 'not probed')}): check the sysctls "
+                         "user.max_user_namespaces and kernel.unprivileged_userns_clone, and "
+                         "AppArmor's kernel.apparmor_restrict_unprivileged_userns")
+    userns_nproc = userns and host.works("userns_nproc")
+    if userns and not userns_nproc:
+        off["userns_nproc"] = host.probes.get("userns_nproc", "not probed")
+    namespace_owner = root or userns
+    no_owner = f"{not_root}, and {off.get('userns')}"
+
+    def namespace(name: str) -> bool:
+        return usable(name, namespace_owner and host.works(name),
+                      no_owner if not namespace_owner else host.probes.get(name, "not probed"))
+
+    mountns, netns, ipcns = namespace("mountns"), namespace("netns"), namespace("ipcns")
     landlock_ok = usable("landlock", host.landlock_abi > 0 and host.works("landlock"),
                          "the kernel has no Landlock (5.13+, CONFIG_SECURITY_LANDLOCK, "
                          "landlock in lsm=)" if not host.landlock_abi
@@ -260,7 +280,8 @@ def plan_layers(host: HostInfo, config: IsolationConfig) -> IsolationPlan:
                        not_root if not root else host.cgroup_v1_problem)
     plan = IsolationPlan(config=config, uid=uid, mountns=mountns, netns=netns,
                          landlock_abi=host.landlock_abi if landlock_ok else 0, seccomp=seccomp,
-                         cgroups=cgroup_ok, ipcns=ipcns, off=off)
+                         cgroups=cgroup_ok, ipcns=ipcns, userns=userns,
+                         userns_nproc=userns_nproc, off=off)
     missing = sorted(name for name in config.required if name in off)
     if missing:
         raise IsolationUnavailable("required isolation unavailable: " + "; ".join(
@@ -279,9 +300,17 @@ def capability_report(host: HostInfo, plan: IsolationPlan) -> CapabilityReport:
                             f"each concurrent execution runs as its own uid/gid (pool of "
                             f"{config.uid_count} from {config.uid_base}, each leased host-wide "
                             "while it runs), no groups, no capabilities"))
+    elif plan.userns:
+        shared = ("" if plan.landlock_abi >= 6 else
+                  "; they share that uid, and without Landlock ABI 6 (Linux 6.12) nothing "
+                  "keeps one from signalling another")
+        layers.append(Layer("identity", "fallback",
+                            "executions run as the supervisor's uid, each in a user namespace "
+                            f"of its own (no uid pool: {off['uid']}){shared}"))
     else:
         layers.append(Layer("identity", "unavailable",
-                            f"executions run as the supervisor's uid: {off['uid']}"))
+                            f"executions run as the supervisor's uid: {off['uid']}; no user "
+                            f"namespace: {off['userns']}"))
     hidden = []
     if plan.uid:
         hidden.append("own uid (no /proc/<pid>/environ or mem of, or signals to, the "
@@ -377,9 +406,21 @@ def capability_report(host: HostInfo, plan: IsolationPlan) -> CapabilityReport:
                             "subreaper sweep as a backstop"))
     else:
         layers.append(Layer("processes", "fallback",
-                            f"no cgroups ({off['cgroups']}): process-group kill, subreaper "
-                            "sweep and psutil tree watch"))
+                            f"no cgroups ({off['cgroups']}): {_process_cap(plan)}; "
+                            "process-group kill, subreaper sweep and psutil tree watch"))
     return CapabilityReport(host=host, layers=layers)
+
+
+def _process_cap(plan: IsolationPlan) -> str:
+    """How the process cap holds without cgroups."""
+    if plan.uid:
+        return "RLIMIT_NPROC of each execution's own uid caps its tree before it grows"
+    if plan.userns_nproc:
+        return ("RLIMIT_NPROC in each execution's own user namespace caps its tree before it "
+                "grows")
+    reason = plan.off.get("userns_nproc") or plan.off.get("userns", "")
+    return (f"no per-execution RLIMIT_NPROC ({reason}): the tree watch kills a tree only after "
+            "it has grown past max_processes")
 
 
 def report(config: IsolationConfig | None = None) -> CapabilityReport:
@@ -403,7 +444,8 @@ def format_report(result: CapabilityReport) -> str:
         ("kernel", f"Linux {host.kernel} {host.arch}, running as {who}"),
         ("landlock", f"ABI {host.landlock_abi}" if host.landlock_abi else "not available"),
         *((name, "available" if host.works(name) else f"unavailable: {host.probes.get(name)}")
-          for name in ("seccomp", "userns", "pidns", "netns", "ipcns", "mountns", "setuid")),
+          for name in ("seccomp", "userns", "userns_nproc", "pidns", "netns", "ipcns",
+                       "mountns", "setuid")),
         ("cgroup", f"{cgroup_v1}; "
                    + ("writable" if not host.cgroup_v1_problem else host.cgroup_v1_problem)
                    + (f"; v2 mounted at {host.cgroup_v2} (not used)" if host.cgroup_v2 else "")),

@@ -4,7 +4,7 @@ A skill that crashes, times out or exhausts its limits on every call costs a wor
 its full timeout each time; the breaker turns that into an immediate `rejected` result for a
 cooldown, then lets a bounded number of probes through to see if the skill recovered.
 
-States (the seed's): `closed` (normal), `open` (reject at once), `half_open` (probing).
+States (as in openbotstack-core): `closed` (normal), `open` (reject at once), `half_open` (probing).
 Opening: `failure_threshold` consecutive failures, or a failure rate of at least
 `failure_rate` over the last `window` seconds once `min_calls` outcomes were seen there.
 """
@@ -30,9 +30,9 @@ class CircuitState(enum.StrEnum):
 
 @runtime_checkable
 class CircuitBreaker(Protocol):
-    """The seed's interface. `Sandbox` also calls `record_ignored(skill_id)`, if present, for
-    an admitted execution whose outcome says nothing about the skill (canceled, rejected), so
-    a half-open probe slot is not held forever."""
+    """openbotstack-core's interface. `Sandbox` also calls `record_ignored(skill_id)`, if
+    present, for an admitted execution whose outcome says nothing about the skill (canceled,
+    rejected), so a half-open probe slot is not held forever."""
 
     def allow(self, skill_id: str) -> bool: ...
 

@@ -11,12 +11,15 @@ closed and the workdir is removed.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import os
 import select
 import shutil
 import signal
 import socket
+import sys
+import termios
 import time
 from dataclasses import dataclass, field
 
@@ -25,16 +28,19 @@ import msgspec
 from sandbox import jsonbounds
 from sandbox.cgroups import ExecutionCgroup
 from sandbox.skill import Skill
-from sandbox.skilltext import skill_text
+from sandbox.skilltext import printable, skill_text
 from sandbox.watch import TreeWatch
 from sandbox.zygote import ZygoteProcess
 from worker.protocol import (
+    EXIT_SETUP_FAILED,
     MAX_TOKENS,
+    SETUP_FAILED,
     ChildExited,
     ChildResult,
     ChildStarted,
     ErrorKind,
     ExecutionInput,
+    ExecutionIsolation,
     ExecutionResult,
     ExecutionStatus,
     ForkCommand,
@@ -117,7 +123,7 @@ class ExecutionSpec:
     input: bytes
     limits: Limits
     env: dict[str, str]
-    isolation: dict[str, object]
+    isolation: ExecutionIsolation
     workdir_root: str
     tail_bytes: int
     cancel_fd: int  # readable once the caller cancels
@@ -145,6 +151,8 @@ class Execution:
         self.cgroup_limit = ""  # the cgroup limit the execution ran into, if any
         self.cgroup_peak = 0
         self.cgroup_cpu = 0.0  # the cgroup's final CPU figure (cpuacct), seconds
+        #: The child exited with its request unread: it never got as far as any skill code.
+        self.request_unread = False
 
     # -- the whole life of one execution ---------------------------------------------------
 
@@ -153,11 +161,11 @@ class Execution:
         workdir = _make_workdir(spec.workdir_root, spec.exec_id)
         fds: list[int] = []
         report: socket.socket | None = None
+        request_r = -1
         try:
-            isolation = dict(spec.isolation)
-            uid = isolation.get("uid", -1)
-            if isinstance(uid, int) and uid >= 0 and not isolation.get("disk_bytes"):
-                os.chown(workdir, uid, uid)  # no tmpfs of its own: the uid must own the dir
+            isolation = spec.isolation
+            if isolation.uid >= 0 and not isolation.disk_bytes:
+                os.chown(workdir, isolation.uid, isolation.gid)  # no tmpfs: the uid owns it
             request_r, request_w = os.pipe2(os.O_CLOEXEC)
             result_r, result_w = os.pipe2(os.O_CLOEXEC)
             stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
@@ -172,7 +180,8 @@ class Execution:
                     # For this execution's child if the zygote must fork it now; else for the
                     # spare that replaces the one (already in a pair of its own) taking it.
                     ticket = tickets.issue()
-                    isolation["cgroups"] = ticket.procs_files
+                    isolation = msgspec.structs.replace(isolation,
+                                                        cgroups=ticket.procs_files)
                 command = ForkCommand(
                     exec_id=spec.exec_id, limits=spec.limits, workdir=workdir,
                     env={"HOME": workdir, "TMPDIR": workdir, **spec.env}, isolation=isolation,
@@ -185,13 +194,17 @@ class Execution:
                 raise
             finally:
                 report_theirs.close()
-                for fd in (request_r, result_w, stdout_w, stderr_w):
+                # The request pipe's read end stays open here too: what the child left
+                # unread in it tells whether any skill code can have run (`_request_unread`).
+                for fd in (result_w, stdout_w, stderr_w):
                     os.close(fd)
                     fds.remove(fd)
             _set_nonblocking(request_w, result_r, stdout_r, stderr_r)
             self._loop(report, request_w, result_r, stdout_r, stderr_r, fds)
         finally:
             self._kill()
+            if request_r >= 0:
+                self.request_unread = _unread_bytes(request_r) > 0
             if self.cgroup is not None:
                 self._finish_cgroup(self.cgroup)
             if self.state.pidfd >= 0:
@@ -518,8 +531,15 @@ class Execution:
                                       and exited.wait_status == 0):
             return failed, exhausted, f"{EXHAUSTED_ERROR}: {self.cgroup_limit}", b""
         if exited is None:
+            if state.started is None:  # the zygote said why on the execution's stderr
+                return (failed, ErrorKind.WORKER_FAILURE, f"{WORKER_ERROR}: the zygote could "
+                        f"not start the execution: {self._setup_problem()}", b"")
             return (failed, ErrorKind.WORKER_FAILURE,
                     f"{WORKER_ERROR}: the skill's zygote died during the execution", b"")
+        if self.request_unread and _exit_code(exited.wait_status) == EXIT_SETUP_FAILED:
+            # Its request unread: no skill code ran, so this exit code is the set-up's own.
+            return (failed, ErrorKind.WORKER_FAILURE, f"{WORKER_ERROR}: the execution could "
+                    f"not be set up: {self._setup_problem()}", b"")
         if _signal_of(exited.wait_status) == signal.SIGXCPU or (
                 usage.cpu_time_ms >= limits.cpu_time * 1000 and _signalled(exited.wait_status)):
             # SIGXCPU comes only from RLIMIT_CPU (rusage, tick-sampled, may read a bit less)
@@ -547,6 +567,13 @@ class Execution:
             return failed, skill_failed, f"skill {_describe_exit(exited.wait_status)} after " \
                                          "writing its result", b""
         return ExecutionStatus.SUCCESS, ErrorKind.NONE, "", frame.output
+
+    def _setup_problem(self) -> str:
+        """The reason a worker process wrote before any skill code ran (or "no detail")."""
+        for line in reversed(self.stderr.text().splitlines()):
+            if line.startswith(SETUP_FAILED):
+                return printable(line[len(SETUP_FAILED):])[:1000]
+        return "no detail"
 
     def _output_problem(self, output: bytes) -> str:
         """Why a successful execution's output cannot be handed to the caller, or "".
@@ -621,6 +648,16 @@ def _signalled(status: int) -> bool:
 
 def _signal_of(status: int) -> int:
     return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+
+
+def _exit_code(status: int) -> int | None:
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else None
+
+
+def _unread_bytes(fd: int) -> int:
+    """Bytes still in a pipe (FIONREAD works on either end)."""
+    answer = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(answer, sys.byteorder, signed=True)
 
 
 def _describe_exit(status: int) -> str:

@@ -1,4 +1,5 @@
-"""Execution plans: the seed's `ExecutionPlan`, `ExecutionStep`, `StepResult`, `ExecutionContext`.
+"""Execution plans: openbotstack-core's `ExecutionPlan`, `ExecutionStep`, `StepResult` and
+`ExecutionContext`.
 
 A plan is what a control plane (typically an LLM planner) hands the execution plane: an ordered
 list of skill and tool calls whose arguments may use earlier outputs (see `sandbox.templates`).

@@ -43,7 +43,15 @@ from sandbox.skill import Skill
 from sandbox.tools import ToolRegistry, ToolRunner
 from sandbox.uidpool import UidPool, UidPoolExhausted
 from sandbox.zygote import BASE_ENV, ZygoteDied, ZygoteProcess
-from worker.protocol import ErrorKind, ExecutionRequest, ExecutionResult, ExecutionStatus, Limits
+from worker.protocol import (
+    ErrorKind,
+    ExecutionIsolation,
+    ExecutionRequest,
+    ExecutionResult,
+    ExecutionStatus,
+    Limits,
+    ZygoteSettings,
+)
 
 if TYPE_CHECKING:  # the built-in `Policy` (pydantic, YAML) is loaded by whoever makes one
     from sandbox.policy import ExecutionPolicy
@@ -249,7 +257,7 @@ class Sandbox:
             loaded = self._skills[skill_id]
         return self._ensure_zygote(loaded)
 
-    def _isolation_for(self, skill: Skill) -> dict[str, Any]:
+    def _isolation_for(self, skill: Skill) -> ZygoteSettings:
         return self._plan.zygote_settings(skill.manifest.permissions.network, self.workdir_root)
 
     def capabilities(self) -> CapabilityReport:
@@ -418,8 +426,7 @@ class Sandbox:
                        if self._uids is not None else -1)
             except UidPoolExhausted as exc:
                 return worker_failure(str(exc))
-            isolation = {**self._isolation_for(skill), "uid": uid, "gid": uid,
-                         "disk_bytes": self._plan.workdir_bytes}
+            isolation = ExecutionIsolation(uid=uid, gid=uid, disk_bytes=self._plan.workdir_bytes)
             spec = ExecutionSpec(
                 skill=skill, zygote=loaded.zygote, exec_id=uuid.uuid4().hex,
                 request_id=request.request_id, tenant_id=request.tenant_id,

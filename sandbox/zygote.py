@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
 
 import msgspec
 
@@ -20,9 +19,11 @@ from worker.protocol import (
     ForkCommand,
     SkillCode,
     SpareCgroups,
+    ZygoteConfig,
     ZygoteFailed,
     ZygoteMessage,
     ZygoteReady,
+    ZygoteSettings,
 )
 
 #: The only variables a zygote starts with: it must never see the supervisor's secrets.
@@ -42,12 +43,12 @@ class ZygoteProcess:
     """
 
     def __init__(self, skill_id: str, code: SkillCode, preload: list[str],
-                 isolation: dict[str, Any], start_timeout: float = 30.0,
+                 settings: ZygoteSettings, start_timeout: float = 30.0,
                  cgroups: CgroupTickets | None = None, prefork: bool = True) -> None:
         self.skill_id = skill_id
         self.code = code
         self.preload = preload
-        self.isolation = isolation
+        self.settings = settings
         self.start_timeout = start_timeout
         self.cgroups = cgroups
         self.prefork = prefork
@@ -64,11 +65,9 @@ class ZygoteProcess:
 
     def start(self) -> None:
         """Exec a fresh interpreter and wait until it has preloaded and says it is ready."""
-        from worker.zygote import ZygoteConfig
-
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = msgspec.json.encode(ZygoteConfig(code=self.code, preload=self.preload,
-                                                  isolation=self.isolation)).decode()
+                                                  settings=self.settings)).decode()
         try:
             process = subprocess.Popen(
                 [sys.executable, "-I", "-B", "-m", "worker.zygote", str(theirs.fileno()),

@@ -1,4 +1,5 @@
-"""Plans as data: JSON round trips with the seed's field names, validation messages, templates."""
+"""Plans as data: JSON round trips with openbotstack-core's field names, validation messages,
+templates."""
 
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ from worker.protocol import (
     Limits,
     ReportMessage,
     SkillCode,
+    ZygoteSettings,
     encode_frame,
 )
 
@@ -299,7 +300,7 @@ def test_a_spare_that_cannot_join_its_cgroups_gives_them_back_and_the_request_is
     directory = skill_dir(WHOAMI)
     code = SkillCode(skill_dir=str(directory), kind="python", entrypoint="main:run")
     tickets = _UnjoinableCgroups()
-    zygote = ZygoteProcess("test/unjoinable", code, [], {}, cgroups=tickets)
+    zygote = ZygoteProcess("test/unjoinable", code, [], ZygoteSettings(), cgroups=tickets)
     zygote.start()
     try:
         assert tickets.given  # the pair for its first spare, offered at boot
@@ -310,7 +311,7 @@ def test_a_spare_that_cannot_join_its_cgroups_gives_them_back_and_the_request_is
         out_r, out_w = os.pipe()
         report, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         command = ForkCommand(exec_id="e1", limits=Limits(timeout=5), workdir=str(workdir),
-                              env={}, isolation={})
+                              env={})
         zygote.fork(command, [request_r, result_w, out_w, out_w, theirs.fileno()])
         for fd in (request_r, result_w, out_w):
             os.close(fd)

@@ -18,13 +18,14 @@ from typing import NoReturn
 import msgspec
 
 from worker import isolation, runtime
-from worker.protocol import ForkCommand, SkillCode
-
-#: Fixed fds inside an execution (after 0, 1, 2): result pipe (write) and request pipe (read).
-RESULT_FD = 3
-REQUEST_FD = 4
-#: Exit code when the child cannot be set up; the supervisor reports it as a worker failure.
-EXIT_SETUP_FAILED = 71
+from worker.protocol import (
+    EXIT_SETUP_FAILED,
+    REQUEST_FD,
+    RESULT_FD,
+    SETUP_FAILED,
+    ForkCommand,
+    SkillCode,
+)
 
 
 def compile_entrypoint(code: SkillCode) -> CodeType | None:
@@ -78,7 +79,8 @@ def become_execution_process(zygote_pid: int) -> None:
 
 
 def run_execution(code: SkillCode, preload: list[str], command: ForkCommand, fds: list[int],
-                  precompiled: CodeType | None, zygote_pid: int) -> None:
+                  precompiled: CodeType | None, zygote_pid: int,
+                  gate: isolation.CgroupGate | None) -> None:
     """Entry point of a child forked for a request. `fds` are the execution's four pipe ends
     and its report socket (the zygote's business: closed at once). Never returns."""
     try:
@@ -86,33 +88,52 @@ def run_execution(code: SkillCode, preload: list[str], command: ForkCommand, fds
         become_execution_process(zygote_pid)
     except BaseException as exc:  # noqa: BLE001 - nothing may escape into the zygote's loop
         setup_failed(exc)
-    run_command(code, preload, command, fds[:4], precompiled)
+    run_command(code, preload, command, fds[:4], precompiled, gate)
 
 
 def run_command(code: SkillCode, preload: list[str], command: ForkCommand, fds: list[int],
-                precompiled: CodeType | None) -> None:
+                precompiled: CodeType | None, gate: isolation.CgroupGate | None = None) -> None:
     """The per-request part, in a fresh fork or a spare handed `command`: cgroup gate and
     Landlock, pipes on fixed fds, workdir, environment, rlimits and uid, then the skill.
     `fds`: request (read), result, stdout, stderr (write). Never returns."""
+    stderr_fd = fds[3]  # until the pipes are placed: then fd 2
     try:
         kind = "command" if code.kind == "command" else "python"
-        isolation.enter_execution(command)  # in its cgroups, then Landlock: still root
+        isolation.enter_execution(command, gate)  # in its cgroups, then Landlock: still root
         _place_fds(fds, kind)
+        stderr_fd = 2
         os.chdir(command.workdir)
         _replace_environment(command.env)
         isolation.apply_child_layers(command, code)
         if code.kind == "command":
+            _stdin_from_memory()
             _exec_command(code, command)
         elif code.spawn:
             _exec_fresh_interpreter(code, preload, command)
     except BaseException as exc:  # noqa: BLE001 - nothing may escape into the zygote's loop
-        setup_failed(exc)
+        setup_failed(exc, stderr_fd)
     runtime.run_and_exit(code, command, precompiled, RESULT_FD, REQUEST_FD)
 
 
-def setup_failed(exc: BaseException) -> NoReturn:
+def _stdin_from_memory() -> None:
+    """Read the request pipe to its end and give the command the input from memory instead:
+    a request left unread then proves that no skill code ran (the supervisor's test for a
+    set-up failure), for commands as for Python skills, whose runtime reads it first."""
+    chunks = []
+    while chunk := os.read(0, 1 << 16):
+        chunks.append(chunk)
+    memory = os.memfd_create("input", os.MFD_CLOEXEC)
+    data = memoryview(b"".join(chunks))
+    while data:
+        data = data[os.write(memory, data):]
+    os.lseek(memory, 0, os.SEEK_SET)
+    os.dup2(memory, 0)
+    os.close(memory)
+
+
+def setup_failed(exc: BaseException, stderr_fd: int = 2) -> NoReturn:
     try:
-        os.write(2, f"skill-sandbox: execution set-up failed: {exc!r}\n".encode())
+        os.write(stderr_fd, f"\n{SETUP_FAILED}{exc!r}\n".encode())
     finally:
         os._exit(EXIT_SETUP_FAILED)
 

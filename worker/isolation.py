@@ -6,12 +6,13 @@ read-only), its own IPC namespace and, for skills without the network permission
 network namespace; the Landlock plan (read-only paths opened once); the seccomp allow-list of
 the skill's runtime profile, which every fork inherits.
 
-Per execution, in the zygote: `before_fork` mounts the tmpfs workdir, `after_fork` moves a
-child forked on request into its cgroups and opens the gate it waits at (a pre-forked spare
-joins its cgroups itself, before any request: `worker.spare`), `prepare_next` readies the next
-Landlock ruleset, `release_execution` detaches the workdir after the reap. In the child, before
-any skill code: `enter_execution` (gate, then Landlock) and `apply_child_layers` (umask,
-rlimits, the execution's own uid/gid, a last seccomp filter for mount/umount2). Work is done
+Per execution, in the zygote: `before_fork` mounts the tmpfs workdir, a `CgroupGate` moves a
+child forked on request into its cgroups and then lets it go on (a pre-forked spare joins its
+cgroups itself, before any request: `worker.spare`), `prepare_next` readies the next Landlock
+ruleset, `release_execution` detaches the workdir after the reap. In the child, before any
+skill code: `enter_execution` (gate, own user namespace where asked, then Landlock) and
+`apply_child_layers` (umask, rlimits, the execution's own uid/gid, a last seccomp filter for
+mount/umount2/unshare). Work is done
 in the zygote wherever it can be: there it costs microseconds, in a fresh fork every touched
 page is a copy-on-write fault.
 
@@ -28,12 +29,9 @@ import os
 import resource
 import signal
 import sys
-from typing import Any
-
-import msgspec
 
 from worker import landlock, namespaces, seccomp
-from worker.protocol import ForkCommand, SkillCode
+from worker.protocol import ForkCommand, SkillCode, ZygoteSettings
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
@@ -72,25 +70,8 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-class Settings(msgspec.Struct, frozen=True, kw_only=True):
-    """What the supervisor asks the zygote for (`ZygoteConfig.isolation`); all off by default."""
-
-    network: bool = False
-    drop_uid: bool = False  # the uid/gid of each execution arrive with its ForkCommand
-    mount_ns: bool = False  # own mount namespace: exposed paths, read-only view, tmpfs workdir
-    net_ns: bool = False  # own network namespace: no interface but a downed loopback
-    ipc_ns: bool = False  # own IPC namespace: no SysV object or POSIX queue shared with others
-    seccomp: bool = False
-    seccomp_network: bool = False  # AF_UNIX stream sockets only, no connect()
-    seccomp_audit: bool = False  # calls off the allow-list allowed and logged (deriving lists)
-    landlock_abi: int = 0
-    workdir_root: str = ""
-    read_only: list[str] = []  # further read-only paths the operator allows
-
-
 class _Zygote:
-    settings = Settings()
-    gate: tuple[int, int] | None = None
+    settings = ZygoteSettings()
     plan: landlock.Plan | None = None
     child_filter: seccomp.Filter | None = None
 
@@ -130,9 +111,8 @@ def code_paths(code: SkillCode, extra: list[str]) -> list[str]:
     return kept
 
 
-def apply_zygote_layers(settings: dict[str, Any], code: SkillCode | None = None) -> None:
+def apply_zygote_layers(config: ZygoteSettings, code: SkillCode | None = None) -> None:
     """Layers every execution inherits, applied once before the zygote serves."""
-    config = msgspec.convert(settings, Settings)
     _Zygote.settings = config
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -140,6 +120,8 @@ def apply_zygote_layers(settings: dict[str, Any], code: SkillCode | None = None)
     paths = code_paths(code, config.read_only)
     readable = [path for path in paths if os.path.isdir(path)]
     reach = readable + ([config.workdir_root] if config.workdir_root else [])
+    if config.user_ns:  # first: it is what lets an ordinary user create the others
+        namespaces.enter_user_namespace()
     if config.mount_ns:
         namespaces.enter_mount_namespace()
         if config.drop_uid:
@@ -158,17 +140,18 @@ def apply_zygote_layers(settings: dict[str, Any], code: SkillCode | None = None)
         _Zygote.plan = landlock.Plan(config.landlock_abi, rules)
         _Zygote.plan.prepare()
     if config.seccomp:
-        # Children mount their workdir before dropping privileges: they get mount/umount2
-        # denied by a small filter of their own, the zygote keeps umount2 to detach it.
-        # One allow-list per runtime profile serves the zygote and its children: a zygote
-        # serves one skill, so nothing is stacked per execution but the mount filter.
+        # Children mount their workdir and enter their own user namespace before they are
+        # confined: they get mount/umount2/unshare denied by a small filter of their own, the
+        # zygote keeps umount2 to detach the workdir. One allow-list per runtime profile
+        # serves the zygote and its children: a zygote serves one skill, so nothing is
+        # stacked per execution but the child filter.
         allow_mount = config.mount_ns
         profile = "command" if code.kind == "command" else "python"
         seccomp.Filter(seccomp.build_filter(config.seccomp_network, allow_mount=allow_mount,
-                                            profile=profile,
-                                            audit=config.seccomp_audit)).install()
-        if allow_mount:
-            _Zygote.child_filter = seccomp.Filter(seccomp.build_mount_filter())
+                                            profile=profile, audit=config.seccomp_audit,
+                                            allow_userns=config.execution_user_ns)).install()
+        if allow_mount or config.execution_user_ns:
+            _Zygote.child_filter = seccomp.Filter(seccomp.build_child_filter())
 
 
 _data_baseline = 0
@@ -210,36 +193,60 @@ def apply_rlimits(command: ForkCommand) -> None:
     _set_limit(resource.RLIMIT_FSIZE, limits.max_file_bytes)
     _set_limit(resource.RLIMIT_NOFILE, limits.max_open_files)
     _set_limit(resource.RLIMIT_CORE, 0)
-    # No RLIMIT_NPROC: root ignores it and, for anyone else, it counts every process and thread
-    # of the uid host-wide. The process cap is the supervisor's tree watch (and a pids cgroup).
+    # RLIMIT_NPROC only where it counts this execution's tasks alone: its own uid
+    # (`drop_privileges`) or its own user namespace (`enter_execution`); elsewhere it would
+    # count every process of the uid. Beyond that: the tree watch and a pids cgroup.
+    if _Zygote.settings.execution_user_ns:
+        _set_limit(resource.RLIMIT_NPROC, limits.max_processes + 2)
 
 
-def _int(isolation: dict[str, Any], key: str, default: int) -> int:
-    value = isolation.get(key, default)
-    return value if isinstance(value, int) else default
-
-
-def before_fork(command: ForkCommand, gate: bool = True) -> None:
-    """In the zygote: mount the execution's tmpfs workdir, and (for a child forked now, not a
-    spare already in its cgroups) open the gate it waits at until `after_fork` has put it in
-    its cgroups. Both are a few µs here, where a freshly forked child would pay ~100 µs of
-    copy-on-write faults for the same calls."""
+def before_fork(command: ForkCommand) -> None:
+    """In the zygote: mount the execution's tmpfs workdir. A few µs here, where a freshly
+    forked child would pay ~100 µs of copy-on-write faults for the same calls."""
     isolation = command.isolation
-    disk_bytes = _int(isolation, "disk_bytes", 0)
-    if _Zygote.settings.mount_ns and disk_bytes > 0:
-        uid = _int(isolation, "uid", -1)
-        gid = _int(isolation, "gid", -1)
-        owner = (uid, gid) if uid >= 0 and gid >= 0 else (0, 0)
-        namespaces.mount_workdir(command.workdir, owner[0], owner[1], disk_bytes)
-    _Zygote.gate = None
-    if gate:
-        open_gate(command)
+    if _Zygote.settings.mount_ns and isolation.disk_bytes > 0:
+        uid, gid = isolation.uid, isolation.gid
+        owner = (uid, gid) if uid >= 0 and gid >= 0 else (os.getuid(), os.getgid())
+        namespaces.mount_workdir(command.workdir, owner[0], owner[1], isolation.disk_bytes)
 
 
-def open_gate(command: ForkCommand) -> None:
-    """In the zygote, before forking a child on request: the pipe it waits at until
-    `after_fork` has put it in its cgroups (none when it has no cgroups)."""
-    _Zygote.gate = os.pipe2(os.O_CLOEXEC) if command.isolation.get("cgroups") else None
+class CgroupGate:
+    """Where a child forked on request waits until the zygote has put it in its cgroups: it
+    runs nothing outside them. (A spare joins its own cgroups before any request: no gate.)"""
+
+    def __init__(self, procs_files: list[str]) -> None:
+        self.procs_files = procs_files
+        self._read, self._write = os.pipe2(os.O_CLOEXEC)
+
+    def open_for(self, pid: int) -> None:
+        """In the zygote, once `pid` is forked: move it into its cgroups, then let it go on (or
+        kill it if the move failed)."""
+        os.close(self._read)
+        try:
+            join_cgroups(self.procs_files, pid)
+            os.write(self._write, b"1")
+        except OSError:
+            os.kill(pid, signal.SIGKILL)  # never runs outside its cgroups
+        finally:
+            os.close(self._write)
+
+    def wait(self) -> None:
+        """In the child: block until the zygote has moved it."""
+        os.close(self._write)
+        opened = os.read(self._read, 1)
+        os.close(self._read)
+        if opened != b"1":
+            raise RuntimeError("the zygote could not put this execution in its cgroups")
+
+    def discard(self) -> None:
+        """In the zygote, when the fork itself failed."""
+        os.close(self._read)
+        os.close(self._write)
+
+
+def gate_for(command: ForkCommand) -> CgroupGate | None:
+    """The gate a child forked now for `command` waits at; None when it has no cgroups."""
+    return CgroupGate(command.isolation.cgroups) if command.isolation.cgroups else None
 
 
 def join_cgroups(procs_files: list[str], pid: int) -> None:
@@ -252,21 +259,6 @@ def join_cgroups(procs_files: list[str], pid: int) -> None:
             os.write(fd, str(pid).encode())
         finally:
             os.close(fd)
-
-
-def after_fork(command: ForkCommand, pid: int) -> None:
-    """In the zygote, once the child is forked: move it into the execution's cgroups, then open
-    the gate (or kill it if that failed)."""
-    gate, _Zygote.gate = _Zygote.gate, None
-    if gate is not None:
-        os.close(gate[0])
-        try:
-            join_cgroups(command.isolation.get("cgroups") or [], pid)
-            os.write(gate[1], b"1")
-        except OSError:
-            os.kill(pid, signal.SIGKILL)  # never runs outside its cgroups
-        finally:
-            os.close(gate[1])
 
 
 def kept_fds() -> set[int]:
@@ -292,16 +284,32 @@ def prepare_next() -> None:
         _Zygote.plan.handoff()
 
 
-def enter_execution(command: ForkCommand) -> None:
-    """In the child, still root and before the fds are placed: wait until the zygote has put
-    this process in its cgroups, then Landlock (which needs the zygote's O_PATH fds open)."""
-    gate = _Zygote.gate
+_in_own_user_namespace = False
+
+
+def enter_own_user_namespace() -> None:
+    """In an execution child (or a spare, ahead of its request): its own user namespace, in
+    which RLIMIT_NPROC (set with the other rlimits) counts its tasks alone. Creating one costs
+    ~0.3 ms (the kernel registers a sysctl table per user namespace): a spare pays it while
+    nobody waits. A no-op where the settings do not ask for it, or done already."""
+    global _in_own_user_namespace
+    if not _Zygote.settings.execution_user_ns or _in_own_user_namespace:
+        return
+    namespaces.enter_execution_user_namespace()
+    _in_own_user_namespace = True
+    namespaces.drop_capabilities()
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a credential change may clear it
+    if _parent_pid and os.getppid() != _parent_pid:
+        os._exit(1)
+
+
+def enter_execution(command: ForkCommand, gate: CgroupGate | None) -> None:
+    """In the child, still privileged and before the fds are placed: wait at its gate until
+    the zygote has put this process in its cgroups, enter the execution's own user namespace,
+    then Landlock (which needs the zygote's O_PATH fds open)."""
     if gate is not None:
-        os.close(gate[1])
-        opened = os.read(gate[0], 1)
-        os.close(gate[0])
-        if opened != b"1":
-            raise RuntimeError("the zygote could not put this execution in its cgroups")
+        gate.wait()
+    enter_own_user_namespace()
     if _Zygote.plan is not None:
         _Zygote.plan.restrict(command.workdir)
 
@@ -328,8 +336,7 @@ def apply_child_layers(command: ForkCommand, code: SkillCode) -> None:
     os.umask(0o077)
     apply_rlimits(command)
     if _Zygote.settings.drop_uid:
-        uid = _int(command.isolation, "uid", -1)
-        gid = _int(command.isolation, "gid", -1)
+        uid, gid = command.isolation.uid, command.isolation.gid
         if uid < 1 or gid < 1:
             raise PermissionError(f"no unprivileged uid/gid for this execution "
                                   f"(uid={uid}, gid={gid})")

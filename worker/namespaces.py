@@ -15,6 +15,13 @@ permission, its own network namespace) before it serves. Inside it:
   mq_open, and the namespace keeps them from the host and other skills;
 - each execution gets a size-capped tmpfs over its workdir (a disk quota that leaves nothing on
   the host), mounted by the child and detached by the zygote after the reap.
+
+An ordinary user gets the same namespaces by first entering a user namespace of its own
+(`enter_user_namespace`: its uid and gid mapped to themselves, so files keep their owners). Each
+execution child then enters one more, nested (`enter_execution_user_namespace`): since Linux
+5.14 RLIMIT_NPROC counts a uid's tasks per user namespace, so the child's own namespace makes
+that rlimit a cap on the execution's tree alone — before it grows, without root or cgroups —
+where for an ordinary user it would otherwise count every process the user has.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import stat
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
 CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -75,6 +83,56 @@ def _set_mount_attr(path: str, attr_set: int, attr_clr: int) -> None:
     _check(_libc.syscall(_SYS_MOUNT_SETATTR, ctypes.c_int(-100), path.encode(),
                          ctypes.c_uint(_AT_RECURSIVE), ctypes.byref(attr),
                          ctypes.c_size_t(ctypes.sizeof(attr))), f"mount_setattr {path}")
+
+
+def _map_identity(uid: int, gid: int) -> None:
+    """Map the caller's uid and gid to themselves in its new user namespace (setgroups must be
+    denied before an unprivileged process may write a gid map)."""
+    for name, line in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"),
+                       ("gid_map", f"{gid} {gid} 1")):
+        fd = os.open(f"/proc/self/{name}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+def enter_user_namespace() -> None:
+    """A user namespace of this process's own, in which an ordinary user may create mount,
+    network and IPC namespaces. The process must be single-threaded."""
+    uid, gid = os.getuid(), os.getgid()
+    unshare(CLONE_NEWUSER)
+    _map_identity(uid, gid)
+
+
+def enter_execution_user_namespace() -> None:
+    """A nested user namespace for one execution: its RLIMIT_NPROC counts only the tasks
+    created in it. It has no uid map: /proc is read-only in the zygote's mount namespace (a
+    skill must not write another execution's /proc files), so inside, the process and the
+    files it owns show as the overflow uid (65534); the kernel still checks access with its
+    real uid. The capabilities it brings (over a namespace that owns nothing) are dropped with
+    `drop_capabilities`."""
+    unshare(CLONE_NEWUSER)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_SYS_CAPSET = 126
+
+
+def drop_capabilities() -> None:
+    """Empty effective, permitted and inheritable sets (this process only)."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.syscall(_SYS_CAPSET, ctypes.byref(header), ctypes.byref(data)), "capset")
 
 
 def enter_mount_namespace() -> None:

@@ -13,8 +13,10 @@ import ctypes
 import errno
 import json
 import os
+import resource
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 
 from worker import landlock, namespaces, seccomp
@@ -54,7 +56,7 @@ def _no_new_privs() -> None:
 def _mount_ns(directory: str) -> Callable[[], None]:
     def probe() -> None:
         namespaces.enter_mount_namespace()
-        namespaces.mount_workdir(directory, 0, 0, 1 << 20)
+        namespaces.mount_workdir(directory, os.getuid(), os.getgid(), 1 << 20)
         namespaces.umount(directory)
         namespaces.read_only_view([])
     return probe
@@ -68,6 +70,42 @@ def _pid_ns() -> None:
     _, status = os.waitpid(pid, 0)
     if status != 0:
         raise RuntimeError("the first child of a new PID namespace is not pid 1")
+
+
+def _in_user_namespace(probe: Callable[[], None]) -> Callable[[], None]:
+    """`probe` as an ordinary user's zygote runs it: inside a user namespace of its own."""
+    def wrapped() -> None:
+        namespaces.enter_user_namespace()
+        probe()
+    return wrapped
+
+
+def _nproc_per_user_namespace() -> None:
+    """RLIMIT_NPROC counted per user namespace (Linux 5.14+): in a fresh one, a cap of 3 tasks
+    lets 2 children start, whatever else the uid runs; where the kernel counts the uid
+    host-wide, the uid's other processes would use up the cap (or, for root, nothing counts)."""
+    namespaces.enter_user_namespace()
+    namespaces.enter_execution_user_namespace()
+    resource.setrlimit(resource.RLIMIT_NPROC, (3, 3))
+    children = []
+    try:
+        for _ in range(4):
+            try:
+                pid = os.fork()
+            except BlockingIOError:
+                break
+            if pid == 0:
+                time.sleep(_PROBE_DEADLINE)
+                os._exit(0)
+            children.append(pid)
+    finally:
+        for pid in children:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    if len(children) != 2:
+        raise RuntimeError(f"RLIMIT_NPROC=3 in a new user namespace let {len(children)} "
+                           "children start, not 2: the kernel does not count tasks per user "
+                           "namespace (Linux 5.14+)")
 
 
 def _setuid(uid: int) -> Callable[[], None]:
@@ -114,6 +152,11 @@ def main() -> None:
         "userns": lambda: namespaces.unshare(0x10000000),
         "setuid": _setuid(uid),
     }
+    if os.geteuid() != 0:
+        # An ordinary user has these namespaces only inside a user namespace of its own.
+        for name in ("mountns", "netns", "ipcns"):
+            probes[name] = _in_user_namespace(probes[name])
+        probes["userns_nproc"] = _nproc_per_user_namespace
     try:
         results = {name: _in_child(probe) for name, probe in probes.items()}
     finally:

@@ -57,6 +57,22 @@ class ErrorKind(enum.StrEnum):
 #: the supervisor clamps whatever a (possibly forged) result frame says.
 MAX_TOKENS = 2**53 - 1
 
+#: Fixed fds inside a Python execution (after 0, 1, 2): result pipe (write), request pipe (read).
+RESULT_FD = 3
+REQUEST_FD = 4
+#: Exit codes of the worker processes, read by the supervisor. A zygote that could not boot
+#: (preload, compile, isolation); an execution child that could not write its result frame; one
+#: that could not be set up (a worker failure only while its request is still unread, i.e.
+#: before any skill code could run and exit with this code itself); a spare that failed before
+#: any request.
+EXIT_BOOT_FAILED = 3
+EXIT_FRAME_FAILED = 70
+EXIT_SETUP_FAILED = 71
+EXIT_SPARE_FAILED = 72
+#: The line a child (or the zygote, for it) that cannot set an execution up writes on the
+#: execution's stderr; the supervisor quotes it only when no skill code can have run.
+SETUP_FAILED = "skill-sandbox: execution set-up failed: "
+
 
 class ResourceUsage(msgspec.Struct, frozen=True, kw_only=True):
     """What an execution cost, measured by the supervisor from outside the child.
@@ -143,6 +159,43 @@ class SkillCode(msgspec.Struct, frozen=True, kw_only=True):
     spawn: bool = False  # python only: a fresh interpreter per execution instead of a fork
 
 
+class ZygoteSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """The layers a zygote applies, chosen by the supervisor (`sandbox.capabilities`) for one
+    skill and fixed for the zygote's life; all off by default."""
+
+    network: bool = False
+    drop_uid: bool = False  # the uid/gid of each execution arrive with its ForkCommand
+    user_ns: bool = False  # not root: a user namespace of its own (for mount/net/ipc ones)
+    execution_user_ns: bool = False  # and a nested one per execution: RLIMIT_NPROC its own
+    mount_ns: bool = False  # own mount namespace: exposed paths, read-only view, tmpfs workdir
+    net_ns: bool = False  # own network namespace: no interface but a downed loopback
+    ipc_ns: bool = False  # own IPC namespace: no SysV object or POSIX queue shared with others
+    seccomp: bool = False
+    seccomp_network: bool = False  # AF_UNIX stream sockets only, no connect()
+    seccomp_audit: bool = False  # calls off the allow-list allowed and logged (deriving lists)
+    landlock_abi: int = 0
+    workdir_root: str = ""
+    read_only: list[str] = []  # further read-only paths the operator allows
+
+
+class ZygoteConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Supervisor → zygote, once, on its command line: the skill and the layers to apply."""
+
+    code: SkillCode
+    preload: list[str] = []
+    settings: ZygoteSettings = ZygoteSettings()
+
+
+class ExecutionIsolation(msgspec.Struct, frozen=True, kw_only=True):
+    """What differs per execution in how it is contained: its uid/gid (-1: the zygote's own),
+    its tmpfs workdir size (0: none) and the cgroup.procs files it joins (none: no cgroups)."""
+
+    uid: int = -1
+    gid: int = -1
+    disk_bytes: int = 0
+    cgroups: list[str] = []
+
+
 class ForkCommand(msgspec.Struct, frozen=True, kw_only=True, tag="fork"):
     """Supervisor → zygote: start one execution.
 
@@ -157,7 +210,7 @@ class ForkCommand(msgspec.Struct, frozen=True, kw_only=True, tag="fork"):
     limits: Limits
     workdir: str
     env: dict[str, str]
-    isolation: dict[str, Any] = {}  # layer settings, applied by worker.isolation
+    isolation: ExecutionIsolation = ExecutionIsolation()
 
 
 class ExecutionInput(msgspec.Struct, frozen=True, kw_only=True):

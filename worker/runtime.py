@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from worker.protocol import (
+    EXIT_FRAME_FAILED,
     MAX_TOKENS,
     ChildResult,
     ExecutionInput,
@@ -67,7 +68,7 @@ class SkillContext:
         return self._tokens
 
 
-class InvalidInput(Exception):
+class _InputMismatch(Exception):
     """The JSON input does not fit the type the entrypoint's parameter is annotated with."""
 
 
@@ -142,7 +143,7 @@ def _convert_input(function: Any, data: Any) -> Any:
             return validate(data)
         return msgspec.convert(data, type=annotation)
     except Exception as exc:  # noqa: BLE001 - any conversion error is the skill's input error
-        raise InvalidInput(str(exc)) from None
+        raise _InputMismatch(str(exc)) from None
 
 
 _CO_VARARGS = inspect.CO_VARARGS
@@ -177,7 +178,7 @@ def call_skill(code: SkillCode, command: ForkCommand, precompiled: CodeType | No
         try:
             data = msgspec.json.decode(request.input)
         except msgspec.DecodeError as exc:
-            raise InvalidInput(f"input is not JSON: {exc}") from None
+            raise _InputMismatch(f"input is not JSON: {exc}") from None
         argument = _convert_input(function, data)
         value = function(argument, ctx) if _wants_context(function) else function(argument)
         if inspect.isawaitable(value):
@@ -194,7 +195,7 @@ def call_skill(code: SkillCode, command: ForkCommand, precompiled: CodeType | No
                                error=f"output is {len(output)} bytes, limit is "
                                      f"{command.limits.max_output_bytes}")
         return ChildResult(ok=True, output=output, tokens_used=ctx.tokens_used)
-    except InvalidInput as exc:
+    except _InputMismatch as exc:
         return ChildResult(ok=False, error=f"invalid input: {exc}", tokens_used=ctx.tokens_used)
     except MemoryError:
         return ChildResult(ok=False, limit="memory", error="MemoryError",
@@ -241,5 +242,5 @@ def run_and_exit(code: SkillCode, command: ForkCommand, precompiled: CodeType | 
                 stream.flush()
         _write_all(result_fd, frame)
     except BaseException:  # noqa: BLE001 - a broken pipe or worse: the exit code says so
-        status = 70
+        status = EXIT_FRAME_FAILED
     os._exit(status)

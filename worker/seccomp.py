@@ -56,7 +56,7 @@ X86_64: dict[str, int] = {
     "setuid": 105, "setgid": 106, "geteuid": 107, "getegid": 108, "setpgid": 109, "getppid": 110,
     "getpgrp": 111, "setsid": 112, "setreuid": 113, "setregid": 114, "getgroups": 115,
     "setgroups": 116, "setresuid": 117, "getresuid": 118, "setresgid": 119, "getresgid": 120,
-    "getpgid": 121, "getsid": 124, "capget": 125,
+    "getpgid": 121, "getsid": 124, "capget": 125, "capset": 126,
     "rt_sigpending": 127, "rt_sigtimedwait": 128, "rt_sigqueueinfo": 129, "rt_sigsuspend": 130,
     "sigaltstack": 131, "utime": 132, "mknod": 133, "statfs": 137, "fstatfs": 138,
     "getpriority": 140, "setpriority": 141, "sched_setparam": 142, "sched_getparam": 143,
@@ -142,7 +142,7 @@ sched_setscheduler sched_get_priority_max sched_get_priority_min sched_rr_get_in
 sched_getattr sched_setattr getcpu getpriority setpriority fork vfork execve execveat exit
 exit_group wait4 waitid pidfd_open pidfd_send_signal getpid getppid gettid getuid geteuid
 getgid getegid getresuid getresgid getgroups getpgid getpgrp getsid setsid setpgid setuid
-setgid setreuid setregid setresuid setresgid setgroups capget getrlimit
+setgid setreuid setregid setresuid setresgid setgroups capget capset getrlimit
 setrlimit getrusage times sysinfo uname getrandom bind listen accept accept4
 getsockname getpeername setsockopt getsockopt shutdown sendto recvfrom sendmsg recvmsg
 sendmmsg recvmmsg landlock_create_ruleset landlock_add_rule landlock_restrict_self seccomp
@@ -172,9 +172,10 @@ msgget msgsnd msgrcv msgctl semget semop semtimedop semctl mq_open mq_unlink mq_
 mq_timedreceive mq_notify mq_getsetattr inotify_init inotify_init1 inotify_add_watch
 inotify_rm_watch
 """)
-SYSV_IPC = frozenset(name for name in DENIED if name[:3] in {"shm", "msg", "sem"}
-                     or name.startswith("mq_"))
 MOUNT_CALLS = ("mount", "umount2")
+#: Left to the zygote's filter for the child's set-up, denied by the child's own filter.
+CHILD_DENIED = (*MOUNT_CALLS, "unshare")
+CLONE_NEWUSER = 0x10000000
 _CLONE3 = "clone3"  # ENOSYS: libc falls back to clone, whose flags the filter can inspect
 
 _X32_SYSCALL_BIT = 0x40000000
@@ -300,7 +301,8 @@ def allowed_calls(profile: str) -> frozenset[str]:
     return PROFILES[profile] | CHECKED
 
 
-def _actions(profile: str, deny_network: bool, allow_mount: bool) -> dict[int, str]:
+def _actions(profile: str, deny_network: bool, allow_mount: bool,
+             allow_userns: bool) -> dict[int, str]:
     """Syscall number -> the label of its verdict (or of the block checking its arguments)."""
     actions = {X86_64[name]: "eperm" for name in DENIED}
     actions.update({X86_64[name]: "allow" for name in PROFILES[profile]})
@@ -319,6 +321,8 @@ def _actions(profile: str, deny_network: bool, allow_mount: bool) -> dict[int, s
         actions[X86_64["bind"]] = "eacces"
     if allow_mount:
         actions.update({X86_64[name]: "allow" for name in MOUNT_CALLS})
+    if allow_userns:
+        actions[X86_64["unshare"]] = "check_unshare"
     return actions
 
 
@@ -348,11 +352,12 @@ def _unix_stream_only(program: _Program, type_arg: int) -> None:
 
 
 def build_filter(deny_network: bool, allow_mount: bool = False, profile: str = "python",
-                 audit: bool = False) -> bytes:
+                 audit: bool = False, allow_userns: bool = False) -> bytes:
     """The BPF program for this machine and `profile`. `deny_network`: AF_UNIX stream
-    sockets only, no connect() or bind(). `allow_mount` leaves mount/umount2 to a later
-    `build_mount_filter`. `audit`: calls off the list are allowed and logged by the kernel
-    instead of refused (for deriving a profile, never for serving)."""
+    sockets only, no connect() or bind(). `allow_mount` leaves mount/umount2, and
+    `allow_userns` unshare(CLONE_NEWUSER) (nothing else), to a later `build_child_filter`.
+    `audit`: calls off the list are allowed and logged by the kernel instead of refused (for
+    deriving a profile, never for serving)."""
     _check_arch()
     returns = {
         "allow": _RET_ALLOW,
@@ -364,7 +369,7 @@ def build_filter(deny_network: bool, allow_mount: bool = False, profile: str = "
         "eopnotsupp": _RET_ERRNO | errno.EOPNOTSUPP,
         "enolck": _RET_ERRNO | errno.ENOLCK,
     }
-    actions = _actions(profile, deny_network, allow_mount)
+    actions = _actions(profile, deny_network, allow_mount, allow_userns)
     ranges: list[tuple[int, str]] = []
     for number in range(max(actions) + 2):
         verdict = actions.get(number, "unlisted")
@@ -377,6 +382,10 @@ def build_filter(deny_network: bool, allow_mount: bool = False, profile: str = "
     program.mark("check_clone")
     program.add(_LD_W_ABS, _arg(0))
     program.add(_JSET_K, CLONE_NAMESPACE_FLAGS | CLONE_PARENT, "eperm", "allow")
+    if allow_userns:  # unshare(flags): a user namespace alone, for the execution child
+        program.mark("check_unshare")
+        program.add(_LD_W_ABS, _arg(0))
+        program.add(_JEQ_K, CLONE_NEWUSER, "allow", "eperm")
     _channel_checks(program)
     program.mark("check_socket")
     program.add(_LD_W_ABS, _arg(0))
@@ -415,13 +424,14 @@ def _channel_checks(program: _Program) -> None:
     program.add(_JEQ_K, F_NOTIFY, "eperm", "allow")
 
 
-def build_mount_filter() -> bytes:
-    """mount/umount2 denied: stacked on `build_filter(allow_mount=True)` once a child has
-    mounted its workdir (a small filter attaches in ~10 µs)."""
+def build_child_filter() -> bytes:
+    """mount, umount2 and unshare denied: stacked on `build_filter(allow_mount=True)` or
+    `(allow_userns=True)` once a child has mounted its workdir and entered its own user
+    namespace (a small filter attaches in ~10 µs)."""
     _check_arch()
     program = _Program()
     _prologue(program)
-    for name in MOUNT_CALLS:
+    for name in CHILD_DENIED:
         program.add(_JEQ_K, X86_64[name], "eperm", 0)
     program.ret(_RET_ALLOW)
     return program.assemble({"eperm": _RET_ERRNO | errno.EPERM})

@@ -25,14 +25,12 @@ from types import CodeType
 import msgspec
 
 from worker import child, isolation
-from worker.protocol import ForkCommand, SkillCode
+from worker.protocol import EXIT_SPARE_FAILED, ForkCommand, SkillCode
 
 #: `ps` name of a spare while it waits (set in the zygote around the fork, so a spare never
 #: shows under another name); a handed-off spare takes the zygote's name back.
 SPARE_NAME = b"sbx-spare"
 READY = b"R"
-#: Exit status of a spare whose set-up or cgroup join failed before any request.
-EXIT_SPARE_FAILED = 72
 _EXECUTION_FDS = 4
 _MAX_COMMAND = 1 << 16
 
@@ -130,6 +128,7 @@ def _serve(code: SkillCode, preload: list[str], precompiled: CodeType | None,
         # pipes replace them; the Landlock plan's fds are needed to confine the request.
         _close_inherited({0, 1, 2, sock.fileno(), *isolation.kept_fds()})
         isolation.join_cgroups(cgroups, os.getpid())
+        isolation.enter_own_user_namespace()
         sock.send(READY)
         message, fds, _flags, _addr = socket.recv_fds(sock, _MAX_COMMAND, _EXECUTION_FDS)
     except BaseException:  # noqa: BLE001 - the zygote sees the exit and forks on request

@@ -14,7 +14,7 @@ import sys
 import msgspec
 
 from worker import runtime
-from worker.protocol import ForkCommand, SkillCode
+from worker.protocol import REQUEST_FD, RESULT_FD, ForkCommand, SkillCode
 
 
 class SpawnArgs(msgspec.Struct, frozen=True):
@@ -31,7 +31,7 @@ def main() -> None:
     args = msgspec.json.decode(sys.argv[1], type=SpawnArgs)
     for name in args.preload:
         importlib.import_module(name)
-    runtime.run_and_exit(args.code, args.command, None, 3, 4)
+    runtime.run_and_exit(args.code, args.command, None, RESULT_FD, REQUEST_FD)
 
 
 if __name__ == "__main__":

@@ -26,25 +26,24 @@ import socket
 import sys
 import traceback
 from types import CodeType
-from typing import Any
 
 import msgspec
 
 from worker import child, isolation, spare
 from worker.protocol import (
+    EXIT_BOOT_FAILED,
+    EXIT_SPARE_FAILED,
+    SETUP_FAILED,
     ChildExited,
     ChildStarted,
     ControlMessage,
     ForkCommand,
-    SkillCode,
     SpareCgroups,
+    ZygoteConfig,
     ZygoteFailed,
     ZygoteReady,
 )
 
-#: Exit code when start-up (preload, compile, isolation) fails: the supervisor reports the error
-#: it received and does not retry in a loop.
-EXIT_BOOT_FAILED = 3
 MAX_CONTROL_MESSAGE = 1 << 16
 #: The zygote's RSS (the baseline subtracted from a child's peak) is re-read every this many forks.
 RSS_REFRESH_FORKS = 64
@@ -55,12 +54,6 @@ SPARE_EXIT_WAIT = 1.0
 #: the next request (each request allows one more try): no fork loop if something kills them.
 MAX_SPARE_FAILURES = 3
 _SPARE = "spare"  # selector key data of the spare's socket
-
-
-class ZygoteConfig(msgspec.Struct, frozen=True, kw_only=True):
-    code: SkillCode
-    preload: list[str] = []
-    isolation: dict[str, Any] = {}
 
 
 class _Running:
@@ -111,7 +104,7 @@ class Zygote:
                 importlib.import_module(name)
         if code.kind == "python" and not code.spawn:
             self.precompiled = child.compile_entrypoint(code)
-        isolation.apply_zygote_layers(self.config.isolation, code)
+        isolation.apply_zygote_layers(self.config.settings, code)
         isolation.become_subreaper()
         # Objects alive now are shared copy-on-write with every child: keep the collector from
         # touching (and so copying) them in each execution.
@@ -177,17 +170,17 @@ class Zygote:
         in a pair of its own) takes the request, to the spare that replaces it.
         """
         report = socket.socket(fileno=fds[-1])
-        ticket = list(command.isolation.get("cgroups") or [])
+        ticket = list(command.isolation.cgroups)
         self.forks += 1
         if self.forks % RSS_REFRESH_FORKS == 0:  # it drifts slowly; reading it costs ~30 µs
             self.rss_kb = _rss_kb()
             isolation.note_data_baseline()
         ready = self.usable_spare(ticket)
         try:
-            isolation.before_fork(command, gate=ready is None)
+            isolation.before_fork(command)
         except OSError as exc:  # this execution cannot be isolated: refuse it, keep serving
             with contextlib.suppress(OSError):
-                os.write(fds[3], f"skill-sandbox: execution set-up failed: {exc}\n".encode())
+                os.write(fds[3], f"\n{SETUP_FAILED}{exc}\n".encode())
             for fd in fds[:-1]:
                 os.close(fd)
             report.close()  # the supervisor sees no child: a worker failure, for this one only
@@ -204,14 +197,20 @@ class Zygote:
             else:
                 self.selector.register(ready.sock, selectors.EVENT_READ, _SPARE)
                 self.retire_spare(release=True)
-                isolation.open_gate(command)
                 ready = None
         if ready is None:
-            pid = os.fork()
+            gate = isolation.gate_for(command)
+            try:
+                pid = os.fork()
+            except BaseException:
+                if gate is not None:
+                    gate.discard()
+                raise
             if pid == 0:  # the execution child: never returns
                 child.run_execution(self.config.code, self.config.preload, command, fds,
-                                    self.precompiled, os.getppid())
-            isolation.after_fork(command, pid)
+                                    self.precompiled, os.getppid(), gate)
+            if gate is not None:
+                gate.open_for(pid)
             pidfd = os.pidfd_open(pid)
             zygote_rss, cgroups = self.rss_kb, ticket
         for fd in fds[:-1]:
@@ -294,7 +293,7 @@ class Zygote:
         join failed (its own exit code, or it does not end): the pair goes back to the
         supervisor. Killed from outside: the pair is sound and the replacement takes it."""
         status = _reap_within(current.pid, current.pidfd, SPARE_EXIT_WAIT)
-        failed = status is None or os.waitstatus_to_exitcode(status) == spare.EXIT_SPARE_FAILED
+        failed = status is None or os.waitstatus_to_exitcode(status) == EXIT_SPARE_FAILED
         self.retire_spare(release=failed, reaped=status is not None)
 
     def retire_spare(self, release: bool, reaped: bool = False) -> None:

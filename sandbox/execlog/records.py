@@ -2,9 +2,9 @@
 
 One record per `execute` and per plan step (skill steps are logged by the `execute` they go
 through, tool steps by the plan runner), plus a `plan` record when a plan starts and ends.
-The JSON field names are the seed's (`request_id`, `assistant_id`, `step_name`, `step_type`,
-`status`, `output`, `error`, `duration_ms`, `timestamp`), extended with who asked and what it
-cost. `timestamp` is when the step ended, in UTC.
+The JSON field names are openbotstack-core's (`request_id`, `assistant_id`, `step_name`,
+`step_type`, `status`, `output`, `error`, `duration_ms`, `timestamp`), extended with who
+asked and what it cost. `timestamp` is when the step ended, in UTC.
 """
 
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""The hostile-skill suite: one test per attack in issue 3 (see hostile.py)."""
+"""The hostile-skill suite: one test per attack (see hostile.py)."""

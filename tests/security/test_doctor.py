@@ -78,10 +78,33 @@ def test_a_required_layer_the_host_lacks_stops_the_sandbox_with_the_reason() -> 
     not_root = dataclasses.replace(detect(), euid=1000)
     with pytest.raises(IsolationUnavailable, match=r"uid: the supervisor is not root"):
         plan_layers(not_root, IsolationConfig(required=frozenset({"uid", "seccomp"})))
-    plan = plan_layers(not_root, IsolationConfig())  # not required: runs, and says so
-    layers = {layer.name: layer for layer in capability_report(not_root, plan).layers}
+    refused = "PermissionError: [Errno 1] unshare(0x10000000): Operation not permitted"
+    no_userns = dataclasses.replace(not_root, probes={**not_root.probes, "userns": refused})
+    plan = plan_layers(no_userns, IsolationConfig())  # not required: runs, and says so
+    layers = {layer.name: layer for layer in capability_report(no_userns, plan).layers}
     assert layers["identity"].status == "unavailable"
     assert "not root" in layers["identity"].detail
+    assert "apparmor_restrict_unprivileged_userns" in layers["identity"].detail
+    assert "no mount namespace" in layers["filesystem"].detail
+    assert "the tree watch kills a tree only after it has grown" in layers["processes"].detail
+
+
+def test_an_ordinary_user_with_user_namespaces_is_planned_every_namespace() -> None:
+    not_root = dataclasses.replace(detect(), euid=1000,
+                                   probes={**detect().probes, "userns_nproc": ""})
+    plan = plan_layers(not_root, IsolationConfig())
+    assert (plan.uid, plan.userns, plan.userns_nproc) == (False, True, True)
+    assert plan.mountns and plan.netns and plan.ipcns
+    settings = plan.zygote_settings(network=False, workdir_root="/tmp")
+    assert settings.user_ns and settings.execution_user_ns and settings.net_ns
+    old_kernel = dataclasses.replace(not_root, probes={
+        **not_root.probes, "userns_nproc": "RuntimeError: RLIMIT_NPROC=3 ... (Linux 5.14+)"})
+    plan = plan_layers(old_kernel, IsolationConfig())
+    assert plan.userns and not plan.userns_nproc and plan.mountns
+    processes = capability_report(old_kernel, plan).layer("processes").detail
+    assert "no per-execution RLIMIT_NPROC (RuntimeError: RLIMIT_NPROC=3" in processes
+    root_plan = plan_layers(detect(), IsolationConfig())
+    assert not root_plan.userns and root_plan.uid
 
 
 @pytest.mark.parametrize("config, message", [
@@ -116,8 +139,8 @@ def test_doctor_names_the_allow_list_socket_rules_and_ipc_mechanisms() -> None:
 
 def test_a_host_without_seccomp_or_ipc_namespace_says_why_ipc_and_unix_sockets_are_off(
         ) -> None:
-    bare = dataclasses.replace(detect(), euid=1000, probes={**detect().probes,
-                                                            "seccomp": "EINVAL: no seccomp"})
+    bare = dataclasses.replace(detect(), euid=1000, probes={
+        **detect().probes, "seccomp": "EINVAL: no seccomp", "userns": "EPERM: no userns"})
     plan = plan_layers(bare, IsolationConfig())
     layers = {layer.name: layer for layer in capability_report(bare, plan).layers}
     assert layers["ipc"].status == "unavailable"

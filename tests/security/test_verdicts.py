@@ -7,9 +7,11 @@ counts) comes from what the supervisor observed.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -24,9 +26,12 @@ from sandbox import (
     InMemoryCircuitBreaker,
     PolicyRejected,
     ResourceExhausted,
+    Sandbox,
+    Skill,
     SkillFailed,
     SkillNotLoaded,
     WorkerFailure,
+    execution,
 )
 from sandbox.capabilities import IsolationConfig
 from sandbox.circuit import CircuitState
@@ -204,3 +209,48 @@ def test_a_skill_writing_a_byte_at_a_time_costs_the_supervisor_little_cpu(
     assert len(result.stdout) > 2000 or len(result.stderr) > 2000, (len(result.stdout),
                                                                    len(result.stderr))
     assert spent < 0.2, f"the supervisor spent {spent:.2f}s of CPU on one trickling skill"
+
+
+@pytest.mark.parametrize("disabled", [frozenset(), frozenset({"mountns"}),
+                                      frozenset({"mountns", "landlock"})],
+                         ids=["zygote-mounts-workdir", "child-sets-up", "child-without-landlock"])
+def test_an_execution_that_cannot_be_set_up_is_the_sandbox_s_failure_not_the_skill_s(
+        hostile: Callable[..., Hostile], monkeypatch: pytest.MonkeyPatch,
+        disabled: frozenset[str]) -> None:
+    breaker = InMemoryCircuitBreaker(failure_threshold=1, cooldown=60)
+    attack = hostile("""
+        def attack(input):
+            os._exit(71)  # the set-up failure's own exit code, from skill code
+    """, circuit_breaker=breaker, isolation=IsolationConfig(disabled=disabled))
+    # Control: the skill exiting with that code after it read its request is its own failure.
+    posing = attack.run()
+    assert posing.error_kind is ErrorKind.SKILL_FAILED, posing
+    breaker.reset(attack.skill.id)
+    made = execution._make_workdir
+
+    def vanished(root: str, exec_id: str) -> str:  # a temp cleaner took it: infrastructure
+        path = made(root, exec_id)
+        os.rmdir(path)
+        return path
+
+    monkeypatch.setattr(execution, "_make_workdir", vanished)
+    broken = attack.sandbox.execute(ExecutionRequest(skill_id=attack.skill.id,
+                                                     input=b'{"probe": true}'))
+    assert broken.error_kind is ErrorKind.WORKER_FAILURE, broken
+    assert "No such file or directory" in broken.error, broken
+    assert breaker.state(attack.skill.id) is CircuitState.CLOSED
+    monkeypatch.undo()
+    assert attack.run(probe=True).output == b'"alive"'
+
+
+def test_a_command_exiting_with_the_set_up_failure_code_is_its_own_failure(
+        tmp_path: Path, make_sandbox: Callable[..., Sandbox]) -> None:
+    # It never reads its stdin: the request is read for it before the exec all the same.
+    directory = tmp_path / "exit71"
+    directory.mkdir(mode=0o755)
+    (directory / "skill.toml").write_text('id = "test/exit71"\nversion = "0.1.0"\n'
+                                          'command = ["/bin/sh", "-c", "exit 71"]\n')
+    skill = Skill.from_dir(directory)
+    result = make_sandbox(skill).execute(ExecutionRequest(skill_id=skill.id, input=b"{}"))
+    assert result.error_kind is ErrorKind.SKILL_FAILED, result
+    assert result.error.startswith("command exited with status 71"), result

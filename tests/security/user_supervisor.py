@@ -1,0 +1,149 @@
+"""A supervisor run by an ordinary user (started through `as_user.py`); prints one JSON object.
+
+`doctor`: the layers this user gets. `probe`: what an execution holds (capabilities, whether
+it can unshare) and what its zygote holds. `bomb fork|thread [DISABLED,...]`: a skill with
+`max_processes` = MAX_PROCESSES starts up to CHILDREN sleeping children (`fork`) or threads
+(`thread`) as fast as it can; its tree is sampled from outside (every descendant of this
+supervisor, every millisecond) and the peak number of tasks above the idle zygote and spare is
+reported with the execution's result, and how many the skill itself says it started (on its
+stderr, kept even when the execution is killed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+
+from sandbox import ExecutionRequest, Sandbox, Skill
+from sandbox.capabilities import IsolationConfig, report
+
+MAX_PROCESSES = 8
+CHILDREN = 40
+_BOMB = f'''
+import os, threading, time
+
+
+def run(input):
+    threading.stack_size(1 << 16)  # threads cost tasks, not memory
+    started, refused = 0, ""
+    for _ in range({CHILDREN}):
+        try:
+            if input["kind"] == "thread":  # ~20x faster than a fork: it outruns the tree watch
+                threading.Thread(target=time.sleep, args=(2,), daemon=True).start()
+            elif os.fork() == 0:
+                time.sleep(2)
+                os._exit(0)
+        except (OSError, RuntimeError) as exc:
+            refused = str(exc)
+            break
+        started += 1
+        os.write(2, b"+")  # progress the supervisor keeps even if it kills the execution
+    time.sleep(0.5)  # the tree at its largest, for the sampler to see
+    return {{"started": started, "refused": refused}}
+'''
+
+
+_PROBE = """
+import ctypes, errno
+
+
+def run(input):
+    status = open("/proc/self/status").read()
+    caps = {line.split(":")[0]: line.split()[1] for line in status.splitlines()
+            if line.startswith(("CapEff", "CapPrm"))}
+    libc = ctypes.CDLL(None, use_errno=True)
+    refused = {}
+    for name, flags in (("userns", 0x10000000), ("mountns", 0x20000)):
+        libc.unshare(flags)
+        refused[name] = errno.errorcode.get(ctypes.get_errno(), "none")
+    return {"caps": caps, "unshare": refused}
+"""
+
+
+def _write_skill(name: str, code: str, limits: str = "") -> Skill:
+    root = tempfile.mkdtemp(prefix="user-supervisor-")
+    os.chmod(root, 0o755)
+    directory = os.path.join(root, name)
+    os.mkdir(directory, 0o755)
+    with open(os.path.join(directory, "main.py"), "w") as main:
+        main.write(code)
+    with open(os.path.join(directory, "skill.toml"), "w") as manifest:
+        manifest.write(f'id = "user/{name}"\nversion = "0.1.0"\nentrypoint = "main:run"\n'
+                       f"[limits]\n{limits}\n")
+    return Skill.from_dir(directory)
+
+
+def _probe() -> dict[str, object]:
+    """What an execution holds, and (the control) what its zygote holds."""
+    skill = _write_skill("probe", _PROBE)
+    with Sandbox([skill]) as sandbox:
+        result = sandbox.execute(ExecutionRequest(skill_id=skill.id, input=b"{}"))
+        zygotes = psutil.Process().children()
+        zygote_caps = {}
+        for zygote in zygotes:
+            with open(f"/proc/{zygote.pid}/status") as status:
+                zygote_caps[zygote.pid] = next(line.split()[1] for line in status
+                                           if line.startswith("CapEff"))
+    return {"status": result.status.value, "error": result.error,
+            "execution": json.loads(result.output or b"{}"), "zygotes": zygote_caps}
+
+
+def _tasks_below(pid: int) -> int:
+    total = 0
+    for process in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += process.num_threads()
+    return total
+
+
+def _bomb(kind: str, disabled: frozenset[str]) -> dict[str, object]:
+    skill = _write_skill("bomb", _BOMB, f"max_processes = {MAX_PROCESSES}\ntimeout = 20")
+    peak = 0
+    done = threading.Event()
+
+    def sample(baseline: int) -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _tasks_below(os.getpid()) - baseline)
+            time.sleep(0.001)
+
+    with Sandbox([skill], isolation=IsolationConfig(disabled=disabled)) as sandbox:
+        request = ExecutionRequest(skill_id=skill.id, input=json.dumps({"kind": kind}).encode())
+        warm = sandbox.execute(request)
+        time.sleep(0.5)  # the spare forked after the warm-up is idle by now
+        baseline = _tasks_below(os.getpid())
+        sampler = threading.Thread(target=sample, args=(baseline,))
+        sampler.start()
+        try:
+            result = sandbox.execute(request)
+        finally:
+            done.set()
+            sampler.join(timeout=10)
+    return {"warm": warm.status.value, "status": result.status.value, "error": result.error,
+            "output": result.output.decode(errors="replace"), "peak": peak,
+            "started": result.stderr.count("+")}
+
+
+def main() -> None:
+    command = sys.argv[1]
+    if command == "doctor":
+        print(json.dumps({"euid": os.geteuid(), "layers": {
+            layer.name: [layer.status, layer.detail] for layer in report().layers}}))
+    elif command == "probe":
+        print(json.dumps(_probe()))
+    elif command == "bomb":
+        disabled = frozenset(name for name in sys.argv[3:4] for name in name.split(",") if name)
+        print(json.dumps(_bomb(sys.argv[2], disabled)))
+    else:
+        raise SystemExit(f"unknown command {command!r}")
+
+
+if __name__ == "__main__":
+    main()
