@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# DEMO_FLAGS: e.g. `--slowdown 10` on a host ten times slower (make test-vm's emulated VM).
 run: $(STAMP)
-	$(PYTHON) -m sandbox.demo skills_examples
+	$(PYTHON) -m sandbox.demo skills_examples $(DEMO_FLAGS)
 
 test: lint
 	$(PYTHON) -m pytest
