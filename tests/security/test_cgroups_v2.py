@@ -119,6 +119,9 @@ _ESCAPEES = textwrap.dedent("""
             os.setsid()
             if os.fork() == 0:
                 print(os.getpid(), flush=True)
+                null = os.open(os.devnull, os.O_RDWR)  # let the test's pipes reach EOF
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
                 while True:
                     time.sleep(1)
             os._exit(0)
