@@ -97,9 +97,34 @@ class HostInfo:
     cgroup_v1: dict[str, str]
     cgroup_v1_problem: str
     cgroup_v2: str
+    cgroup_v2_subtree: cgroups.V2Subtree | None = None
 
     def works(self, mechanism: str) -> bool:
         return self.probes.get(mechanism, "not probed") == ""
+
+    @property
+    def cgroup_version(self) -> int:
+        """The cgroup version a `Sandbox` drives here (as `CgroupRoot.create` picks it): v1
+        where the host mounts v1 pids and memory hierarchies, else v2."""
+        if all(name in self.cgroup_v1 for name in cgroups.CONTROLLERS):
+            return 1
+        return 2 if self.cgroup_v2 else 0
+
+    @property
+    def cgroup_problem(self) -> str:
+        """Why the chosen cgroup version cannot be used here ("" if it can)."""
+        if self.cgroup_version == 1:
+            return self.cgroup_v1_problem
+        if self.cgroup_version == 2 and self.cgroup_v2_subtree is not None:
+            return self.cgroup_v2_subtree.problem
+        return self.cgroup_v1_problem or "no cgroup hierarchy mounted"
+
+    def kernel_at_least(self, major: int, minor: int) -> bool:
+        try:
+            version = tuple(int(part) for part in self.kernel.split("-")[0].split(".")[:2])
+        except ValueError:
+            return False
+        return version >= (major, minor)
 
 
 @dataclass(frozen=True)
@@ -201,14 +226,7 @@ def _cgroup_facts() -> tuple[dict[str, str], str, str]:
             except OSError as exc:
                 problem = f"{path} is not writable ({exc.strerror}) for {controller}"
                 break
-    v2 = ""
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            if fields[fields.index("-") + 1] == "cgroup2":
-                v2 = fields[4]
-                break
-    return v1, problem, v2
+    return v1, problem, cgroups.v2_mount()
 
 
 @functools.lru_cache(maxsize=4)
@@ -219,7 +237,8 @@ def detect(uid: int = IsolationConfig.uid_base) -> HostInfo:
     v1, problem, v2 = _cgroup_facts()
     return HostInfo(kernel=platform.release(), arch=platform.machine(), euid=os.geteuid(),
                     landlock_abi=landlock.abi_version(), probes=_probe(uid), cgroup_v1=v1,
-                    cgroup_v1_problem=problem, cgroup_v2=v2)
+                    cgroup_v1_problem=problem, cgroup_v2=v2,
+                    cgroup_v2_subtree=cgroups.v2_subtree() if v2 else None)
 
 
 def _hidden_interpreter() -> str:
@@ -276,8 +295,10 @@ def plan_layers(host: HostInfo, config: IsolationConfig) -> IsolationPlan:
         uid = usable("uid", not hidden, f"{hidden} is not reachable by other uids and the "
                                         "mount namespace that would expose it is off")
     seccomp = usable("seccomp", host.works("seccomp"), host.probes.get("seccomp", ""))
-    cgroup_ok = usable("cgroups", root and not host.cgroup_v1_problem,
-                       not_root if not root else host.cgroup_v1_problem)
+    # v1: root only. v2: whoever the subtree is delegated to (a user's systemd session too).
+    v1_root = host.cgroup_version != 1 or root
+    cgroup_ok = usable("cgroups", v1_root and not host.cgroup_problem,
+                       not_root if not v1_root else host.cgroup_problem)
     plan = IsolationPlan(config=config, uid=uid, mountns=mountns, netns=netns,
                          landlock_abi=host.landlock_abi if landlock_ok else 0, seccomp=seccomp,
                          cgroups=cgroup_ok, ipcns=ipcns, userns=userns,
@@ -323,8 +344,17 @@ def capability_report(host: HostInfo, plan: IsolationPlan) -> CapabilityReport:
         hidden.append("seccomp refuses ptrace, process_vm_*, pidfd_getfd")
     pidns = ("PID namespace available but not used: it costs an extra fork per execution"
              if host.works("pidns") else f"no PID namespace: {host.probes.get('pidns')}")
+    # Signals need an own uid or Landlock's signal scope (ABI 6): with neither, an execution
+    # running as the supervisor's uid can kill it and every other process of that user.
+    signals_held = plan.uid or plan.landlock_abi >= 6
+    if not signals_held:
+        hidden.append("NOT signals: executions run as the supervisor's uid and Landlock "
+                      f"{'ABI ' + str(plan.landlock_abi) if plan.landlock_abi else 'is off'} "
+                      "cannot scope them (ABI 6, Linux 6.12): an execution can signal the "
+                      "supervisor and every process of its user; run the supervisor as root "
+                      "(own uid per execution) or on a newer kernel")
     layers.append(Layer("supervisor hidden",
-                        "active" if (plan.uid or plan.landlock_abi) and plan.seccomp
+                        "active" if signals_held and plan.seccomp
                         else "fallback" if hidden else "unavailable",
                         "; ".join([*hidden, pidns])))
     if plan.seccomp:
@@ -397,13 +427,16 @@ def capability_report(host: HostInfo, plan: IsolationPlan) -> CapabilityReport:
         files.append(f"no mount namespace ({off['mountns']}): workdir on the host disk, "
                      "RLIMIT_FSIZE only")
     layers.append(Layer("filesystem", status, "; ".join(files)))
-    if plan.cgroups:
+    if plan.cgroups and host.cgroup_version == 2:
+        layers.append(Layer("processes", "active", _v2_detail(host)))
+    elif plan.cgroups:
         cpu = ("cpuacct: the CPU of every process it ever had" if "cpuacct" in host.cgroup_v1
                else "no cpuacct hierarchy: CPU from wait4 and the tree watch")
         layers.append(Layer("processes", "active",
                             "cgroup v1 per execution: pids.max, memory limit (memory_mb, every "
                             f"kind of memory) and peak, {cpu}, every process killed at the end; "
-                            "subreaper sweep as a backstop"))
+                            "subreaper sweep as a backstop; a skill's limits.cpus is not "
+                            "enforced (v1)"))
     else:
         layers.append(Layer("processes", "fallback",
                             f"no cgroups ({off['cgroups']}): {_process_cap(plan)}; "
@@ -423,6 +456,23 @@ def _process_cap(plan: IsolationPlan) -> str:
             "it has grown past max_processes")
 
 
+def _v2_detail(host: HostInfo) -> str:
+    """The processes layer on cgroup v2, with what this kernel lacks and what stands in."""
+    subtree = host.cgroup_v2_subtree
+    assert subtree is not None
+    kill = ("cgroup.kill kills the whole tree at once" if host.kernel_at_least(5, 14)
+            else "no cgroup.kill before Linux 5.14: members killed one by one until none is left")
+    peak = ("memory.peak" if host.kernel_at_least(5, 19)
+            else "no memory.peak before Linux 5.19: peak from sampled memory.current, and the "
+                 "limit itself once reached (memory.events max)")
+    cpus = ("limits.cpus as cpu.max" if "cpu" in subtree.delegated
+            else "limits.cpus not enforced: the cpu controller is not delegated")
+    return (f"cgroup v2 per execution under {subtree.base} (delegated: "
+            f"{' '.join(subtree.delegated)}): memory.max (memory_mb, every kind of memory), "
+            f"memory.swap.max 0, memory.oom.group, pids.max; {kill}; {peak}; CPU from cpu.stat; "
+            f"{cpus}; subreaper sweep as a backstop")
+
+
 def report(config: IsolationConfig | None = None) -> CapabilityReport:
     config = config or IsolationConfig()
     host = detect(config.uid_base)
@@ -435,20 +485,35 @@ def report(config: IsolationConfig | None = None) -> CapabilityReport:
     return capability_report(host, plan)
 
 
+def _cgroup_fact(host: HostInfo) -> str:
+    """Which cgroup version is driven, where, and — on v2 — which controllers were delegated."""
+    version = host.cgroup_version
+    v1 = ("v1 " + ", ".join(f"{name} at {path}" for name, path in sorted(host.cgroup_v1.items()))
+          if host.cgroup_v1 else "no v1")
+    if version == 1:
+        v1 += "; " + ("writable, used" if not host.cgroup_v1_problem else host.cgroup_v1_problem)
+    subtree = host.cgroup_v2_subtree
+    if not host.cgroup_v2:
+        return f"{v1}; no v2"
+    v2 = f"v2 at {host.cgroup_v2}"
+    if subtree is not None and subtree.base:
+        v2 += (f", own subtree {subtree.base}, delegated controllers: "
+               f"{' '.join(subtree.delegated) or 'none'}")
+    if version == 1:
+        return f"{v1}; {v2} (not used: v1 is)"
+    return f"{v1}; {v2}; " + (host.cgroup_problem or "writable, used")
+
+
 def format_report(result: CapabilityReport) -> str:
     host = result.host
     who = "root" if host.euid == 0 else f"euid {host.euid}"
-    cgroup_v1 = ("v1 " + ", ".join(f"{name} at {path}" for name, path in
-                                   sorted(host.cgroup_v1.items()))) if host.cgroup_v1 else "no v1"
     facts = [
         ("kernel", f"Linux {host.kernel} {host.arch}, running as {who}"),
         ("landlock", f"ABI {host.landlock_abi}" if host.landlock_abi else "not available"),
         *((name, "available" if host.works(name) else f"unavailable: {host.probes.get(name)}")
           for name in ("seccomp", "userns", "userns_nproc", "pidns", "netns", "ipcns",
                        "mountns", "setuid")),
-        ("cgroup", f"{cgroup_v1}; "
-                   + ("writable" if not host.cgroup_v1_problem else host.cgroup_v1_problem)
-                   + (f"; v2 mounted at {host.cgroup_v2} (not used)" if host.cgroup_v2 else "")),
+        ("cgroup", _cgroup_fact(host)),
     ]
     lines = ["skill-sandbox doctor", "", "host:"]
     lines += [f"  {name:<10} {value}" for name, value in facts]

@@ -1,7 +1,11 @@
-"""Per-execution cgroups (v1 `pids`, `memory` and, where the host has it, `cpuacct`): the
-tree's real process and memory caps, its peak memory, the CPU of every process it ever had
-(reaped or not), and a way to find and kill every process of an execution — `setsid` escapees
-and double forks included — whatever it did.
+"""Per-execution cgroups: the tree's real process and memory caps, its peak memory, the CPU of
+every process it ever had (reaped or not), and a way to find and kill every process of an
+execution — `setsid` escapees and double forks included — whatever it did.
+
+Two backends with one shape, chosen once at start-up (`CgroupRoot.create`): cgroup v1 (`pids`,
+`memory` and, where the host has it, `cpuacct` hierarchies: `ExecutionCgroup`) when the host
+mounts those, else cgroup v2 in the supervisor's delegated subtree (`ExecutionCgroupV2`). The
+rest of the supervisor sees an `ExecutionGroup` and does not care which.
 
 The supervisor owns their life: `CgroupRoot` makes one parent per `Sandbox` under the
 supervisor's own cgroups (so limits set above it still apply), `ExecutionCgroup` one child per
@@ -11,18 +15,30 @@ cache, kernel memory still held, would count against the next execution's limit)
 zygote moves each execution child into them right after the fork; the child waits for that
 before it runs anything else.
 
-cgroup v2 is detected and reported by `sandbox.capabilities` but not driven here.
+On cgroup v2 (the unified hierarchy of systemd hosts and containers) the supervisor works under
+its own cgroup, which must be delegated to it (systemd `Delegate=yes`, `systemd-run --scope -p
+Delegate=yes`, a container's cgroup namespace): v2 allows processes only in leaves once
+controllers are enabled for children, so the processes of that cgroup are moved into a leaf
+(`supervisor`) beside the per-`Sandbox` parents. Each execution gets a fresh cgroup with
+`memory.max`, `memory.swap.max = 0`, `pids.max`, `memory.oom.group = 1` (and `cpu.max` for a
+skill's `cpus`); `cgroup.kill` (5.14+) kills it whole; `memory.peak` (5.19+) or the sampled
+`memory.current`, `cpu.stat` and `memory.events`/`pids.events` give the figures and verdicts.
+v2 groups are never reused: their peak cannot be reset (before 6.12), and making one costs
+about as much as checking one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 CONTROLLERS = ("pids", "memory")
 #: Used when the host has them, not required: without `cpuacct` an execution's CPU is what wait4
@@ -136,9 +152,37 @@ def _number(path: str) -> int:
         return 0
 
 
+class ExecutionGroup(Protocol):
+    """What the supervisor uses of one execution's cgroup(s), whichever the backend."""
+
+    killed: int
+    #: Whether an emptied, uncharged group may serve a later execution (v1 only).
+    reusable: bool
+
+    @property
+    def directories(self) -> list[str]: ...
+    @property
+    def procs_files(self) -> list[str]: ...
+    @property
+    def has_cpu(self) -> bool: ...
+    @property
+    def exact_peak(self) -> bool:
+        """Whether `peak_memory_bytes` is the kernel's own peak (else: the largest sample)."""
+    def begin(self, max_tasks: int, memory_bytes: int, cpus: float = 0.0) -> None: ...
+    def kill_all(self, deadline: float = KILL_DEADLINE) -> bool: ...
+    def pids_limit_hit(self) -> bool: ...
+    def oom_killed(self) -> bool: ...
+    def members(self) -> list[int]: ...
+    def memory_bytes(self) -> int: ...
+    def cpu_seconds(self) -> float: ...
+    def uncharged(self) -> bool: ...
+    def peak_memory_bytes(self) -> int: ...
+    def remove(self) -> bool: ...
+
+
 @dataclass
 class ExecutionCgroup:
-    """One execution's `pids`, `memory` and (optional, "" without) `cpuacct` cgroups.
+    """One execution's v1 `pids`, `memory` and (optional, "" without) `cpuacct` cgroups.
 
     Emptied groups with no charge left are reused by later executions (a memory cgroup costs
     ~0.1 ms to make and remove): counters are read as differences from `begin`, and the peak is
@@ -154,6 +198,8 @@ class ExecutionCgroup:
     _oom_kills: int = 0
     _usage: int = 0
     _cpu_ns: int = 0
+    reusable = True
+    exact_peak = True  # memory.max_usage_in_bytes, reset by `begin`
 
     @property
     def directories(self) -> list[str]:
@@ -164,8 +210,9 @@ class ExecutionCgroup:
     def procs_files(self) -> list[str]:
         return [os.path.join(path, "cgroup.procs") for path in self.directories]
 
-    def begin(self, max_tasks: int, memory_bytes: int) -> None:
-        """Set the limits (if they differ from the last execution's) and the baselines."""
+    def begin(self, max_tasks: int, memory_bytes: int, cpus: float = 0.0) -> None:
+        """Set the limits (if they differ from the last execution's) and the baselines. v1
+        has no CPU bandwidth limit here: `cpus` is not enforced (the doctor says so)."""
         if self.limits != (max_tasks, memory_bytes):
             _write(os.path.join(self.pids, "pids.max"), str(max_tasks))
             # v1 wants limit <= memsw.limit at every step: raise memsw first, lower it last.
@@ -268,6 +315,168 @@ class ExecutionCgroup:
         return removed
 
 
+def _kill_tree(directory: str, end: float, counted: Callable[[int], None]) -> bool:
+    """SIGKILL every member of `directory` until none is left or `end` passes."""
+    while True:
+        members = _procs(directory)  # a process leaves it only by root's hand
+        if not members:
+            return True
+        if time.monotonic() > end:
+            return False
+        for pid in members:
+            _kill_member(pid, directory)
+        counted(len(members))
+        time.sleep(0.001)
+
+
+@dataclass
+class ExecutionCgroupV2:
+    """One execution's cgroup v2: a fresh leaf under the `Sandbox`'s parent, never reused.
+
+    `memory.max` is memory_mb (every charged kind of memory, as on v1), `memory.swap.max` 0 (a
+    limit that swap could stretch is no limit), `memory.oom.group` 1 (an OOM kills the whole
+    execution, not a random member of it), `pids.max` the process cap, `cpu.max` the skill's CPU
+    share when it has one and the `cpu` controller is delegated.
+    """
+
+    path: str
+    limits: tuple[int, int, float] = (0, _UNLIMITED, 0.0)
+    killed: int = 0
+    _limit_events: int = 0
+    _oom_events: tuple[int, int] = (0, 0)
+    _max_events: int = 0
+    _usage: int = 0
+    _cpu_us: int = 0
+    _sampled_peak: int = 0
+    reusable = False  # memory.peak cannot be reset before 6.12: a fresh group is a clean one
+
+    @property
+    def pids(self) -> str:
+        return self.path
+
+    @property
+    def memory(self) -> str:
+        return self.path
+
+    @property
+    def directories(self) -> list[str]:
+        return [self.path]
+
+    @property
+    def procs_files(self) -> list[str]:
+        return [os.path.join(self.path, "cgroup.procs")]
+
+    @property
+    def has_cpu(self) -> bool:
+        return True  # cpu.stat's usage_usec is in every v2 cgroup, controller or not
+
+    @property
+    def exact_peak(self) -> bool:
+        return _exists(os.path.join(self.path, "memory.peak"))
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def begin(self, max_tasks: int, memory_bytes: int, cpus: float = 0.0) -> None:
+        if self.limits == (0, _UNLIMITED, 0.0):  # a new group: once for its life
+            with contextlib.suppress(FileNotFoundError):  # no swap accounting: no swap file
+                _write(self._file("memory.swap.max"), "0")
+            _write(self._file("memory.oom.group"), "1")
+        if self.limits != (max_tasks, memory_bytes, cpus):
+            _write(self._file("pids.max"), str(max_tasks))
+            _write(self._file("memory.max"), str(memory_bytes))
+            if cpus > 0 or self.limits[2] > 0:
+                _write(self._file("cpu.max"), cpu_max(cpus))
+            self.limits = (max_tasks, memory_bytes, cpus)
+        self._limit_events = _counter(self._file("pids.events"), "max")
+        self._oom_events = tuple(_counters(self._file("memory.events"),  # type: ignore[assignment]
+                                           "oom", "oom_kill"))
+        self._max_events = _counter(self._file("memory.events"), "max")
+        self._usage = _number(self._file("memory.current"))
+        self._sampled_peak = 0
+        self._cpu_us = _counter(self._file("cpu.stat"), "usage_usec")
+        self.killed = 0
+
+    def kill_all(self, deadline: float = KILL_DEADLINE) -> bool:
+        """`cgroup.kill` (5.14+) kills every member at once, forks in flight included; without
+        it, SIGKILL each member until none is left. False if some outlived the deadline."""
+        end = time.monotonic() + deadline
+        members = _procs(self.path)
+        if not members:
+            return True
+        with contextlib.suppress(FileNotFoundError):  # older kernel: one by one, below
+            _write(self._file("cgroup.kill"), "1")
+            self.killed += len(members)
+            while time.monotonic() <= end and _procs(self.path):
+                time.sleep(0.001)  # dying: they leave cgroup.procs as they exit
+        return _kill_tree(self.path, end, self._count_killed)
+
+    def _count_killed(self, count: int) -> None:
+        self.killed += count
+
+    def pids_limit_hit(self) -> bool:
+        return _counter(self._file("pids.events"), "max") > self._limit_events
+
+    def oom_killed(self) -> bool:
+        """An OOM in the group (the kernel found nothing to reclaim under memory.max), whether
+        it killed (oom_kill) or made an allocation fail (oom)."""
+        oom, oom_kill = _counters(self._file("memory.events"), "oom", "oom_kill")
+        return oom > self._oom_events[0] or oom_kill > self._oom_events[1]
+
+    def members(self) -> list[int]:
+        return _procs(self.path)
+
+    def memory_bytes(self) -> int:
+        """Everything charged to the execution now (as on v1); each reading also counts as a
+        sample of the peak where the kernel keeps none (before 5.19)."""
+        usage = max(0, _number(self._file("memory.current")) - self._usage)
+        self._sampled_peak = max(self._sampled_peak, usage)
+        return usage
+
+    def cpu_seconds(self) -> float:
+        used = _counter(self._file("cpu.stat"), "usage_usec") - self._cpu_us
+        return max(0, used) / 1e6
+
+    def uncharged(self) -> bool:
+        return False  # never reused (see `reusable`)
+
+    def peak_memory_bytes(self) -> int:
+        """`memory.peak` where the kernel has it (5.19+); before, the largest of the samples
+        and the charge now — and the limit itself if the group ever reached it (memory.events
+        `max`: the kernel had to reclaim at memory.max), since samples can miss a spike."""
+        peak = _number(self._file("memory.peak"))
+        if peak:
+            return max(0, peak - self._usage)
+        self.memory_bytes()
+        if _counter(self._file("memory.events"), "max") > self._max_events:
+            self._sampled_peak = max(self._sampled_peak, self.limits[1])
+        return self._sampled_peak
+
+    def remove(self) -> bool:
+        try:
+            os.rmdir(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        return True
+
+
+#: cpu.max's period: 100 ms, the kernel's default.
+CPU_PERIOD_US = 100_000
+
+
+def cpu_max(cpus: float) -> str:
+    """The `cpu.max` line for a share of `cpus` CPUs (0: no limit)."""
+    if cpus <= 0:
+        return f"max {CPU_PERIOD_US}"
+    return f"{max(1000, round(cpus * CPU_PERIOD_US))} {CPU_PERIOD_US}"
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
 _PREFIX = "skill-sandbox-"
 
 
@@ -305,20 +514,166 @@ def _sweep_abandoned(directory: str) -> None:
             os.rmdir(parent)
 
 
+#: v2 controllers an execution needs (`cpu` is optional: `cpu.max` for a skill's `cpus`;
+#: cpu.stat's usage is there without it).
+V2_CONTROLLERS = ("memory", "pids")
+V2_OPTIONAL_CONTROLLERS = ("cpu",)
+#: The leaf the supervisor's cgroup's own processes move into, so that controllers can be
+#: enabled for its children (v2's no-internal-processes rule).
+SUPERVISOR_LEAF = "skill-sandbox-supervisor"
+DELEGATE_HINT = ("delegate a cgroup subtree with pids and memory to the supervisor: systemd "
+                 "unit `Delegate=pids memory cpu` (deploy/skill-sandbox.service), or run it "
+                 "under `systemd-run --scope -p Delegate=yes <command>`")
+
+
+def v2_mount() -> str:
+    """Where the cgroup v2 hierarchy is mounted ("" if it is not)."""
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            if fields[fields.index("-") + 1] == "cgroup2":
+                return fields[4]
+    return ""
+
+
+@dataclass(frozen=True)
+class V2Subtree:
+    """The supervisor's place in the v2 hierarchy: `base` is the cgroup it works under (its
+    own, or the parent of the leaf it moved itself into); `delegated` the controllers `base`
+    may hand to children (its cgroup.controllers); `problem` why it cannot be used, or ""."""
+
+    mount: str
+    base: str
+    delegated: tuple[str, ...]
+    enabled: tuple[str, ...]
+    problem: str
+
+
+def v2_subtree() -> V2Subtree:
+    """Read (never change) where this process would work on cgroup v2, and whether it can."""
+    mount = v2_mount()
+    if not mount:
+        return V2Subtree("", "", (), (), "no cgroup v2 hierarchy mounted")
+    own = ""
+    with open("/proc/self/cgroup") as cgroups:
+        for line in cgroups:
+            if line.startswith("0::"):
+                own = line[3:].rstrip("\n")
+    if not own or own.endswith(" (deleted)"):
+        return V2Subtree(mount, "", (), (), "this process is in no cgroup v2 cgroup "
+                                            f"(/proc/self/cgroup: {own or 'no 0:: line'})")
+    base = os.path.join(mount, own.lstrip("/")).rstrip("/") or "/"
+    if os.path.basename(base) == SUPERVISOR_LEAF:  # moved there by an earlier Sandbox
+        base = os.path.dirname(base)
+    try:
+        delegated = tuple(_read(os.path.join(base, "cgroup.controllers")).split())
+        enabled = tuple(_read(os.path.join(base, "cgroup.subtree_control")).split())
+    except OSError as exc:
+        return V2Subtree(mount, base, (), (), f"cannot read {base}: {exc.strerror}")
+    missing = [name for name in V2_CONTROLLERS if name not in delegated]
+    problem = ""
+    if missing:
+        problem = (f"cgroup v2: {', '.join(missing)} not delegated to {base} (it has: "
+                   f"{' '.join(delegated) or 'none'}); {DELEGATE_HINT}")
+    else:
+        for name in ("", "cgroup.procs", "cgroup.subtree_control"):
+            if not os.access(os.path.join(base, name), os.W_OK):
+                problem = (f"cgroup v2: {os.path.join(base, name)} is not writable by this "
+                           f"process; {DELEGATE_HINT}")
+                break
+    return V2Subtree(mount, base, delegated, enabled, problem)
+
+
+def _enable(directory: str, controllers: tuple[str, ...], required: tuple[str, ...]) -> list[str]:
+    """Enable `controllers` for the children of `directory` (one write each, so an optional
+    one that fails does not take the others with it); the ones enabled. Raises for a
+    required one."""
+    enabled = _read(os.path.join(directory, "cgroup.subtree_control")).split()
+    for name in controllers:
+        if name in enabled:
+            continue
+        try:
+            _write(os.path.join(directory, "cgroup.subtree_control"), f"+{name}")
+            enabled.append(name)
+        except OSError:
+            if name in required:
+                raise
+    return [name for name in controllers if name in enabled]
+
+
+def _move_into_leaf(base: str) -> None:
+    """Move every process of `base` into its `SUPERVISOR_LEAF` child (made if missing): v2
+    lets a cgroup with processes enable no controller for its children (the root excepted)."""
+    leaf = os.path.join(base, SUPERVISOR_LEAF)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(leaf, 0o755)
+    for pid in _procs(base):
+        with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+            _write(os.path.join(leaf, "cgroup.procs"), str(pid))
+
+
+def _v2_enable(base: str, wanted: tuple[str, ...]) -> list[str]:
+    """Enable `wanted` for `base`'s children, moving its processes into a leaf first if v2's
+    no-internal-processes rule refuses (EBUSY)."""
+    try:
+        return _enable(base, wanted, V2_CONTROLLERS)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+    _move_into_leaf(base)
+    return _enable(base, wanted, V2_CONTROLLERS)
+
+
 class CgroupRoot:
-    """The per-`Sandbox` parent cgroups and a pool of emptied execution cgroups to reuse."""
+    """The per-`Sandbox` parent cgroup(s) and a pool of emptied execution cgroups to reuse.
+
+    `version` 1: one parent per v1 hierarchy (`parents` maps each controller to it); 2: one
+    parent in the delegated v2 subtree (every controller maps to it)."""
 
     MAX_IDLE = 64
 
-    def __init__(self, parents: dict[str, str]) -> None:
+    def __init__(self, parents: dict[str, str], version: int = 1) -> None:
         self.parents = parents
-        self._idle: list[ExecutionCgroup] = []
-        self._stale: list[ExecutionCgroup] = []
+        self.version = version
+        self._idle: list[ExecutionGroup] = []
+        self._stale: list[ExecutionGroup] = []
         self._lock = threading.Lock()
 
+    @property
+    def cpu_limits(self) -> bool:
+        """Whether a skill's `cpus` is enforced (v2 with the `cpu` controller)."""
+        return self.version == 2 and "cpu" in self.parents
+
     @classmethod
-    def create(cls) -> CgroupRoot:
-        """Make the parents (raises OSError when the hierarchy is missing or not writable)."""
+    def create(cls, version: int | None = None) -> CgroupRoot:
+        """Make the parents (raises OSError when the hierarchy is missing or not writable).
+        Without `version`: v1 where the host mounts pids and memory v1 hierarchies, else v2."""
+        if version is None:
+            own = v1_hierarchies()
+            version = 1 if all(name in own for name in CONTROLLERS) else 2
+        return cls._create_v1() if version == 1 else cls._create_v2()
+
+    @classmethod
+    def _create_v2(cls) -> CgroupRoot:
+        subtree = v2_subtree()
+        if subtree.problem:
+            raise OSError(subtree.problem)
+        wanted = tuple(name for name in (*V2_CONTROLLERS, *V2_OPTIONAL_CONTROLLERS)
+                       if name in subtree.delegated)
+        _v2_enable(subtree.base, wanted)
+        _sweep_abandoned(subtree.base)
+        path = os.path.join(subtree.base,
+                            f"{_PREFIX}{_pid_namespace()}-{os.getpid()}-{secrets.token_hex(4)}")
+        os.mkdir(path, 0o755)
+        try:
+            enabled = _enable(path, wanted, V2_CONTROLLERS)
+        except OSError:
+            os.rmdir(path)
+            raise
+        return cls({name: path for name in enabled}, version=2)
+
+    @classmethod
+    def _create_v1(cls) -> CgroupRoot:
         own = v1_hierarchies()
         missing = [controller for controller in CONTROLLERS if controller not in own]
         if missing:
@@ -347,18 +702,21 @@ class CgroupRoot:
             raise
         return cls(parents)
 
-    def _group(self, name: str) -> ExecutionCgroup:
+    def _group(self, name: str) -> ExecutionGroup:
+        if self.version == 2:
+            return ExecutionCgroupV2(os.path.join(self.parents["memory"], name))
         cpuacct = self.parents.get("cpuacct")
         return ExecutionCgroup(os.path.join(self.parents["pids"], name),
                                os.path.join(self.parents["memory"], name),
                                os.path.join(cpuacct, name) if cpuacct else "")
 
-    def new_execution(self, max_tasks: int, memory_bytes: int) -> ExecutionCgroup:
+    def new_execution(self, max_tasks: int, memory_bytes: int,
+                      cpus: float = 0.0) -> ExecutionGroup:
         with self._lock:
             group = self._idle.pop() if self._idle else None
         if group is not None:
             try:
-                group.begin(max_tasks, memory_bytes)
+                group.begin(max_tasks, memory_bytes, cpus)
                 return group  # `finish` found it uncharged; nobody charges an empty group
             except OSError:  # e.g. a lower limit than what it still holds: start afresh
                 pass
@@ -369,14 +727,14 @@ class CgroupRoot:
             for directory in group.directories:
                 os.mkdir(directory, 0o755)
                 made += 1
-            group.begin(max_tasks, memory_bytes)
+            group.begin(max_tasks, memory_bytes, cpus)
         except OSError:
             if made:
                 group.remove()
             raise
         return group
 
-    def finish(self, group: ExecutionCgroup, reuse: bool = True) -> None:
+    def finish(self, group: ExecutionGroup, reuse: bool = True) -> None:
         """Kill what is left; keep the group for reuse only if the execution ended cleanly (a
         bomb's dying processes free kernel memory for a while and would skew the next peak)
         and nothing is charged to it any more. Otherwise it is removed: on v1 a charged memory
@@ -387,7 +745,8 @@ class CgroupRoot:
             with self._lock:
                 self._stale.append(group)
             return
-        if reuse and not group.killed and len(self._idle) < self.MAX_IDLE and group.uncharged():
+        if (reuse and group.reusable and not group.killed and len(self._idle) < self.MAX_IDLE
+                and group.uncharged()):
             with self._lock:
                 if len(self._idle) < self.MAX_IDLE:
                     self._idle.append(group)
@@ -405,7 +764,9 @@ class CgroupRoot:
             for child in os.listdir(path):
                 full = os.path.join(path, child)
                 if os.path.isdir(full):
-                    ExecutionCgroup(full, full, full).kill_all()
+                    stray = (ExecutionCgroupV2(full) if self.version == 2
+                             else ExecutionCgroup(full, full, full))
+                    stray.kill_all()
                     with contextlib.suppress(OSError):
                         os.rmdir(full)
             with contextlib.suppress(OSError):
@@ -422,20 +783,22 @@ class CgroupTickets:
     root (the zygote gave it back, or stopped). Thread-safe.
     """
 
-    def __init__(self, root: CgroupRoot, max_tasks: int, memory_bytes: int) -> None:
+    def __init__(self, root: CgroupRoot, max_tasks: int, memory_bytes: int,
+                 cpus: float = 0.0) -> None:
         self.root = root
         self.max_tasks = max_tasks
         self.memory_bytes = memory_bytes
-        self._handed: dict[tuple[str, ...], ExecutionCgroup] = {}
+        self.cpus = cpus if root.cpu_limits else 0.0
+        self._handed: dict[tuple[str, ...], ExecutionGroup] = {}
         self._lock = threading.Lock()
 
-    def issue(self) -> ExecutionCgroup:
-        group = self.root.new_execution(self.max_tasks, self.memory_bytes)
+    def issue(self) -> ExecutionGroup:
+        group = self.root.new_execution(self.max_tasks, self.memory_bytes, self.cpus)
         with self._lock:
             self._handed[tuple(group.procs_files)] = group
         return group
 
-    def claim(self, procs_files: list[str]) -> ExecutionCgroup | None:
+    def claim(self, procs_files: list[str]) -> ExecutionGroup | None:
         """The pair the zygote says a child runs in; None if it is not one handed to it."""
         with self._lock:
             return self._handed.pop(tuple(procs_files), None)

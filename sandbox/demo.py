@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import shutil
 import sys
 import time
@@ -111,13 +112,32 @@ def summary(rows: Sequence[Row], elapsed: float) -> str:
     return f"{len(rows)} examples in {elapsed:.2f}s: {parts}"
 
 
+def slowed(skill: Skill, factor: float) -> Skill:
+    """`skill` with its wall and CPU limits multiplied by `factor`: the examples are sized for
+    this project's machine, and the same work takes `factor` times longer on a slower host, so
+    the honest ones would be cut off and the hogs stopped for the wrong limit."""
+    if factor == 1:
+        return skill
+    limits = skill.manifest.limits
+    scaled = limits.model_copy(update={"timeout": limits.timeout * factor,
+                                       "cpu_time": limits.cpu_time * factor})
+    return dataclasses.replace(skill, manifest=skill.manifest.model_copy(
+        update={"limits": scaled}))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sandbox.demo", description=__doc__
                                      .splitlines()[0] if __doc__ else None)
     parser.add_argument("directory", type=Path, help="folder of skills, each with example.json")
     parser.add_argument("--max-concurrency", type=int, default=None,
                         help="executions at once (default: CPU count)")
+    parser.add_argument("--slowdown", type=float, default=1.0,
+                        help="multiply every example's wall and CPU limits by this, on a host "
+                             "that many times slower than the one they were sized on (an "
+                             "emulated VM: make test-vm)")
     args = parser.parse_args(argv)
+    if not args.slowdown >= 1:
+        parser.error(f"--slowdown must be at least 1, got {args.slowdown}")
 
     try:
         skills = Skill.discover(args.directory)
@@ -127,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not skills:
         print(f"error: no skills under {args.directory}", file=sys.stderr)
         return 1
+    skills = [slowed(skill, args.slowdown) for skill in skills]
     started = time.monotonic()
     try:
         with Sandbox(skills, max_concurrency=args.max_concurrency,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from sandbox import jsonbounds
-from sandbox.cgroups import ExecutionCgroup
+from sandbox.cgroups import ExecutionGroup
 from sandbox.skill import Skill
 from sandbox.skilltext import printable, skill_text
 from sandbox.watch import TreeWatch
@@ -147,9 +147,10 @@ class Execution:
         self.stderr = Tail(spec.tail_bytes)
         self.start = time.monotonic()
         self.deadline = spec.deadline
-        self.cgroup: ExecutionCgroup | None = None
+        self.cgroup: ExecutionGroup | None = None
         self.cgroup_limit = ""  # the cgroup limit the execution ran into, if any
         self.cgroup_peak = 0
+        self.cgroup_exact_peak = True  # False: sampled (v2 before memory.peak, Linux < 5.19)
         self.cgroup_cpu = 0.0  # the cgroup's final CPU figure (cpuacct), seconds
         #: The child exited with its request unread: it never got as far as any skill code.
         self.request_unread = False
@@ -398,13 +399,14 @@ class Execution:
 
     # -- limits ---------------------------------------------------------------------------
 
-    def _finish_cgroup(self, group: ExecutionCgroup) -> None:
+    def _finish_cgroup(self, group: ExecutionGroup) -> None:
         """Kill whatever is left (setsid escapees too), keep the figures, remove the cgroup.
 
         The final CPU figure covers every process the execution ever had; over `cpu_time` it
         is a CPU verdict even when the overrun fell between two samples."""
         group.kill_all()
         self.cgroup_peak = group.peak_memory_bytes()
+        self.cgroup_exact_peak = group.exact_peak
         self.cgroup_cpu = group.cpu_seconds()
         cpu_time = self.spec.limits.cpu_time
         if self.cgroup_cpu > cpu_time:  # the first reason given stays the one reported
@@ -414,7 +416,7 @@ class Execution:
         assert tickets is not None
         tickets.root.finish(group, reuse=not self.cgroup_limit)
 
-    def _cgroup_limit_hit(self, group: ExecutionCgroup) -> str:
+    def _cgroup_limit_hit(self, group: ExecutionGroup) -> str:
         limits = self.spec.limits
         if group.oom_killed():
             return f"memory: the execution's processes used more than {limits.memory_mb} MB"
@@ -614,8 +616,10 @@ class Execution:
         if state.watch is not None:
             cpu = max(cpu, state.watch.peak_cpu_seconds)
             memory_kb = max(memory_kb, state.watch.peak_memory_bytes // 1024)
-        if self.cgroup_peak:  # what the kernel charged to the execution itself: the real peak
-            memory_kb = self.cgroup_peak // 1024
+        if self.cgroup_peak and self.cgroup_exact_peak:
+            memory_kb = self.cgroup_peak // 1024  # what the kernel charged: the real peak
+        elif self.cgroup_peak:  # samples can miss a spike that wait4's maxrss saw
+            memory_kb = max(memory_kb, self.cgroup_peak // 1024)
         cpu = max(cpu, self.cgroup_cpu)  # every process it ever had, reaped or not
         return ResourceUsage(cpu_time_ms=round(cpu * 1000), memory_mb=round(memory_kb / 1024))
 

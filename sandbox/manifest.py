@@ -41,6 +41,9 @@ class LimitsConfig(_Strict):
     max_file_bytes: int = Field(default=16 << 20, gt=0,
                                 description="largest file the skill may write")
     max_open_files: int = Field(default=256, ge=16)
+    cpus: float | None = Field(default=None, gt=0, le=4096,
+                               description="CPU share of the whole tree, in CPUs (1.5: one and "
+                                           "a half); cgroup v2 `cpu.max`, not enforced on v1")
 
 
 class Permissions(_Strict):

@@ -201,7 +201,12 @@ class Sandbox:
             # Exactly memory_mb: every page charged to the execution counts (anonymous, shared,
             # memfd, its tmpfs workdir's files); the workdir's size cap is its disk quota.
             limits = skill.manifest.limits
-            tickets = CgroupTickets(self._cgroups, limits.max_processes, limits.memory_mb << 20)
+            tickets = CgroupTickets(self._cgroups, limits.max_processes, limits.memory_mb << 20,
+                                    limits.cpus or 0.0)
+        cpus = skill.manifest.limits.cpus
+        if cpus and (self._cgroups is None or not self._cgroups.cpu_limits):
+            _log.warning("%s: limits.cpus = %g is not enforced on this host: it needs cgroup "
+                         "v2 with the cpu controller delegated (see `doctor`)", skill.id, cpus)
         zygote = ZygoteProcess(skill.id, code, list(skill.manifest.preload),
                                self._isolation_for(skill), cgroups=tickets,
                                prefork=self.prefork)

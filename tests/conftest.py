@@ -16,6 +16,27 @@ from sandbox import ExecutionRequest, ExecutionResult, Sandbox, Skill
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "skills_examples"
+#: How much slower than this machine the host running the tests is (an emulated VM: 10-20):
+#: every test timeout, the hostile suite's wall and CPU limits and the waits for processes to
+#: go are multiplied by it. Tests never assert on wall time, so nothing else changes.
+SLOWDOWN = max(1.0, float(os.environ.get("SKILL_SANDBOX_TEST_SLOWDOWN") or 1))
+#: pytest-timeout's default in pyproject.toml (`timeout`), for tests without a mark of their own.
+_DEFAULT_TIMEOUT = 60.0
+
+
+def slow(seconds: float) -> float:
+    """`seconds` on this machine, on the host the tests run on (see `SLOWDOWN`)."""
+    return seconds * SLOWDOWN
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Scale every test's timeout (its own `timeout` mark, or the default) by `SLOWDOWN`."""
+    if SLOWDOWN == 1.0:
+        return
+    for item in items:
+        mark = item.get_closest_marker("timeout")
+        seconds = float(mark.args[0]) if mark is not None and mark.args else _DEFAULT_TIMEOUT
+        item.add_marker(pytest.mark.timeout(slow(seconds)), append=False)
 
 
 def descendants() -> list[psutil.Process]:
@@ -26,8 +47,8 @@ def descendants() -> list[psutil.Process]:
 
 
 def wait_until_gone(pids: set[int], timeout: float = 5.0) -> set[int]:
-    """The pids among `pids` still alive (not zombies) after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+    """The pids among `pids` still alive (not zombies) after `timeout` seconds (scaled)."""
+    deadline = time.monotonic() + slow(timeout)
     alive = set(pids)
     while alive and time.monotonic() < deadline:
         alive = {pid for pid in alive if _alive(pid)}
@@ -158,8 +179,8 @@ def spare_pids(zygote: psutil.Process) -> list[int]:
 def execution_survivors(sandbox: Sandbox, timeout: float = 5.0) -> set[int]:
     """Processes still alive below the sandbox's zygotes (its executions and anything they
     left behind, whatever pid namespace they see themselves in, but not an idle spare) after up
-    to `timeout` s."""
-    deadline = time.monotonic() + timeout
+    to `timeout` s (scaled)."""
+    deadline = time.monotonic() + slow(timeout)
     while True:
         alive: set[int] = set()
         for skill in sandbox.skills():

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import ExecutionResult, ExecutionStatus, ResourceUsage
-from sandbox.demo import Row, format_table, main
+from sandbox import ExecutionResult, ExecutionStatus, ResourceUsage, Skill
+from sandbox.demo import Row, format_table, main, slowed
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "skills_examples"
 
@@ -89,3 +89,12 @@ def test_table_is_aligned_and_cuts_long_output_to_one_line() -> None:
     assert lines[2].split()[2] == "12.3"
     assert lines[3].endswith("…") and "\n" not in lines[3]
     assert lines[4].endswith("no example")
+
+
+def test_slowdown_multiplies_each_example_s_wall_and_cpu_limits_only() -> None:
+    skill = Skill.from_dir(Path(__file__).resolve().parent.parent / "skills_examples" / "cpu_hog")
+    scaled = slowed(skill, 10).manifest.limits
+    limits = skill.manifest.limits
+    assert (scaled.timeout, scaled.cpu_time) == (limits.timeout * 10, limits.cpu_time * 10)
+    assert (scaled.memory_mb, scaled.max_processes) == (limits.memory_mb, limits.max_processes)
+    assert slowed(skill, 1) is skill

@@ -288,3 +288,12 @@ def test_every_example_skill_loads_and_has_a_json_example() -> None:
     kinds = {skill.id: (skill.manifest.kind, skill.manifest.isolation) for skill in skills}
     assert kinds["unix/wc"] == ("command", "fork")
     assert kinds["examples/spawn_info"] == ("python", "spawn")
+
+
+def test_cpu_share_is_a_positive_number_of_cpus(tmp_path: Path) -> None:
+    base = 'id = "t/cpus"\nentrypoint = "main:run"\n[limits]\n'
+    skill = Skill.from_dir(write_skill(tmp_path / "ok", base + "cpus = 1.5\n"))
+    assert skill.manifest.limits.cpus == 1.5
+    assert Skill.from_dir(write_skill(tmp_path / "none", base)).manifest.limits.cpus is None
+    error = load_error(write_skill(tmp_path / "zero", base + "cpus = 0\n"))
+    assert "skill.toml" in error and "limits.cpus" in error

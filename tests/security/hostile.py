@@ -21,10 +21,13 @@ import pytest
 
 from sandbox import ExecutionRequest, ExecutionResult, ExecutionStatus, Sandbox, Skill
 from sandbox.capabilities import CapabilityReport, IsolationConfig, report
-from tests.conftest import wait_until_gone
+from tests.conftest import slow, wait_until_gone
 
-#: Small limits keep every attack short (each test stays well under 5 s).
-LIMITS: dict[str, float] = {"timeout": 2, "cpu_time": 1, "memory_mb": 64, "max_processes": 16}
+#: Small limits keep every attack short (each test stays well under 5 s). Wall and CPU time
+#: scale with the host's slowness (SKILL_SANDBOX_TEST_SLOWDOWN: an emulated VM spends seconds of
+#: CPU starting an interpreter); memory and processes do not.
+LIMITS: dict[str, float] = {"timeout": slow(2), "cpu_time": slow(1), "memory_mb": 64,
+                            "max_processes": 16}
 EXHAUSTED = "runtime: resource exhausted"
 
 _TEMPLATE = '''\

@@ -19,6 +19,7 @@ import pytest
 
 from sandbox import ExecutionStatus, cgroups
 from sandbox.capabilities import IsolationConfig
+from tests.conftest import slow
 from tests.security.hostile import EXHAUSTED, LIMITS, Hostile, requires
 
 _BURNERS = """
@@ -55,6 +56,10 @@ _BURNERS = """
         return "done"
 """
 
+#: The burners burn CPU seconds, which a slower host does not stretch: their limit stays 1 s
+#: (not the suite's scaled one); only the wall limit scales.
+_CPU_LIMIT = 1.0
+_BURNER_LIMITS = {"cpu_time": _CPU_LIMIT, "timeout": slow(20)}
 #: How each variant spreads its CPU: how, (rounds, burners per middle, CPU seconds each):
 #: 2.4 s in all, over the limit of 1 s, never more than 0.3 s in one process.
 _VARIANTS = {
@@ -87,7 +92,7 @@ def _plain_cpu_seconds(code: str, **input: object) -> float:
     """CPU the attack burns in a plain subprocess, every descendant reaped and counted."""
     script = _CONTROL.format(code=textwrap.dedent(code))
     done = subprocess.run([sys.executable, "-c", script, json.dumps(input)],
-                          capture_output=True, text=True, timeout=60, check=True)
+                          capture_output=True, text=True, timeout=slow(60), check=True)
     return float(done.stdout)
 
 
@@ -100,12 +105,12 @@ def _no_cgroups() -> IsolationConfig:
 def test_cpu_burnt_by_unreaped_descendants_counts_against_the_cpu_limit(
         hostile: Callable[..., Hostile], variant: str) -> None:
     input = dict(zip(("how", "rounds", "inner", "each"), _VARIANTS[variant], strict=True))
-    assert _plain_cpu_seconds(_BURNERS, **input) > LIMITS["cpu_time"]
-    attack = hostile(_BURNERS, limits={"timeout": 20})
+    assert _plain_cpu_seconds(_BURNERS, **input) > _CPU_LIMIT
+    attack = hostile(_BURNERS, limits=_BURNER_LIMITS)
     result = attack.run(**input)
     assert result.status is ExecutionStatus.FAILED, result
     assert result.error.startswith(f"{EXHAUSTED}: cpu time"), result.error
-    assert result.resource_usage.cpu_time_ms >= LIMITS["cpu_time"] * 1000, result.resource_usage
+    assert result.resource_usage.cpu_time_ms >= _CPU_LIMIT * 1000, result.resource_usage
     attack.assert_still_serving()
 
 
@@ -119,19 +124,19 @@ def test_cpu_of_dead_descendants_counts_without_cpuacct(
     """Without cpuacct the tree watch keeps the last sample of every process it saw (orphans
     that die before a sample are the gap: not tested here, see the module docstring)."""
     input = dict(zip(("how", "rounds", "inner", "each"), _VARIANTS[variant], strict=True))
-    assert _plain_cpu_seconds(_BURNERS, **input) > LIMITS["cpu_time"]
+    assert _plain_cpu_seconds(_BURNERS, **input) > _CPU_LIMIT
     options: dict[str, object] = {"isolation": _no_cgroups()}
     if host == "cgroups without cpuacct":
         monkeypatch.setattr(cgroups, "OPTIONAL_CONTROLLERS", ())
         options = {}
-    attack = hostile(_BURNERS, limits={"timeout": 20}, **options)
+    attack = hostile(_BURNERS, limits=_BURNER_LIMITS, **options)
     if host == "cgroups without cpuacct":
         assert attack.sandbox._cgroups is not None
         assert "cpuacct" not in attack.sandbox._cgroups.parents
     result = attack.run(**input)
     assert result.status is ExecutionStatus.FAILED, result
     assert result.error.startswith(f"{EXHAUSTED}: cpu time"), result.error
-    assert result.resource_usage.cpu_time_ms >= LIMITS["cpu_time"] * 1000, result.resource_usage
+    assert result.resource_usage.cpu_time_ms >= _CPU_LIMIT * 1000, result.resource_usage
     attack.assert_still_serving()
 
 

@@ -93,11 +93,27 @@ def test_a_channel_call_works_on_the_host_and_is_refused_in_a_skill(
     with open(shared, "rb") as warm:  # cached, so RWF_NOWAIT has something to read
         warm.read()
     host = _run_on_host(probe)
+    if name == "preadv2 RWF_NOWAIT" and "Operation not supported" in host.stderr:
+        # Linux 6.1's tmpfs (the VM stage's /tmp) has no RWF_NOWAIT reads: no channel to refuse.
+        pytest.skip(f"preadv2(RWF_NOWAIT) is not supported on {_filesystem(shared)} under "
+                    f"Linux {os.uname().release}: the channel does not exist here")
     assert host.returncode == 0, host.stderr  # control: the call works outside the sandbox
     result = attack.run()
     assert result.status is ExecutionStatus.FAILED, result
     assert "Error" in result.error, result.error
     attack.assert_still_serving()
+
+
+def _filesystem(path: str) -> str:
+    """The type of the file system `path` is on (the longest mount point above it)."""
+    best, kind = "", "unknown"
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            _, point, fstype, *_ = line.split()
+            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(
+                    best):
+                best, kind = point, fstype
+    return kind
 
 
 def _resident_pages(path: str) -> int:
@@ -152,6 +168,10 @@ def test_a_skill_cannot_evict_shared_files_from_the_page_cache(
     host = _run_on_host(f"PATH = {shared!r}\n" + textwrap.dedent(_EVICT))
     assert host.returncode == 0, host.stderr
     # Margins, not exact counts: reclaim elsewhere on the host may drop a page or two.
+    if _resident_pages(shared) >= 8 and _filesystem(shared) == "tmpfs":
+        # tmpfs pages are the file itself: no advice drops them (the VM stage's /tmp).
+        pytest.skip("the test's files are on tmpfs, which fadvise(DONTNEED) cannot evict: "
+                    "the channel does not exist here")
     assert _resident_pages(shared) < 8  # control: on the host the advice evicts the file
     assert warm() == 64
     result = attack.run()

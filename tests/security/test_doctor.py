@@ -157,3 +157,18 @@ def test_a_host_without_seccomp_or_ipc_namespace_says_why_ipc_and_unix_sockets_a
         assert layers["ipc"].status == "fallback"
         assert "removed after each execution" in layers["ipc"].detail
         assert "off for host Unix sockets" in layers["network"].detail
+
+
+def test_an_ordinary_user_on_an_old_landlock_is_told_executions_can_signal_the_supervisor(
+        ) -> None:
+    old = dataclasses.replace(detect(), euid=1000, landlock_abi=2,
+                              probes={**detect().probes, "userns_nproc": ""})
+    hidden = capability_report(old, plan_layers(old, IsolationConfig())).layer(
+        "supervisor hidden")
+    assert hidden.status == "fallback"
+    assert "can signal the supervisor and every process of its user" in hidden.detail
+    new = dataclasses.replace(old, landlock_abi=6)
+    hidden = capability_report(new, plan_layers(new, IsolationConfig())).layer(
+        "supervisor hidden")
+    assert "NOT signals" not in hidden.detail
+    assert hidden.status == ("active" if new.works("seccomp") else "fallback")

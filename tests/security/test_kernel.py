@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sandbox import ExecutionRequest, ExecutionStatus, Sandbox, Skill
+from tests.conftest import slow
 from tests.security.hostile import Hostile, requires
 
 #: x86_64 numbers; the skill calls them raw through ctypes, past anything Python checks.
@@ -235,13 +236,13 @@ def test_threads_asyncio_subprocess_and_coreutils_work_under_the_allow_list(
     python = tmp_path / "python"
     python.mkdir()
     (python / "main.py").write_text(_RUNTIME_SKILL)
-    (python / "skill.toml").write_text('id = "test/runtime"\nentrypoint = "main:run"\n'
-                                       '[limits]\ntimeout = 20\nmax_processes = 32\n')
+    limits = f'[limits]\ntimeout = {slow(20)}\ncpu_time = {slow(5)}\nmax_processes = 32\n'
+    (python / "skill.toml").write_text('id = "test/runtime"\nentrypoint = "main:run"\n' + limits)
     command = tmp_path / "command"
     command.mkdir()
     (command / "skill.toml").write_text(
         f'id = "test/coreutils"\ncommand = ["/bin/sh", "-c", {json.dumps(_WORKLOAD_JSON)}]\n'
-        '[limits]\ntimeout = 20\nmax_processes = 32\n')
+        + limits)
     sandbox = make_sandbox(Skill.from_dir(python), Skill.from_dir(command))
     result = sandbox.execute(ExecutionRequest(skill_id="test/runtime",
                                               input=json.dumps({"script": _WORKLOAD}).encode()))

@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 
 from sandbox import ExecutionStatus
+from tests.conftest import slow
 from tests.security.hostile import EXHAUSTED, Hostile, requires
 
 
@@ -91,7 +92,7 @@ def test_cpu_spin_is_stopped_at_the_cpu_limit(hostile: Callable[..., Hostile]) -
         def attack(input):
             while True:
                 pass
-    """, limits={"timeout": 5})  # wall time to spare on a busy machine: CPU must stop it
+    """, limits={"timeout": slow(5)})  # wall time to spare on a busy machine: CPU must stop it
     result = attack.run()
     assert result.status is ExecutionStatus.FAILED
     assert result.error.startswith(f"{EXHAUSTED}: cpu time"), result.error

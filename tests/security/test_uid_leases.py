@@ -19,9 +19,12 @@ import pytest
 from sandbox import ExecutionRequest, Sandbox, Skill
 from sandbox.capabilities import IsolationConfig
 from sandbox.uidpool import UidPool, UidPoolExhausted
+from tests.conftest import slow
 from tests.security.hostile import requires
 
 BASE = 1_500_000_000  # a range no other test uses
+#: Wall limit of the skills: their naps scale with the host's slowness, so must it.
+LIMITS = f"[limits]\ntimeout = {slow(30)}\n"
 WHOAMI = ("import os, time\n"
           "def run(input):\n"
           "    time.sleep(input.get('sleep', 0))\n"
@@ -38,7 +41,7 @@ def _running_uids(base: int, count: int) -> set[int]:
 
 
 def _wait_for_uid(base: int, count: int, timeout: float = 20.0) -> int:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + slow(timeout)
     while time.monotonic() < deadline:
         found = _running_uids(base, count)
         if found:
@@ -50,14 +53,14 @@ def _wait_for_uid(base: int, count: int, timeout: float = 20.0) -> int:
 @requires("identity")
 def test_another_supervisor_process_never_gets_a_uid_in_use_here(
         make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path]) -> None:
-    directory = skill_dir(WHOAMI)
+    directory = skill_dir(WHOAMI, LIMITS)
     other = textwrap.dedent(f"""
         from sandbox import ExecutionRequest, Sandbox, Skill
         from sandbox.capabilities import IsolationConfig
         with Sandbox([Skill.from_dir({str(directory)!r})],
                      isolation=IsolationConfig(uid_base={BASE}, uid_count=2)) as sandbox:
             result = sandbox.execute(ExecutionRequest(skill_id="test/skill0",
-                                                      input=b'{{"sleep": 3}}'))
+                                                      input=b'{{"sleep": {slow(3)}}}'))
             print(result.json())
     """)
     process = subprocess.Popen([sys.executable, "-c", other], stdout=subprocess.PIPE)
@@ -69,12 +72,12 @@ def test_another_supervisor_process_never_gets_a_uid_in_use_here(
         result = ours.execute(ExecutionRequest(skill_id=skill.id))
         assert result.ok, result
         assert result.json() != theirs
-        out, _ = process.communicate(timeout=30)
+        out, _ = process.communicate(timeout=slow(30))
         assert int(out) == theirs
     finally:
         if process.poll() is None:
             process.kill()
-            process.wait(timeout=10)
+            process.wait(timeout=slow(10))
         if process.stdout is not None:
             process.stdout.close()
 
@@ -93,11 +96,11 @@ def test_sandboxes_with_overlapping_uid_ranges_never_share_a_uid(
         make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path]) -> None:
     skill, wide, narrow = _two_sandboxes(make_sandbox, skill_dir, (BASE + 10, 4), (BASE + 10, 1))
     with ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(wide.execute, ExecutionRequest(skill_id=skill.id,
-                                                          input=b'{"sleep": 1.5}'))
+        nap = f'{{"sleep": {slow(1.5)}}}'.encode()
+        busy = pool.submit(wide.execute, ExecutionRequest(skill_id=skill.id, input=nap))
         assert _wait_for_uid(BASE + 10, 1) == BASE + 10  # the wide pool took the shared uid
         starved = narrow.execute(ExecutionRequest(skill_id=skill.id, timeout=0.5))
-        assert slow.result(timeout=20).json() == BASE + 10
+        assert busy.result(timeout=slow(20)).json() == BASE + 10
     assert not starved.ok and "execution uids" in starved.error, starved
     after = narrow.execute(ExecutionRequest(skill_id=skill.id))
     assert after.json() == BASE + 10  # freed: leases end with the execution
