@@ -214,6 +214,40 @@ def test_a_connection_flood_under_a_low_fd_limit_keeps_the_unix_socket_serving(
             == "success"
 
 
+def test_a_repeating_event_loop_error_is_one_json_line_per_interval(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The handler the daemon installs on its loop (asyncio calls it per failed accept())."""
+    import asyncio
+    import errno
+    import logging
+
+    from sandbox.daemon import jsonlog
+    from sandbox.daemon.server import _loop_errors
+
+    clock = [100.0]
+    handler = _loop_errors(jsonlog.RateLimited(interval=10, clock=lambda: clock[0]))
+    logger = logging.getLogger("skill_sandbox.server")
+    saved = (logger.handlers[:], logger.propagate, logger.level)
+    stream = logging.StreamHandler()
+    stream.setFormatter(jsonlog.JsonFormatter())
+    logger.handlers[:], logger.propagate = [stream], False
+    loop = asyncio.new_event_loop()
+    try:
+        for _ in range(1000):
+            handler(loop, {"message": "socket.accept() out of system resource",
+                           "exception": OSError(errno.EMFILE, "Too many open files")})
+        clock[0] += 10
+        handler(loop, {"message": "socket.accept() out of system resource",
+                       "exception": OSError(errno.EMFILE, "Too many open files")})
+    finally:
+        loop.close()
+        logger.handlers[:], logger.propagate, _ = saved
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert len(lines) == 2
+    assert "exception" not in lines[0]  # the errno says it all: no traceback per attempt
+    assert lines[1]["similar_events_not_logged"] == 999
+
+
 # -- 3. unencodable text -----------------------------------------------------------------------
 
 
@@ -606,12 +640,13 @@ def _p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else 0.0
 
 
-def _hostile(item: Daemon, stop: threading.Event) -> None:
-    """Idle sockets, trickled headers and stalled bodies over TCP, reopened as they close."""
+def _hostile(item: Daemon, stop: threading.Event, counts: dict[str, int]) -> None:
+    """Idle sockets, trickled headers and stalled bodies over TCP, reopened as they close:
+    600 at a time, more than the daemon's whole fd limit."""
     socks: list[socket.socket] = []
     while not stop.is_set():
         try:
-            while len(socks) < 300 and not stop.is_set():
+            while len(socks) < 600 and not stop.is_set():
                 sock = _tcp(item, timeout=5)
                 sock.setblocking(False)
                 kind = len(socks) % 3
@@ -620,13 +655,15 @@ def _hostile(item: Daemon, stop: threading.Event) -> None:
                 elif kind == 2:
                     sock.send(b"POST /v1/execute HTTP/1.1\r\nContent-Length: 500\r\n\r\n{")
                 socks.append(sock)
+                counts["opened"] += 1
         except OSError:
             pass
         for sock in list(socks):
             try:
-                if sock.recv(4096) == b"":
-                    raise ConnectionResetError
-                sock.close()  # an answer (503/408): the server dropped it
+                answer = sock.recv(4096)
+                counts["503" if b" 503 " in answer[:16] else "408" if b" 408 " in answer[:16]
+                       else "closed"] += 1
+                sock.close()  # answered (503/408) or closed: the server dropped it
                 socks.remove(sock)
             except BlockingIOError:
                 try:
@@ -650,7 +687,8 @@ def test_soak_hostile_connections_beside_a_steady_load(
                         "--body-timeout", "2"]).start()
     quiet, quiet_errors = _load(item, 5)
     stop = threading.Event()
-    attacker = threading.Thread(target=_hostile, args=(item, stop), daemon=True)
+    counts = {"opened": 0, "503": 0, "408": 0, "closed": 0}
+    attacker = threading.Thread(target=_hostile, args=(item, stop, counts), daemon=True)
     attacker.start()
     time.sleep(1)  # let the connections pile up to the listener's bound
     hostile, hostile_errors = _load(item, 5)
@@ -659,11 +697,13 @@ def test_soak_hostile_connections_beside_a_steady_load(
     figures = {"quiet_n": len(quiet), "quiet_p99_ms": round(_p99(quiet) * 1000, 2),
                "quiet_errors": quiet_errors, "hostile_n": len(hostile),
                "hostile_p99_ms": round(_p99(hostile) * 1000, 2),
-               "hostile_errors": hostile_errors}
+               "hostile_errors": hostile_errors,
+               **{f"hostile_connections_{key}": value for key, value in counts.items()}}
     for key, value in figures.items():
         record_property(key, value)
     print("soak:", json.dumps(figures))
     assert quiet_errors == 0 and hostile_errors == 0
     assert hostile, "the load made no requests beside the hostile connections"
+    assert counts["opened"] > 600 and counts["503"] > 0  # it did push past the bound
     assert item.log_text().count("Traceback") == 0
     assert item.stop() == 0
