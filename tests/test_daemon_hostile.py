@@ -608,8 +608,10 @@ def test_queue_depth_and_queue_wait_are_in_metrics(daemon: Callable[..., Daemon]
 # -- soak --------------------------------------------------------------------------------------
 
 
-def _load(item: Daemon, seconds: float) -> tuple[list[float], int]:
-    """Steady executions over the Unix socket for `seconds`, two callers; latencies, errors."""
+def _load(item: Daemon, seconds: float, failures: list[str] | None = None
+          ) -> tuple[list[float], int]:
+    """Steady executions over the Unix socket for `seconds`, two callers; latencies, errors
+    (what each failure was goes to `failures`)."""
     latencies: list[float] = []
     errors = [0]
     stop = time.monotonic() + seconds
@@ -619,13 +621,16 @@ def _load(item: Daemon, seconds: float) -> tuple[list[float], int]:
             while time.monotonic() < stop:
                 started = time.perf_counter()
                 try:
-                    ok = http.post("/v1/execute", json={"skill_id": "examples/echo",
-                                                        "input": {"n": 1}}).json()["status"] \
-                        == "success"
-                except (httpx.HTTPError, ValueError):
-                    ok = False
+                    response = http.post("/v1/execute", json={"skill_id": "examples/echo",
+                                                              "input": {"n": 1}})
+                    ok = response.json().get("status") == "success"
+                    what = f"{response.status_code} {response.text[:300]}"
+                except (httpx.HTTPError, ValueError) as exc:
+                    ok, what = False, repr(exc)
                 latencies.append(time.perf_counter() - started)
                 errors[0] += not ok
+                if not ok and failures is not None:
+                    failures.append(what)
 
     threads = [threading.Thread(target=caller, daemon=True) for _ in range(2)]
     for thread in threads:
@@ -685,13 +690,14 @@ def test_soak_hostile_connections_beside_a_steady_load(
     item = daemon([ECHO], tcp=True, nofile=512,
                   args=["--max-concurrency", "2", "--header-timeout", "2",
                         "--body-timeout", "2"]).start()
-    quiet, quiet_errors = _load(item, 5)
+    failures: list[str] = []
+    quiet, quiet_errors = _load(item, 5, failures)
     stop = threading.Event()
     counts = {"opened": 0, "503": 0, "408": 0, "closed": 0}
     attacker = threading.Thread(target=_hostile, args=(item, stop, counts), daemon=True)
     attacker.start()
     time.sleep(1)  # let the connections pile up to the listener's bound
-    hostile, hostile_errors = _load(item, 5)
+    hostile, hostile_errors = _load(item, 5, failures)
     stop.set()
     attacker.join(timeout=30)
     figures = {"quiet_n": len(quiet), "quiet_p99_ms": round(_p99(quiet) * 1000, 2),
@@ -702,8 +708,8 @@ def test_soak_hostile_connections_beside_a_steady_load(
     for key, value in figures.items():
         record_property(key, value)
     print("soak:", json.dumps(figures))
-    assert quiet_errors == 0 and hostile_errors == 0
+    assert quiet_errors == 0 and hostile_errors == 0, failures[:5]
     assert hostile, "the load made no requests beside the hostile connections"
     assert counts["opened"] > 600 and counts["503"] > 0  # it did push past the bound
-    assert item.log_text().count("Traceback") == 0
+    assert [line for line in item.log_text().splitlines() if "Traceback" in line] == []
     assert item.stop() == 0

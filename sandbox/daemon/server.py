@@ -49,6 +49,11 @@ _BACKLOG = 512
 #: control sockets, and per running execution its pipes, pidfd and cgroup files.
 FD_RESERVE_BASE = 128
 FD_RESERVE_PER_EXECUTION = 16
+#: asyncio accepts up to `backlog` connections per readiness event before any of their
+#: protocols runs, so a connection storm holds that many fds (twice, across two loop turns)
+#: beyond the connection bound. uvicorn is given this small backlog, which bounds the batch;
+#: the kernel's queue is set back to `_BACKLOG` once the servers listen.
+ACCEPT_BATCH = 16
 MIN_CONNECTIONS = 8
 
 
@@ -148,7 +153,7 @@ def _server(app: ASGIApp, config: DaemonConfig, listener: Listener) -> _Server:
         access_log=False, server_header=False, proxy_headers=False,
         timeout_keep_alive=config.keepalive_timeout,  # type: ignore[arg-type]
         timeout_graceful_shutdown=5, h11_max_incomplete_event_size=64 * 1024,
-        backlog=_BACKLOG,
+        backlog=ACCEPT_BATCH,
     )
     return _Server(server_config)
 
@@ -160,12 +165,25 @@ def connection_limits(config: DaemonConfig, listeners: int,
     in place accept() cannot fail for lack of fds, and the Unix socket keeps its own share
     however many TCP connections arrive. Returns the limit and the figures behind it."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    reserve = FD_RESERVE_BASE + FD_RESERVE_PER_EXECUTION * max_concurrency
+    reserve = FD_RESERVE_BASE + FD_RESERVE_PER_EXECUTION * max_concurrency + \
+        2 * ACCEPT_BATCH * listeners
     if soft == resource.RLIM_INFINITY:
         share = config.max_connections
     else:
         share = max(MIN_CONNECTIONS, (soft - reserve) // listeners)
     return min(config.max_connections, share), {"nofile": int(soft), "fd_reserve": reserve}
+
+
+async def _relisten(servers: list[_Server], listeners: list[socket.socket]) -> None:
+    """Once uvicorn listens (with `ACCEPT_BATCH` as asyncio's backlog, which also sizes its
+    accept batches), give the kernel queue its full length again."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while not all(server.started for server in servers):
+        if asyncio.get_running_loop().time() > deadline:
+            return  # a server that failed to start is reported by _serve
+        await asyncio.sleep(0.01)
+    for sock in listeners:
+        sock.listen(_BACKLOG)
 
 
 def _loop_errors(limiter: jsonlog.RateLimited) -> Callable[[asyncio.AbstractEventLoop,
@@ -304,6 +322,7 @@ class Daemon:
                       keepalive_timeout=config.keepalive_timeout, **figures)
         serving = [asyncio.create_task(server.serve(sockets=[sock]))
                    for server, sock in zip(servers, listeners, strict=True)]
+        await _relisten(servers, listeners)
         self._spawn(service.watch_zygotes())
         weak = {layer["name"]: f"{layer['status']}: {layer['detail']}"
                 for layer in service.isolation_layers() if layer["status"] != "active"}
