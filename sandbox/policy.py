@@ -11,6 +11,8 @@ model loadable from TOML or YAML:
     max_input_bytes = 1048576        # defaults for every tenant
     max_timeout = 60
 
+    default_scope = "shared"         # or "per_tenant" (see below)
+
     [default]                        # tenants not listed below
     allowed_skills = ["examples/*"]
     max_concurrent = 4
@@ -19,6 +21,20 @@ model loadable from TOML or YAML:
     [tenants.acme]
     allowed_skills = ["*"]
     network = true                   # may run skills whose manifest allows network
+
+`tenant_id` is chosen by the caller, so `[default]`'s limits are only a limit if rotating ids
+does not escape them. `default_scope` says how they apply to tenants not listed under
+`[tenants]` (including the anonymous tenant ""):
+
+- `"shared"` (the default): one aggregate `max_concurrent` and one token bucket for all of
+  them together: ten fresh ids with `burst = 2` get 2 executions, not 10.
+- `"per_tenant"`: each id gets its own counter and bucket (for callers that authenticate
+  tenant ids before they reach the sandbox).
+
+Listed tenants always have their own. State is bounded: a tenant's in-flight count is dropped
+at zero and its bucket once it has refilled to `burst` (it then behaves exactly like a fresh
+one), so idle tenants cost nothing; with `per_tenant`, the buckets alive at once are at most
+the ids seen within one refill time (`burst / rate` seconds).
 """
 
 from __future__ import annotations
@@ -30,7 +46,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
@@ -75,6 +91,18 @@ class TenantPolicy(BaseModel):
 class _Bucket:
     tokens: float
     updated: float
+    limit: RateLimit
+
+    def full(self, now: float) -> bool:
+        """Refilled to `burst` by `now`: indistinguishable from a fresh bucket."""
+        return self.tokens + (now - self.updated) * self.limit.rate >= self.limit.burst
+
+
+#: The state key of every tenant under a shared `[default]` (no tenant id is None).
+_SHARED: None = None
+#: How often (seconds) full buckets are dropped, at most; and a size that forces a sweep.
+_SWEEP_INTERVAL = 1.0
+_SWEEP_SIZE = 4096
 
 
 class Policy(BaseModel):
@@ -87,11 +115,15 @@ class Policy(BaseModel):
     default: TenantPolicy = TenantPolicy()
     allow_unknown_tenants: bool = Field(
         default=True, description="false: tenants not listed under [tenants] are rejected")
+    default_scope: Literal["shared", "per_tenant"] = Field(
+        default="shared", description="shared: [default]'s max_concurrent and rate_limit are "
+        "one aggregate limit for all unlisted tenants; per_tenant: each tenant id its own")
     tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
 
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-    _inflight: dict[str, int] = PrivateAttr(default_factory=dict)
-    _buckets: dict[str, _Bucket] = PrivateAttr(default_factory=dict)
+    _inflight: dict[str | None, int] = PrivateAttr(default_factory=dict)
+    _buckets: dict[str | None, _Bucket] = PrivateAttr(default_factory=dict)
+    _swept: float = PrivateAttr(default=0.0)
     _clock: Callable[[], float] = PrivateAttr(default=time.monotonic)
 
     def with_clock(self, clock: Callable[[], float]) -> Policy:
@@ -162,35 +194,71 @@ class Policy(BaseModel):
                 request.timeout > max_timeout:
             return (f"the requested timeout {request.timeout:g}s is above {who}'s maximum "
                     f"of {max_timeout:g}s")
+        key = self._key(tenant_id)
+        shared = key is _SHARED
+        whose = "the unlisted tenants' shared [default]" if shared else f"{who}'s"
         with self._lock:
-            inflight = self._inflight.get(tenant_id, 0)
+            inflight = self._inflight.get(key, 0)
             if rules.max_concurrent is not None and inflight >= rules.max_concurrent:
+                if shared:
+                    return (f"{who} may not start an execution: tenants not listed under "
+                            f"[tenants] already have {inflight} running (the shared [default] "
+                            f"max_concurrent = {rules.max_concurrent})")
                 return (f"{who} already has {inflight} executions running "
                         f"(max_concurrent = {rules.max_concurrent})")
-            if rules.rate_limit is not None and not self._take_token(tenant_id,
-                                                                     rules.rate_limit):
+            if rules.rate_limit is not None and not self._take_token(key, rules.rate_limit):
+                if shared:
+                    return (f"{who} is over {whose} rate limit of {rules.rate_limit.rate:g}/s "
+                            f"(burst {rules.rate_limit.burst})")
                 return (f"{who} is over its rate limit of {rules.rate_limit.rate:g}/s "
                         f"(burst {rules.rate_limit.burst})")
-            self._inflight[tenant_id] = inflight + 1
+            self._inflight[key] = inflight + 1
         return None
 
+    def _key(self, tenant_id: str) -> str | None:
+        """Whose counters an execution uses: a listed tenant's own, else the shared
+        `[default]` state or the tenant's own, by `default_scope`."""
+        if tenant_id in self.tenants or self.default_scope == "per_tenant":
+            return tenant_id
+        return _SHARED
+
     def release(self, request: ExecutionRequest, skill: Skill) -> None:
+        key = self._key(request.tenant_id)
         with self._lock:
-            left = self._inflight.get(request.tenant_id, 0) - 1
+            left = self._inflight.get(key, 0) - 1
             if left > 0:
-                self._inflight[request.tenant_id] = left
+                self._inflight[key] = left
             else:
-                self._inflight.pop(request.tenant_id, None)
+                self._inflight.pop(key, None)
 
     def inflight(self, tenant_id: str) -> int:
+        """Executions in flight counted against `tenant_id` (the shared count for a tenant
+        under a shared `[default]`)."""
         with self._lock:
-            return self._inflight.get(tenant_id, 0)
+            return self._inflight.get(self._key(tenant_id), 0)
 
-    def _take_token(self, tenant_id: str, limit: RateLimit) -> bool:
+    def tracked_tenants(self) -> int:
+        """How many tenants (or the shared default) have state now; idle ones are dropped."""
+        with self._lock:
+            self._sweep(self._clock(), force=True)
+            return len(set(self._inflight) | set(self._buckets))
+
+    def _sweep(self, now: float, force: bool = False) -> None:
+        """Drop buckets that have refilled (called with the lock held; amortised)."""
+        if not force and now - self._swept < _SWEEP_INTERVAL and \
+                len(self._buckets) < _SWEEP_SIZE:
+            return
+        self._swept = now
+        for key in [key for key, bucket in self._buckets.items() if bucket.full(now)]:
+            del self._buckets[key]
+
+    def _take_token(self, key: str | None, limit: RateLimit) -> bool:
         now = self._clock()
-        bucket = self._buckets.get(tenant_id)
-        if bucket is None:
-            bucket = self._buckets[tenant_id] = _Bucket(tokens=float(limit.burst), updated=now)
+        self._sweep(now)
+        bucket = self._buckets.get(key)
+        if bucket is None or bucket.limit != limit:
+            bucket = self._buckets[key] = _Bucket(tokens=float(limit.burst), updated=now,
+                                                  limit=limit)
         bucket.tokens = min(float(limit.burst),
                             bucket.tokens + (now - bucket.updated) * limit.rate)
         bucket.updated = now

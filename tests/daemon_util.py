@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -57,7 +58,10 @@ class Daemon:
 
     def __init__(self, skills: list[Path], *, tcp: bool = False, token: str | None = TOKEN,
                  args: list[str] | None = None, env: dict[str, str] | None = None,
-                 config: str | None = None) -> None:
+                 config: str | None = None, nofile: int | None = None,
+                 umask: int | None = None) -> None:
+        self.nofile = nofile
+        self.umask = umask
         self.dir = Path(tempfile.mkdtemp(prefix="ssd-", dir="/tmp"))
         self.socket = self.dir / "d.sock"
         self.log_path = self.dir / "daemon.log"
@@ -90,9 +94,18 @@ class Daemon:
     def spawn(self) -> subprocess.Popen[bytes]:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=log, env=self.env, cwd=ROOT)
+                                            stdout=log, stderr=log, env=self.env, cwd=ROOT,
+                                            preexec_fn=self._limits)
         self.pid = self.process.pid
         return self.process
+
+    def _limits(self) -> None:
+        """In the child before exec: the fd limit and umask the test asked for (like an
+        operator's `ulimit -n` or a service manager's UMask=)."""
+        if self.nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+        if self.umask is not None:
+            os.umask(self.umask)
 
     def start(self) -> Daemon:
         self.spawn()

@@ -139,13 +139,15 @@ def test_malformed_bodies_get_a_clear_4xx_and_never_reach_a_worker(
 def test_oversized_bodies_are_refused_with_413_declared_or_streamed(
         http: httpx.Client, daemon: Daemon) -> None:
     big = json.dumps({"skill_id": "examples/echo", "input": "x" * MAX_BODY}).encode()
-    declared = http.post("/v1/execute", content=big)
+    declared = http.post("/v1/execute", content=big,
+                         headers={"Content-Type": "application/json"})
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the cap applies while reading
         for start in range(0, len(big), 8192):
             yield big[start:start + 8192]
 
-    streamed = http.post("/v1/execute", content=chunks())
+    streamed = http.post("/v1/execute", content=chunks(),
+                         headers={"Content-Type": "application/json"})
     for response in (declared, streamed):
         assert response.status_code == 413
         assert response.json()["code"] == "body_too_large"

@@ -94,7 +94,8 @@ def test_input_size_and_requested_timeout_caps(skills: dict[str, Skill]) -> None
 
 def test_token_bucket_rate_limit_refills_with_time(skills: dict[str, Skill]) -> None:
     clock = FakeClock()
-    policy = Policy(default=TenantPolicy(rate_limit=RateLimit(rate=2, burst=3))).with_clock(clock)
+    policy = Policy(default=TenantPolicy(rate_limit=RateLimit(rate=2, burst=3)),
+                    default_scope="per_tenant").with_clock(clock)
     echo = skills["echo"]
     outcomes = []
     for _ in range(4):
@@ -109,7 +110,7 @@ def test_token_bucket_rate_limit_refills_with_time(skills: dict[str, Skill]) -> 
 
 
 def test_max_concurrent_counts_until_release(skills: dict[str, Skill]) -> None:
-    policy = Policy(default=TenantPolicy(max_concurrent=2))
+    policy = Policy(default=TenantPolicy(max_concurrent=2), default_scope="per_tenant")
     echo = skills["echo"]
     assert policy.check(_request("t/echo"), echo) is None
     assert policy.check(_request("t/echo"), echo) is None
@@ -245,7 +246,7 @@ def test_admission_order_loaded_input_policy_breaker(
 
 def test_max_concurrent_is_released_after_each_execution(
         make_sandbox: Callable[..., Sandbox], skills: dict[str, Skill]) -> None:
-    policy = Policy(default=TenantPolicy(max_concurrent=1))
+    policy = Policy(default=TenantPolicy(max_concurrent=1), default_scope="per_tenant")
     sandbox = make_sandbox(skills["echo"], policy=policy, max_concurrency=2)
     started = threading.Event()
     results: list[Any] = []
@@ -290,3 +291,43 @@ def test_custom_policy_object(make_sandbox: Callable[..., Sandbox],
     result = sandbox.execute(ExecutionRequest(skill_id="t/echo"))
     assert result.status is ExecutionStatus.REJECTED
     assert result.error == REJECTED + "the policy check raised RuntimeError: policy store down"
+
+
+def test_shared_default_is_one_limit_for_every_unlisted_tenant(
+        skills: dict[str, Skill]) -> None:
+    clock = FakeClock()
+    policy = Policy(default=TenantPolicy(rate_limit=RateLimit(rate=1, burst=2),
+                                         max_concurrent=3),
+                    tenants={"acme": TenantPolicy(rate_limit=RateLimit(rate=1, burst=1))}
+                    ).with_clock(clock)
+    echo = skills["echo"]
+    outcomes = [policy.check(_request("t/echo", tenant=f"fresh-{n}"), echo) for n in range(5)]
+    assert outcomes[:2] == [None, None]
+    assert outcomes[2] == ("tenant 'fresh-2' is over the unlisted tenants' shared [default] "
+                           "rate limit of 1/s (burst 2)")
+    assert policy.inflight("anyone-else") == 2  # one shared count
+    assert policy.check(_request("t/echo", tenant="acme"), echo) is None  # its own bucket
+    clock.now += 10
+    assert policy.check(_request("t/echo", tenant="x"), echo) is None
+    assert policy.check(_request("t/echo", tenant="y"), echo) is not None  # max_concurrent 3
+    assert "shared [default] max_concurrent = 3" in str(
+        policy.check(_request("t/echo", tenant="y"), echo))
+
+
+def test_idle_tenant_state_is_dropped_once_its_bucket_refills(
+        skills: dict[str, Skill]) -> None:
+    clock = FakeClock()
+    policy = Policy(default=TenantPolicy(rate_limit=RateLimit(rate=2, burst=2)),
+                    default_scope="per_tenant").with_clock(clock)
+    echo = skills["echo"]
+    for n in range(100):
+        request = _request("t/echo", tenant=f"t-{n}")
+        assert policy.check(request, echo) is None
+        policy.release(request, echo)
+    assert policy.tracked_tenants() == 100
+    clock.now += 0.25  # half a token back: not yet like a fresh bucket
+    assert policy.tracked_tenants() == 100
+    clock.now += 0.25
+    assert policy.tracked_tenants() == 0
+    request = _request("t/echo", tenant="t-1")  # a dropped tenant starts full, as before
+    assert [policy.check(request, echo) for _ in range(3)][:2] == [None, None]

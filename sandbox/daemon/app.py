@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -70,8 +70,25 @@ def refuse(request: Request, service: Service, refused: Refused, **extra: Any) -
                           **({"problems": extra["problems"]} if "problems" in extra else {}))
 
 
+class ClientGone(Exception):
+    """The caller hung up before its request body was read: nobody to answer, not our error."""
+
+
+def check_json_content_type(request: Request) -> None:
+    """`Refused(415)` unless the body is declared JSON (`application/json`, any parameters,
+    or a `+json` type): a form or text body is a caller's mistake, said at once."""
+    declared = request.headers.get("content-type", "")
+    media = declared.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/")
+                                            and media.endswith("+json")):
+        shown = f"Content-Type {declared!r}" if declared else "no Content-Type"
+        raise Refused(415, "unsupported_media_type",
+                      f"{shown}: send the body as JSON with 'Content-Type: application/json'")
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, or `Refused(413)` as soon as it is known to be larger than `limit`."""
+    """The body, or `Refused(413)` as soon as it is known to be larger than `limit`;
+    `ClientGone` if the caller hangs up (or misses the body deadline) first."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -82,13 +99,25 @@ async def read_body(request: Request, limit: int) -> bytes:
                           f"larger than max_body_bytes ({limit})")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Refused(413, "body_too_large",
-                          f"request body is larger than max_body_bytes ({limit})")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise Refused(413, "body_too_large",
+                              f"request body is larger than max_body_bytes ({limit})")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone(f"{size} bytes of the body read") from None
     return b"".join(chunks)
+
+
+def client_gone(request: Request, exc: ClientGone) -> Response:
+    """Log a hang-up at INFO and answer 499 (nginx's "client closed request"), which nobody
+    reads but the access log and the counters do: it is not a server error."""
+    jsonlog.event(log, logging.INFO, "client disconnected before the body was read",
+                  method=request.method, path=request.url.path, peer=_peer(request.scope),
+                  detail=str(exc))
+    return Response(status_code=499)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -121,17 +150,19 @@ class Api:
         self.service = service
 
     async def body(self, request: Request) -> bytes:
+        check_json_content_type(request)
         return await read_body(request, self.service.config.max_body_bytes)
 
     async def execute(self, request: Request) -> Response:
         service = self.service
         try:
             body = parse_body(await self.body(request), ExecuteBody)
+        except ClientGone as exc:
+            return client_gone(request, exc)
         except Refused as refused:
             return refuse(request, service, refused)
         except BodyError as exc:
-            code = 400 if not exc.problems else 422
-            return refuse(request, service, Refused(code, "invalid_body", str(exc)),
+            return refuse(request, service, Refused(exc.code, "invalid_body", str(exc)),
                           problems=exc.problems)
         execution = body.to_request()
         try:
@@ -156,11 +187,12 @@ class Api:
         try:
             body = parse_body(await self.body(request), PlanBody)
             plan = ExecutionPlan.from_dict(body.plan)
+        except ClientGone as exc:
+            return client_gone(request, exc)
         except Refused as refused:
             return refuse(request, service, refused)
         except BodyError as exc:
-            code = 400 if not exc.problems else 422
-            return refuse(request, service, Refused(code, "invalid_body", str(exc)),
+            return refuse(request, service, Refused(exc.code, "invalid_body", str(exc)),
                           problems=exc.problems)
         except InvalidPlan as exc:
             return refuse(request, service, Refused(422, "invalid_plan", str(exc)))
@@ -275,8 +307,10 @@ class Api:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, reason,
-                          f"{request.method} {request.url.path}: {exc.detail}")
+    response = error_response(exc.status_code, reason,
+                              f"{request.method} {request.url.path}: {exc.detail}")
+    response.headers.update(exc.headers or {})  # 405 carries Allow
+    return response
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:

@@ -157,6 +157,20 @@ class DaemonConfig(_Strict):
                                         description="executions at once (default: CPU count)")
     max_queue: int = Field(default=64, ge=0, description="executions waiting for a slot before 429")
     max_body_bytes: int = Field(default=4 << 20, gt=0, description="largest accepted request body")
+    header_timeout: float = Field(default=10.0, gt=0, le=3600,
+                                  description="seconds a connection may take to send a "
+                                  "request's head (line and headers), from when it opens or "
+                                  "its previous response ended; then 408 and close")
+    body_timeout: float = Field(default=30.0, gt=0, le=3600,
+                                description="seconds a request may take to send its body "
+                                "after the head; then 408 and close")
+    keepalive_timeout: float = Field(default=5.0, gt=0, le=3600,
+                                     description="seconds an idle keep-alive connection stays "
+                                     "open after a response")
+    max_connections: int = Field(default=1024, ge=1,
+                                 description="open connections per listener (Unix socket, "
+                                 "TCP); lowered at start to fit the fd limit; beyond it a new "
+                                 "connection gets 503 and is closed")
     grace_period: float = Field(default=30.0, ge=0,
                                 description="seconds SIGTERM waits for in-flight executions")
     policy: Path | None = Field(default=None, description="policy file (TOML or YAML)")

@@ -3,6 +3,10 @@
 Counters and histograms are updated as executions finish; the figures that are a property of
 the moment (zygotes up, circuit states, queue depth) are read from the daemon on each scrape, so
 they can never go stale.
+
+Every label value comes from a bounded set the operator controls: skill ids of loaded skills
+(any other id a caller sends is counted under `other`), route templates, status codes, fixed
+reasons. Nothing a caller chooses becomes a label, so callers cannot grow /metrics.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from worker.protocol import ExecutionResult
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _CPU_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+#: The label for executions of skills that are not loaded (unknown ids, unloaded meanwhile).
+OTHER = "other"
 _MEMORY_BUCKETS = tuple(float(mb << 20) for mb in (1, 4, 16, 32, 64, 128, 256, 512, 1024, 4096))
 CIRCUIT_STATES = ("closed", "open", "half_open")
 
@@ -31,6 +38,9 @@ class Snapshot:
     circuits: dict[str, str] = field(default_factory=dict)
     inflight: int = 0
     running: int = 0
+    queued: int = 0
+    queue_limit: int = 0
+    tenants_tracked: int | None = None
     draining: bool = False
 
 
@@ -59,8 +69,15 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily("skill_sandbox_running_executions",
                                 "executions running in a worker", value=snap.running)
         yield GaugeMetricFamily("skill_sandbox_queue_depth",
-                                "executions waiting for a concurrency slot",
-                                value=max(0, snap.inflight - snap.running))
+                                "executions waiting for a concurrency slot", value=snap.queued)
+        yield GaugeMetricFamily("skill_sandbox_queue_limit",
+                                "requests in flight (running + queued) beyond which new ones get "
+                                "429 queue_full: max_concurrency + max_queue",
+                                value=snap.queue_limit)
+        if snap.tenants_tracked is not None:
+            yield GaugeMetricFamily("skill_sandbox_policy_tenants_tracked",
+                                    "tenants with rate-limit or concurrency state in the policy "
+                                    "(idle ones are evicted)", value=snap.tenants_tracked)
         yield GaugeMetricFamily("skill_sandbox_draining", "1 while shutting down",
                                 value=1.0 if snap.draining else 0.0)
 
@@ -68,8 +85,12 @@ class _LiveCollector(Collector):
 class Metrics:
     """The daemon's metrics; `observe` is called once per finished execution."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot],
+                 loaded: Callable[[str], bool] = lambda skill_id: True) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
+        self._loaded = loaded
+        #: listener name -> open connections, filled in by the server once it listens
+        self.open_connections: dict[str, Callable[[], int]] = {}
         registry = self.registry
         self.executions = Counter("skill_sandbox_executions", "finished executions",
                                   ["skill", "status"], registry=registry)
@@ -94,10 +115,32 @@ class Metrics:
         self.rejected_requests = Counter("skill_sandbox_rejected_requests",
                                          "HTTP requests refused before reaching a worker",
                                          ["reason"], registry=registry)
+        self.queue_wait = Histogram("skill_sandbox_queue_wait_seconds",
+                                    "time an admitted execution waited for a concurrency slot",
+                                    buckets=_QUEUE_BUCKETS, registry=registry)
+        self.connections_refused = Counter("skill_sandbox_connections_refused",
+                                           "connections closed at once: the listener had "
+                                           "max_connections open", ["listener"],
+                                           registry=registry)
+        self.connections_timed_out = Counter("skill_sandbox_connections_timed_out",
+                                             "connections closed because the request head or "
+                                             "body did not arrive in time",
+                                             ["listener", "phase"], registry=registry)
         registry.register(_LiveCollector(snapshot))
+        registry.register(_ConnectionCollector(self))
+
+    def connection_refused(self, listener: str) -> None:
+        self.connections_refused.labels(listener).inc()
+
+    def connection_timed_out(self, listener: str, phase: str) -> None:
+        self.connections_timed_out.labels(listener, phase).inc()
+
+    def skill_label(self, skill_id: str) -> str:
+        """`skill_id` if that skill is loaded, else `other`: callers cannot mint labels."""
+        return skill_id if skill_id and self._loaded(skill_id) else OTHER
 
     def observe(self, result: ExecutionResult) -> None:
-        skill = result.skill_id or "unknown"
+        skill = self.skill_label(result.skill_id)
         self.executions.labels(skill, result.status.value).inc()
         self.duration.labels(skill).observe(result.duration)
         usage = result.resource_usage
@@ -106,6 +149,18 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ConnectionCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily("skill_sandbox_open_connections",
+                                   "connections open on each listener", labels=["listener"])
+        for name, count in sorted(self._metrics.open_connections.items()):
+            family.add_metric([name], float(count()))
+        yield family
 
 
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:

@@ -5,12 +5,14 @@ document of what goes out (generated from the same models, so the two cannot dis
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Literal, TypeVar
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sandbox import jsonbounds
+from sandbox.daemon import logquery
 from sandbox.plans import ExecutionContext, StepResult
 from sandbox.validation import field_problems
 from worker.protocol import ErrorKind, ExecutionRequest, ExecutionResult
@@ -21,11 +23,76 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class BodyError(ValueError):
-    """A request body that is not acceptable; `problems` lists `{field, message}`."""
+    """A request body that is not acceptable; `problems` lists `{field, message}`. `code` is
+    400 when the body is not acceptable JSON text at all (or names a value JSON cannot carry),
+    422 when it is JSON that fails validation."""
 
-    def __init__(self, message: str, problems: list[dict[str, str]] | None = None) -> None:
+    def __init__(self, message: str, problems: list[dict[str, str]] | None = None,
+                 code: int | None = None) -> None:
         super().__init__(message)
         self.problems = problems or []
+        self.code = code if code is not None else (422 if self.problems else 400)
+
+
+class _NonFinite:
+    """Stands in for NaN/Infinity/an overflowing number while parsing, so the walk that
+    follows can name the field (JSON has no such values; they must not become `null`)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _parse_float(text: str) -> float | _NonFinite:
+    value = float(text)
+    return value if math.isfinite(value) else _NonFinite(text)
+
+
+#: A field's path as a linked list (parent, key): pushing a child is O(1) however deep the
+#: body is; the dotted name is only built for a field with a problem.
+_Path = tuple["_Path", str | int] | None
+
+
+def _field(path: _Path) -> str:
+    parts: list[str] = []
+    while path is not None:
+        path, key = path
+        parts.append(str(key))
+    return ".".join(reversed(parts)) or "(body)"
+
+
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+_SURROGATE = "is not valid Unicode (a lone surrogate escape such as \\ud800)"
+
+
+def _strict_problems(data: Any) -> list[dict[str, str]]:
+    """Values JSON text can carry but JSON data cannot: lone surrogates (`"\\ud800"`), which
+    no UTF-8 encoder accepts later, and non-finite numbers. One problem per field."""
+    problems: list[dict[str, str]] = []
+    stack: list[tuple[_Path, Any]] = [(None, data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if _unencodable(value):
+                problems.append({"field": _field(path), "message": f"text {_SURROGATE}"})
+        elif isinstance(value, _NonFinite):
+            problems.append({"field": _field(path), "message": f"{value.text} is not a finite "
+                             "number (JSON has no NaN or Infinity)"})
+        elif isinstance(value, dict):
+            if any(_unencodable(key) for key in value):
+                problems.append({"field": _field(path), "message": f"a key {_SURROGATE}"})
+                continue
+            stack.extend(((path, key), item) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend(((path, index), item)
+                         for index, item in reversed(list(enumerate(value))))
+    return problems
 
 
 class _Body(BaseModel):
@@ -38,7 +105,7 @@ class ExecuteBody(_Body):
     skill_id: str = Field(min_length=1, max_length=256, description="e.g. 'examples/echo'")
     input: Any = Field(default_factory=dict, description="any JSON value; validated against "
                        "the skill's input_schema")
-    timeout: float | None = Field(default=None, gt=0, le=86400,
+    timeout: float | None = Field(default=None, gt=0, le=86400, strict=True,
                                   description="seconds; overrides the skill's wall timeout")
     tenant_id: str = Field(default="", max_length=256)
     user_id: str = Field(default="", max_length=256)
@@ -88,7 +155,7 @@ class PlanContextBody(_Body):
     session_id: str = Field(default="", max_length=256)
     tenant_id: str = Field(default="", max_length=256)
     user_id: str = Field(default="", max_length=256)
-    timeout: float | None = Field(default=None, gt=0, le=86400,
+    timeout: float | None = Field(default=None, gt=0, le=86400, strict=True,
                                   description="seconds for the whole plan (its deadline)")
 
 
@@ -132,7 +199,7 @@ def parse_body(raw: bytes, model: type[M]) -> M:
     if not raw.strip():
         raise BodyError("the request body is empty; send a JSON object")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_float=_parse_float, parse_constant=_NonFinite)
     except UnicodeDecodeError:
         raise BodyError("the request body is not UTF-8 JSON") from None
     except ValueError as exc:
@@ -141,6 +208,10 @@ def parse_body(raw: bytes, model: type[M]) -> M:
         raise BodyError("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise BodyError(f"the request body must be a JSON object, got {type(data).__name__}")
+    strict = _strict_problems(data)
+    if strict:
+        text = "; ".join(f"field '{p['field']}': {p['message']}" for p in strict)
+        raise BodyError(f"invalid request body: {text}", strict, code=400)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -192,11 +263,18 @@ def _json(schema: dict[str, Any], description: str = "") -> dict[str, Any]:
             "content": {"application/json": {"schema": schema}}}
 
 
+_UNAUTHORIZED = {"401": _json(_ref("ErrorBody"), "missing or wrong bearer token (TCP only)")}
+#: What any route with a JSON body can answer besides 200 (every one of them a JSON ErrorBody).
 _ERRORS = {
-    "400": _json(_ref("ErrorBody"), "body is not JSON / not an object"),
-    "401": _json(_ref("ErrorBody"), "missing or wrong bearer token (TCP only)"),
+    "400": _json(_ref("ErrorBody"), "body is not JSON, not an object, or holds a value JSON "
+                 "data cannot (a lone surrogate, NaN, Infinity); `problems` names the field"),
+    **_UNAUTHORIZED,
+    "408": _json(_ref("ErrorBody"), "the body did not arrive within body_timeout"),
+    "409": _json(_ref("ErrorBody"), "request_id already in flight"),
     "413": _json(_ref("ErrorBody"), "body larger than max_body_bytes"),
-    "422": _json(_ref("ErrorBody"), "body fails validation; `problems` names the fields"),
+    "415": _json(_ref("ErrorBody"), "Content-Type is not application/json"),
+    "422": _json(_ref("ErrorBody"), "body fails validation (wrong type, unknown field, out of "
+                 "range); `problems` names the fields"),
     "429": _json(_ref("ErrorBody"), "queue full (max_concurrency + max_queue in flight)"),
     "503": _json(_ref("ErrorBody"), "draining: the daemon is shutting down"),
 }
@@ -214,8 +292,12 @@ def openapi_document() -> dict[str, Any]:
         schemas[model.__name__] = schema
 
     def op(summary: str, responses: dict[str, Any], body: str | None = None,
-           params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        operation: dict[str, Any] = {"summary": summary, "responses": responses}
+           params: list[dict[str, Any]] | None = None, public: bool = False) -> dict[str, Any]:
+        operation: dict[str, Any] = {
+            "summary": summary,
+            "responses": responses if public else {**responses, **_UNAUTHORIZED}}
+        if public:
+            operation["security"] = []
         if body:
             operation["requestBody"] = {"required": True,
                                         "content": {"application/json": {"schema": _ref(body)}}}
@@ -226,9 +308,10 @@ def openapi_document() -> dict[str, Any]:
     def path_param(name: str) -> dict[str, Any]:
         return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
-    def query(name: str, description: str) -> dict[str, Any]:
-        return {"name": name, "in": "query", "required": False, "schema": {"type": "string"},
-                "description": description}
+    def query(name: str, description: str,
+              schema: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": False,
+                "schema": schema or {"type": "string"}, "description": description}
 
     paths = {
         "/v1/execute": {"post": op("Run one skill execution; every outcome is a 200 result",
@@ -250,10 +333,12 @@ def openapi_document() -> dict[str, Any]:
             params=[query("force", "1 reloads every skill, changed or not")])},
         "/v1/executions": {"get": op(
             "Query the execution log",
-            {"200": _json(_OBJECT), "404": _json(_ref("ErrorBody"), "no execution log")},
+            {"200": _json(_OBJECT), "404": _json(_ref("ErrorBody"), "no execution log"),
+             "400": _json(_ref("ErrorBody"), "a query parameter is not valid")},
             params=[query("request_id", ""), query("tenant_id", ""), query("skill_id", ""),
                     query("status", ""), query("since", "ISO time or age like '1h'"),
-                    query("limit", "max records (default 100)")])},
+                    query("limit", "max records (default 100)",
+                          {"type": "integer", "minimum": 1, "maximum": logquery.MAX_LIMIT})])},
         "/v1/executions/{request_id}": {"get": op(
             "Execution-log records of one request",
             {"200": _json(_OBJECT), "404": _json(_ref("ErrorBody"), "unknown request id")},
@@ -265,9 +350,10 @@ def openapi_document() -> dict[str, Any]:
         "/v1/status": {"get": op("Daemon status: skills, zygotes, circuits, in-flight",
                                  {"200": _json(_OBJECT)})},
         "/healthz": {"get": op("Liveness: 200 while the process serves",
-                               {"200": _json(_OBJECT)})},
+                               {"200": _json(_OBJECT)}, public=True)},
         "/readyz": {"get": op("Readiness: 200 when every zygote is up and not draining",
                               {"200": _json(_OBJECT), "503": _json(_OBJECT, "not ready")})},
+        "/openapi.json": {"get": op("This document", {"200": _json(_OBJECT)})},
         "/metrics": {"get": op("Prometheus metrics", {
             "200": {"description": "text exposition format",
                     "content": {"text/plain": {"schema": {"type": "string"}}}}})},

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import stat
@@ -34,6 +35,7 @@ from sandbox.daemon.config import (
     env_values,
     load_config,
 )
+from sandbox.daemon.protocol import Listener, protocol_for
 from sandbox.daemon.service import Service
 
 log = jsonlog.get_logger("server")
@@ -43,6 +45,16 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2  # bad config: fix it, restarting will not help
 EXIT_BIND = 3  # the socket or port is taken, or cannot be created
 _BACKLOG = 512
+#: File descriptors kept free of connections: the event loop, the execution log, zygote
+#: control sockets, and per running execution its pipes, pidfd and cgroup files.
+FD_RESERVE_BASE = 128
+FD_RESERVE_PER_EXECUTION = 16
+#: asyncio accepts up to `backlog` connections per readiness event before any of their
+#: protocols runs, so a connection storm holds that many fds (twice, across two loop turns)
+#: beyond the connection bound. uvicorn is given this small backlog, which bounds the batch;
+#: the kernel's queue is set back to `_BACKLOG` once the servers listen.
+ACCEPT_BATCH = 16
+MIN_CONNECTIONS = 8
 
 
 class BindError(RuntimeError):
@@ -133,13 +145,65 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _server(app: ASGIApp) -> _Server:
-    config = uvicorn.Config(
-        app, http="h11", ws="none", lifespan="off", log_config=None, access_log=False,
-        server_header=False, proxy_headers=False, timeout_keep_alive=5,
+def _server(app: ASGIApp, config: DaemonConfig, listener: Listener) -> _Server:
+    """uvicorn's own knobs where it has them (keep-alive, head size, backlog); the head and
+    body deadlines and the connection bound come from `BoundedH11Protocol`."""
+    server_config = uvicorn.Config(
+        app, http=protocol_for(listener), ws="none", lifespan="off", log_config=None,
+        access_log=False, server_header=False, proxy_headers=False,
+        timeout_keep_alive=config.keepalive_timeout,  # type: ignore[arg-type]
         timeout_graceful_shutdown=5, h11_max_incomplete_event_size=64 * 1024,
+        backlog=ACCEPT_BATCH,
     )
-    return _Server(config)
+    return _Server(server_config)
+
+
+def connection_limits(config: DaemonConfig, listeners: int,
+                      max_concurrency: int) -> tuple[int, dict[str, int]]:
+    """Connections allowed per listener: `max_connections`, lowered so that all listeners'
+    connections plus a reserve for workers fit under the soft RLIMIT_NOFILE. With the bound
+    in place accept() cannot fail for lack of fds, and the Unix socket keeps its own share
+    however many TCP connections arrive. Returns the limit and the figures behind it."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    reserve = FD_RESERVE_BASE + FD_RESERVE_PER_EXECUTION * max_concurrency + \
+        2 * ACCEPT_BATCH * listeners
+    if soft == resource.RLIM_INFINITY:
+        share = config.max_connections
+    else:
+        share = max(MIN_CONNECTIONS, (soft - reserve) // listeners)
+    return min(config.max_connections, share), {"nofile": int(soft), "fd_reserve": reserve}
+
+
+async def _relisten(servers: list[_Server], listeners: list[socket.socket]) -> None:
+    """Once uvicorn listens (with `ACCEPT_BATCH` as asyncio's backlog, which also sizes its
+    accept batches), give the kernel queue its full length again."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while not all(server.started for server in servers):
+        if asyncio.get_running_loop().time() > deadline:
+            return  # a server that failed to start is reported by _serve
+        await asyncio.sleep(0.01)
+    for sock in listeners:
+        sock.listen(_BACKLOG)
+
+
+def _loop_errors(limiter: jsonlog.RateLimited) -> Callable[[asyncio.AbstractEventLoop,
+                                                            dict[str, Any]], None]:
+    """asyncio's exception handler, rate-limited: a repeating error (accept() out of fds,
+    once per attempt) is one JSON line per interval with a count, not a traceback each."""
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        message = str(context.get("message") or "event loop error")
+        exception = context.get("exception")
+        key = f"{message}:{type(exception).__name__}"
+        skipped = limiter.allow(key)
+        if skipped is None:
+            return
+        fields: dict[str, Any] = {"error": repr(exception) if exception else None}
+        if skipped:
+            fields["similar_events_not_logged"] = skipped
+        quiet = isinstance(exception, OSError)  # the errno says it all; no traceback
+        log.error(message, exc_info=None if quiet or exception is None else exception,
+                  extra={"fields": fields})
+    return handler
 
 
 # -- the daemon --------------------------------------------------------------------------------
@@ -199,6 +263,7 @@ class Daemon:
             jsonlog.event(log, logging.ERROR, "cannot listen", error=str(exc))
             _close_unix(unix, socket_path, identity)
             return EXIT_BIND
+        loop.set_exception_handler(_loop_errors(jsonlog.RateLimited()))
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_stop_signal, signum)
         service: Service | None = None
@@ -237,9 +302,27 @@ class Daemon:
             host, port = listeners[1].getsockname()[:2]
             listening["tcp"] = str(TcpAddress(host, port))
         service.listening = listening
-        servers = [_server(app) for app in apps]
+        limit, figures = connection_limits(config, len(listeners),
+                                           service.sandbox.max_concurrency)
+        names = ["unix", "tcp"][:len(listeners)]
+        bounds = [Listener(name, limit, config.header_timeout, config.body_timeout,
+                           on_refused=service.metrics.connection_refused,
+                           on_timeout=service.metrics.connection_timed_out)
+                  for name in names]
+        servers = [_server(app, config, bound) for app, bound in zip(apps, bounds, strict=True)]
+        for bound, server in zip(bounds, servers, strict=True):
+            bound.open_connections = lambda server=server: len(  # type: ignore[misc]
+                server.server_state.connections)
+        service.metrics.open_connections = {bound.name: bound.open_connections
+                                            for bound in bounds}
+        jsonlog.event(log, logging.WARNING if limit < config.max_connections else logging.INFO,
+                      "connection limits", **{name: limit for name in names},
+                      max_connections=config.max_connections, header_timeout=config.header_timeout,
+                      body_timeout=config.body_timeout,
+                      keepalive_timeout=config.keepalive_timeout, **figures)
         serving = [asyncio.create_task(server.serve(sockets=[sock]))
                    for server, sock in zip(servers, listeners, strict=True)]
+        await _relisten(servers, listeners)
         self._spawn(service.watch_zygotes())
         weak = {layer["name"]: f"{layer['status']}: {layer['detail']}"
                 for layer in service.isolation_layers() if layer["status"] != "active"}

@@ -19,7 +19,7 @@ from typing import Any
 
 from sandbox.capabilities import IsolationUnavailable
 from sandbox.circuit import InMemoryCircuitBreaker
-from sandbox.daemon import jsonlog, logquery
+from sandbox.daemon import jsonlog, logquery, sweep
 from sandbox.daemon.config import ConfigError, DaemonConfig
 from sandbox.daemon.metrics import Metrics, Snapshot
 from sandbox.daemon.reloadable import ReloadablePolicy
@@ -36,7 +36,8 @@ log = jsonlog.get_logger("service")
 
 #: Settings a running daemon cannot change; a reload that sees them changed says so.
 RESTART_ONLY = ("socket", "tcp", "max_concurrency", "workdir_root", "execution_log",
-                "max_body_bytes", "tools", "circuit", "isolation")
+                "max_body_bytes", "tools", "circuit", "isolation", "header_timeout",
+                "body_timeout", "keepalive_timeout", "max_connections")
 
 
 def load_policy(config: DaemonConfig) -> Policy | None:
@@ -87,6 +88,35 @@ def skill_summary(skill: Skill) -> dict[str, Any]:
     }
 
 
+class DaemonSandbox(Sandbox):
+    """The sandbox, with its queue observed: how many executions wait for a concurrency slot
+    right now, and how long each waited (for /metrics). The wait itself is the library's."""
+
+    def __init__(self, *args: Any, on_queue_wait: Callable[[float], None] | None = None,
+                 **kwargs: Any) -> None:
+        self.on_queue_wait = on_queue_wait
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def queued(self) -> int:
+        return self._waiting
+
+    def _acquire_slot(self, token: Any, deadline: float) -> bool:
+        started = time.monotonic()
+        with self._waiting_lock:
+            self._waiting += 1
+        try:
+            got = super()._acquire_slot(token, deadline)
+        finally:
+            with self._waiting_lock:
+                self._waiting -= 1
+        if got and self.on_queue_wait is not None:
+            self.on_queue_wait(time.monotonic() - started)
+        return got
+
+
 class Service:
     """Owns the `Sandbox`. Build it, `await start()`, serve, `await drain()`, `await close()`."""
 
@@ -105,14 +135,17 @@ class Service:
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"field 'execution_log': cannot open {config.execution_log}: "
                                   f"{exc}") from None
+        self.swept = sweep.sweep_workdirs(config.workdir_root)
+        self.metrics = Metrics(self.snapshot, loaded=self._loaded)
         try:
-            self.sandbox = Sandbox(max_concurrency=config.max_concurrency,
+            self.sandbox = DaemonSandbox(max_concurrency=config.max_concurrency,
                                    workdir_root=str(config.workdir_root)
                                    if config.workdir_root else None,
                                    policy=self.policy,
                                    circuit_breaker=self.breaker or False,
                                    logger=self.execution_log,
-                                   isolation=config.isolation.to_config())
+                                   isolation=config.isolation.to_config(),
+                                   on_queue_wait=self.metrics.queue_wait.observe)
         except BaseException as exc:
             if self.execution_log is not None:
                 self.execution_log.close()
@@ -130,7 +163,6 @@ class Service:
             if self.execution_log is not None:
                 self.execution_log.close()
             raise ConfigError(f"field 'tools': {exc}") from None
-        self.metrics = Metrics(self.snapshot)
         self.started_at = time.time()
         self.draining = False
         self.inflight: set[str] = set()
@@ -150,8 +182,16 @@ class Service:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> ReloadReport:
+        if self.swept.removed or self.swept.errors:
+            jsonlog.event(log, logging.WARNING if self.swept.errors else logging.INFO,
+                          "swept leftover workdirs", removed=self.swept.removed,
+                          errors=self.swept.errors or None)
         report = await self.reload(reread=False)
         return report
+
+    def _loaded(self, skill_id: str) -> bool:
+        sandbox = getattr(self, "sandbox", None)
+        return sandbox is not None and sandbox.get_skill(skill_id) is not None
 
     async def drain(self, grace: float) -> bool:
         """Refuse new work and wait up to `grace` seconds for in-flight executions to finish;
@@ -181,6 +221,9 @@ class Service:
                           inflight=sorted(self.inflight))
         if self.execution_log is not None:
             self.execution_log.close()
+        if self.swept.lock_fd is not None:
+            os.close(self.swept.lock_fd)
+            self.swept.lock_fd = None
 
     # -- executing ------------------------------------------------------------------------
 
@@ -381,7 +424,11 @@ class Service:
     # -- what operators see ---------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        snap = Snapshot(inflight=len(self.inflight), draining=self.draining)
+        policy = self.policy.current
+        tracked = policy.tracked_tenants() if isinstance(policy, Policy) else None
+        snap = Snapshot(inflight=len(self.inflight), draining=self.draining,
+                        queued=self.sandbox.queued, tenants_tracked=tracked,
+                        queue_limit=self.sandbox.max_concurrency + self.config.max_queue)
         for skill in self.sandbox.skills():
             try:
                 info = self.sandbox.zygote_info(skill.id)
@@ -417,7 +464,7 @@ class Service:
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started_at, 3),
             "inflight": snap.inflight, "running": snap.running,
-            "queue_depth": max(0, snap.inflight - snap.running),
+            "queue_depth": snap.queued,
             "max_concurrency": self.sandbox.max_concurrency, "max_queue": self.config.max_queue,
             "listening": self.listening,
             "execution_log": self.config.execution_log or None,

@@ -31,7 +31,12 @@ class JsonlExecutionLogger(RecordLogger):
         self._encoder = msgspec.json.Encoder()
         self._lock = threading.Lock()
         self._fd: int | None = os.open(
-            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:  # private like the SQLite log: a file an older version made 0640 is tightened
+            if os.fstat(self._fd).st_mode & 0o077:
+                os.fchmod(self._fd, 0o600)
+        except PermissionError:
+            pass
 
     def write(self, record: ExecutionLogRecord) -> None:
         line = self._encoder.encode(record) + b"\n"

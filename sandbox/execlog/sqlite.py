@@ -67,6 +67,29 @@ class SchemaError(RuntimeError):
     """The database was written by an incompatible version of the schema."""
 
 
+#: SQLite's companion files of a WAL database; it creates them with the database's mode.
+_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def _private(path: Path) -> None:
+    """Create the database file mode 0600 before SQLite opens it (SQLite would use 0644 minus
+    the umask, and copies the database's mode to its -wal/-shm files), and tighten a file an
+    older version made: every caller's input and output is in there."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        for name in (str(path), *(f"{path}{suffix}" for suffix in _COMPANIONS)):
+            try:
+                if os.stat(name).st_mode & 0o077:
+                    os.chmod(name, 0o600)
+            except FileNotFoundError:
+                continue
+            except PermissionError:  # not ours to change (e.g. read by another user)
+                continue
+    else:
+        os.close(fd)
+
+
 def _epoch(value: datetime | float) -> float:
     if isinstance(value, datetime):
         if value.tzinfo is None:
@@ -87,6 +110,7 @@ class SqliteExecutionLogger(RecordLogger):
         self.path = Path(path)
         self._lock = threading.Lock()
         self._encoder = msgspec.json.Encoder()
+        _private(self.path)
         self._conn: sqlite3.Connection | None = sqlite3.connect(
             self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
         try:
