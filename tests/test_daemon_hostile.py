@@ -70,7 +70,7 @@ def _unix(item: Daemon, timeout: float = 20.0) -> socket.socket:
 
 def _read_all(sock: socket.socket) -> bytes:
     """Everything the server sends until it closes (the socket's timeout is the deadline)."""
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         chunk = sock.recv(65536)
         if not chunk:
@@ -588,7 +588,7 @@ def test_queue_depth_and_queue_wait_are_in_metrics(daemon: Callable[..., Daemon]
     threads = []
     for _ in range(3):
         client = item.client()
-        thread = threading.Thread(target=lambda c=client: _run(  # type: ignore[misc]
+        thread = threading.Thread(target=lambda c=client: _run(
             c, "test/sleeper", {"seconds": 1}), daemon=True)
         thread.start()
         threads.append((thread, client))

@@ -133,7 +133,7 @@ class ExecutionResultModel(_Body):
 
     status: Literal["success", "failed", "timeout", "canceled", "rejected"]
     output: Any = Field(description="the skill's JSON output; null when there is none")
-    error: str = Field(description="empty on success, else starts with the seed's message")
+    error: str = Field(description="empty on success, else starts with openbotstack-core's message")
     duration: float = Field(description="seconds")
     resource_usage: ResourceUsageModel
     stdout: str
