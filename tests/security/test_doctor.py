@@ -80,7 +80,8 @@ def test_a_required_layer_the_host_lacks_stops_the_sandbox_with_the_reason() -> 
         plan_layers(not_root, IsolationConfig(required=frozenset({"uid", "seccomp"})))
     refused = "PermissionError: [Errno 1] unshare(0x10000000): Operation not permitted"
     no_userns = dataclasses.replace(not_root, probes={**not_root.probes, "userns": refused})
-    plan = plan_layers(no_userns, IsolationConfig())  # not required: runs, and says so
+    # Not required: runs, and says so (cgroups off: on v2 they would cap processes instead).
+    plan = plan_layers(no_userns, IsolationConfig(disabled=frozenset({"cgroups"})))
     layers = {layer.name: layer for layer in capability_report(no_userns, plan).layers}
     assert layers["identity"].status == "unavailable"
     assert "not root" in layers["identity"].detail
@@ -99,7 +100,7 @@ def test_an_ordinary_user_with_user_namespaces_is_planned_every_namespace() -> N
     assert settings.user_ns and settings.execution_user_ns and settings.net_ns
     old_kernel = dataclasses.replace(not_root, probes={
         **not_root.probes, "userns_nproc": "RuntimeError: RLIMIT_NPROC=3 ... (Linux 5.14+)"})
-    plan = plan_layers(old_kernel, IsolationConfig())
+    plan = plan_layers(old_kernel, IsolationConfig(disabled=frozenset({"cgroups"})))
     assert plan.userns and not plan.userns_nproc and plan.mountns
     processes = capability_report(old_kernel, plan).layer("processes").detail
     assert "no per-execution RLIMIT_NPROC (RuntimeError: RLIMIT_NPROC=3" in processes
