@@ -24,7 +24,8 @@ from sandbox.errors import SandboxError
 from worker.protocol import ZygoteSettings
 
 #: Mechanisms an operator can require or disable by name.
-MECHANISMS = ("uid", "userns", "mountns", "netns", "ipcns", "landlock", "seccomp", "cgroups")
+MECHANISMS = ("uid", "userns", "mountns", "netns", "ipcns", "pidns", "landlock", "seccomp",
+              "cgroups")
 _PROBE_TIMEOUT = 20.0
 #: Set to 1 in the supervisor's environment to derive a profile: calls off the seccomp
 #: allow-list are allowed and logged by the kernel (audit type 1326) instead of refused.
@@ -143,6 +144,8 @@ class IsolationPlan:
     #: nested per execution in which RLIMIT_NPROC counts that execution's tasks alone.
     userns: bool = False
     userns_nproc: bool = False
+    #: Each execution pid 1 of a PID namespace of its own (`worker.pidns`).
+    pidns: bool = False
     off: dict[str, str] = field(default_factory=dict)
 
     def zygote_settings(self, network: bool, workdir_root: str) -> ZygoteSettings:
@@ -155,6 +158,7 @@ class IsolationPlan:
             mount_ns=self.mountns,
             net_ns=self.netns and not network,
             ipc_ns=self.ipcns,
+            pid_ns=self.pidns,
             seccomp=self.seccomp,
             # A netns hides no pathname socket: the socket rules hold with or without one.
             seccomp_network=self.seccomp and not network,
@@ -204,7 +208,7 @@ def _probe(uid: int) -> dict[str, str]:
         return results
     except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
         reason = f"the probe failed: {exc}"
-        return {name: reason for name in (*MECHANISMS, "setuid", "pidns", "userns_nproc")}
+        return {name: reason for name in (*MECHANISMS, "setuid", "userns_nproc")}
 
 
 def _cgroup_facts() -> tuple[dict[str, str], str, str]:
@@ -286,6 +290,7 @@ def plan_layers(host: HostInfo, config: IsolationConfig) -> IsolationPlan:
                       no_owner if not namespace_owner else host.probes.get(name, "not probed"))
 
     mountns, netns, ipcns = namespace("mountns"), namespace("netns"), namespace("ipcns")
+    pidns = namespace("pidns")
     landlock_ok = usable("landlock", host.landlock_abi > 0 and host.works("landlock"),
                          "the kernel has no Landlock (5.13+, CONFIG_SECURITY_LANDLOCK, "
                          "landlock in lsm=)" if not host.landlock_abi
@@ -302,7 +307,7 @@ def plan_layers(host: HostInfo, config: IsolationConfig) -> IsolationPlan:
     plan = IsolationPlan(config=config, uid=uid, mountns=mountns, netns=netns,
                          landlock_abi=host.landlock_abi if landlock_ok else 0, seccomp=seccomp,
                          cgroups=cgroup_ok, ipcns=ipcns, userns=userns,
-                         userns_nproc=userns_nproc, off=off)
+                         userns_nproc=userns_nproc, pidns=pidns, off=off)
     missing = sorted(name for name in config.required if name in off)
     if missing:
         raise IsolationUnavailable("required isolation unavailable: " + "; ".join(
@@ -333,6 +338,10 @@ def capability_report(host: HostInfo, plan: IsolationPlan) -> CapabilityReport:
                             f"executions run as the supervisor's uid: {off['uid']}; no user "
                             f"namespace: {off['userns']}"))
     hidden = []
+    if plan.pidns:
+        hidden.append("a PID namespace per execution: no process outside its own tree can be "
+                      "named, so none can be signalled, traced or opened by pidfd, and what it "
+                      "leaves behind dies with it")
     if plan.uid:
         hidden.append("own uid (no /proc/<pid>/environ or mem of, or signals to, the "
                       "supervisor and zygote)")
@@ -342,21 +351,23 @@ def capability_report(host: HostInfo, plan: IsolationPlan) -> CapabilityReport:
         hidden.append("Landlock scopes signals and abstract unix sockets to the execution")
     if plan.seccomp:
         hidden.append("seccomp refuses ptrace, process_vm_*, pidfd_getfd")
-    pidns = ("PID namespace available but not used: it costs an extra fork per execution"
-             if host.works("pidns") else f"no PID namespace: {host.probes.get('pidns')}")
-    # Signals need an own uid or Landlock's signal scope (ABI 6): with neither, an execution
-    # running as the supervisor's uid can kill it and every other process of that user.
-    signals_held = plan.uid or plan.landlock_abi >= 6
+    if not plan.pidns:
+        hidden.append(f"no PID namespace per execution ({off['pidns']})")
+    # Signals need a PID namespace, an own uid or Landlock's signal scope (ABI 6): with none,
+    # an execution running as the supervisor's uid can kill it and every process of that user.
+    signals_held = plan.pidns or plan.uid or plan.landlock_abi >= 6
     if not signals_held:
-        hidden.append("NOT signals: executions run as the supervisor's uid and Landlock "
+        hidden.append("NOT signals: executions run as the supervisor's uid, in no PID namespace "
+                      "of their own, and Landlock "
                       f"{'ABI ' + str(plan.landlock_abi) if plan.landlock_abi else 'is off'} "
                       "cannot scope them (ABI 6, Linux 6.12): an execution can signal the "
-                      "supervisor and every process of its user; run the supervisor as root "
-                      "(own uid per execution) or on a newer kernel")
+                      "supervisor and every process of its user; allow unprivileged user "
+                      "namespaces, run the supervisor as root (own uid per execution) or on a "
+                      "newer kernel")
     layers.append(Layer("supervisor hidden",
-                        "active" if signals_held and plan.seccomp
+                        "active" if signals_held and plan.seccomp and plan.pidns
                         else "fallback" if hidden else "unavailable",
-                        "; ".join([*hidden, pidns])))
+                        "; ".join(hidden)))
     if plan.seccomp:
         from worker import seccomp
 

@@ -547,7 +547,7 @@ class Execution:
             # SIGXCPU comes only from RLIMIT_CPU (rusage, tick-sampled, may read a bit less)
             return (failed, exhausted,
                     f"{EXHAUSTED_ERROR}: cpu time: used more than {limits.cpu_time:g}s", b"")
-        if _signal_of(exited.wait_status) == signal.SIGXFSZ:
+        if _signal_of(exited.wait_status) == signal.SIGXFSZ or exited.file_limit_reached:
             return (failed, exhausted, f"{EXHAUSTED_ERROR}: file size: a file grew past "
                                        f"{limits.max_file_bytes} bytes", b"")
         if spec.skill.manifest.kind == "command":

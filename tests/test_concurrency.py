@@ -30,7 +30,8 @@ import os, time
 def run(input):
     start = time.time()
     time.sleep(input["sleep"])
-    return {"start": start, "end": time.time(), "tag": input["tag"], "pid": os.getpid()}
+    return {"start": start, "end": time.time(), "tag": input["tag"],
+            "pid": int(os.readlink("/proc/self"))}
 """
 SLEEP_FOREVER = "import time\ndef run(input):\n    time.sleep(60)\n"
 

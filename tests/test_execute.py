@@ -75,8 +75,10 @@ def test_skill_that_exits_without_a_result_is_failed(run_skill: Run) -> None:
 
 
 def test_skill_that_crashes_is_failed_naming_the_signal(run_skill: Run) -> None:
-    result = run_skill("import os, signal\n"
-                       "def run(input):\n    os.kill(os.getpid(), signal.SIGSEGV)\n")
+    # A real fault: the kernel's SIGSEGV reaches even a PID namespace's pid 1, which ignores
+    # one it sends itself (with the default action).
+    result = run_skill("import ctypes\n"
+                       "def run(input):\n    ctypes.string_at(0)\n")
     assert result.status is ExecutionStatus.FAILED
     assert result.error == "skill was killed by SIGSEGV without a result"
 
@@ -333,7 +335,8 @@ def test_no_state_survives_between_executions(make_sandbox: Callable[..., Sandbo
             "    planted = hasattr(sys, 'planted_by_skill') or 'PLANTED' in os.environ\n"
             "    sys.planted_by_skill = True\n"
             "    os.environ['PLANTED'] = '1'\n"
-            "    return {'counter': len(COUNTER), 'planted': planted, 'pid': os.getpid()}\n")
+            "    return {'counter': len(COUNTER), 'planted': planted,\n"
+            "            'pid': os.readlink('/proc/self')}\n")
     skill = Skill.from_dir(skill_dir(code))
     sandbox = make_sandbox(skill)
     results = [sandbox.execute(request(skill)).json() for _ in range(3)]

@@ -45,8 +45,9 @@ def run(input):
     time.sleep(input.get("sleep", 0))
     with open("/proc/self/cgroup") as cgroup:
         groups = dict(line.split(":", 2)[1:] for line in cgroup.read().splitlines())
-    return {"pid": os.getpid(), "calls": len(calls), "pids": groups.get("pids", ""),
-            "memory": groups.get("memory", "")}
+    # The host's pid: in its own PID namespace os.getpid() is 1.
+    return {"pid": int(os.readlink("/proc/self")), "calls": len(calls),
+            "pids": groups.get("pids", ""), "memory": groups.get("memory", "")}
 """
 LIMITS = "[limits]\nmax_processes = 9\nmemory_mb = 96\ntimeout = 5\n"
 
@@ -242,7 +243,7 @@ def run(input):
             started += 1
         except OSError:
             break
-    return {"pid": os.getpid(), "started": started}
+    return {"pid": int(os.readlink("/proc/self")), "started": started}
 """
     skill = Skill.from_dir(skill_dir(bomb, "[limits]\nmax_processes = 6\ntimeout = 5\n"))
     sandbox = make_sandbox(skill)

@@ -30,7 +30,7 @@ import resource
 import signal
 import sys
 
-from worker import landlock, namespaces, seccomp
+from worker import landlock, namespaces, pidns, seccomp
 from worker.protocol import ForkCommand, SkillCode, ZygoteSettings
 
 PR_SET_PDEATHSIG = 1
@@ -66,7 +66,13 @@ def die_with_parent(parent_pid: int) -> None:
     global _parent_pid
     _parent_pid = parent_pid
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:
+    _exit_if_orphaned()
+
+
+def _exit_if_orphaned() -> None:
+    """After (re)setting the parent-death signal: if the zygote died before, nothing will
+    send it, so exit now."""
+    if _parent_pid and pidns.parent_pid() != _parent_pid:
         os._exit(1)
 
 
@@ -149,8 +155,9 @@ def apply_zygote_layers(config: ZygoteSettings, code: SkillCode | None = None) -
         profile = "command" if code.kind == "command" else "python"
         seccomp.Filter(seccomp.build_filter(config.seccomp_network, allow_mount=allow_mount,
                                             profile=profile, audit=config.seccomp_audit,
-                                            allow_userns=config.execution_user_ns)).install()
-        if allow_mount or config.execution_user_ns:
+                                            allow_userns=config.execution_user_ns,
+                                            allow_pidns=config.pid_ns)).install()
+        if allow_mount or config.execution_user_ns or config.pid_ns:
             _Zygote.child_filter = seccomp.Filter(seccomp.build_child_filter())
 
 
@@ -299,8 +306,7 @@ def enter_own_user_namespace() -> None:
     _in_own_user_namespace = True
     namespaces.drop_capabilities()
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # a credential change may clear it
-    if _parent_pid and os.getppid() != _parent_pid:
-        os._exit(1)
+    _exit_if_orphaned()
 
 
 def enter_execution(command: ForkCommand, gate: CgroupGate | None) -> None:
@@ -326,8 +332,7 @@ def drop_privileges(uid: int, gid: int, max_tasks: int) -> None:
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if _parent_pid and os.getppid() != _parent_pid:
-        os._exit(1)
+    _exit_if_orphaned()
     _prctl(PR_SET_DUMPABLE, 1)
 
 
@@ -343,6 +348,32 @@ def apply_child_layers(command: ForkCommand, code: SkillCode) -> None:
         drop_privileges(uid, gid, command.limits.max_processes + 2)
     if _Zygote.child_filter is not None:
         _Zygote.child_filter.install()
+
+
+#: How many workdir entries `file_limit_reached` looks at: the tree is the skill's to shape.
+_WORKDIR_SCAN_ENTRIES = 256
+
+
+def file_limit_reached(workdir: str, max_file_bytes: int) -> bool:
+    """In the zygote, after the reap and before `release_execution`: whether a regular file in
+    the workdir (links not followed; the first entries only) is `max_file_bytes` long."""
+    pending, seen = [workdir], 0
+    while pending and seen < _WORKDIR_SCAN_ENTRIES:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except OSError:
+            continue
+        for entry in entries[:_WORKDIR_SCAN_ENTRIES - seen]:
+            seen += 1
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif (entry.is_file(follow_symlinks=False)
+                      and entry.stat(follow_symlinks=False).st_size >= max_file_bytes):
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def release_execution(workdir: str) -> None:

@@ -19,11 +19,12 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from worker import landlock, namespaces, seccomp
+from worker import landlock, namespaces, pidns, seccomp
 
 _PROBE_DEADLINE = 5.0
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+_libc.pthread_self.restype = ctypes.c_void_p
 
 
 def _in_child(probe: Callable[[], None]) -> str:
@@ -63,13 +64,19 @@ def _mount_ns(directory: str) -> Callable[[], None]:
 
 
 def _pid_ns() -> None:
-    namespaces.unshare(0x20000000)
-    pid = os.fork()
+    """The zygote's own fork of an execution: straight into a new PID namespace, as pid 1,
+    with the thread id glibc keeps right (`os.abort` signals the thread it names)."""
+    reason = pidns.unavailable()
+    if reason:
+        raise OSError(reason)
+    pid = pidns.fork(True)
     if pid == 0:
-        os._exit(0 if os.getpid() == 1 else 1)
+        tid = ctypes.c_int.from_address(_libc.pthread_self() + (pidns.tid_offset() or 0)).value
+        os._exit(0 if os.getpid() == 1 and tid == 1 and pidns.parent_pid() > 0 else 1)
     _, status = os.waitpid(pid, 0)
     if status != 0:
-        raise RuntimeError("the first child of a new PID namespace is not pid 1")
+        raise RuntimeError("the first child of a new PID namespace is not pid 1, or its "
+                           "thread id or parent are wrong")
 
 
 def _in_user_namespace(probe: Callable[[], None]) -> Callable[[], None]:
@@ -154,7 +161,7 @@ def main() -> None:
     }
     if os.geteuid() != 0:
         # An ordinary user has these namespaces only inside a user namespace of its own.
-        for name in ("mountns", "netns", "ipcns"):
+        for name in ("mountns", "netns", "ipcns", "pidns"):
             probes[name] = _in_user_namespace(probes[name])
         probes["userns_nproc"] = _nproc_per_user_namespace
     try:

@@ -170,6 +170,7 @@ class ZygoteSettings(msgspec.Struct, frozen=True, kw_only=True):
     mount_ns: bool = False  # own mount namespace: exposed paths, read-only view, tmpfs workdir
     net_ns: bool = False  # own network namespace: no interface but a downed loopback
     ipc_ns: bool = False  # own IPC namespace: no SysV object or POSIX queue shared with others
+    pid_ns: bool = False  # each execution pid 1 of its own PID namespace (`worker.pidns`)
     seccomp: bool = False
     seccomp_network: bool = False  # AF_UNIX stream sockets only, no connect()
     seccomp_audit: bool = False  # calls off the allow-list allowed and logged (deriving lists)
@@ -271,6 +272,9 @@ class ChildExited(msgspec.Struct, frozen=True, kw_only=True, tag="exited"):
     utime: float
     stime: float
     maxrss_kb: int
+    #: A file in the workdir reached max_file_bytes: the sign of RLIMIT_FSIZE where SIGXFSZ
+    #: cannot be (a PID namespace's pid 1, a command, ignores it and gets EFBIG instead).
+    file_limit_reached: bool = False
 
 
 class ChildResult(msgspec.Struct, frozen=True, kw_only=True):

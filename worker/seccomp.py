@@ -176,6 +176,7 @@ MOUNT_CALLS = ("mount", "umount2")
 #: Left to the zygote's filter for the child's set-up, denied by the child's own filter.
 CHILD_DENIED = (*MOUNT_CALLS, "unshare")
 CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
 _CLONE3 = "clone3"  # ENOSYS: libc falls back to clone, whose flags the filter can inspect
 
 _X32_SYSCALL_BIT = 0x40000000
@@ -352,10 +353,12 @@ def _unix_stream_only(program: _Program, type_arg: int) -> None:
 
 
 def build_filter(deny_network: bool, allow_mount: bool = False, profile: str = "python",
-                 audit: bool = False, allow_userns: bool = False) -> bytes:
+                 audit: bool = False, allow_userns: bool = False,
+                 allow_pidns: bool = False) -> bytes:
     """The BPF program for this machine and `profile`. `deny_network`: AF_UNIX stream
-    sockets only, no connect() or bind(). `allow_mount` leaves mount/umount2, and
-    `allow_userns` unshare(CLONE_NEWUSER) (nothing else), to a later `build_child_filter`.
+    sockets only, no connect() or bind(). `allow_mount` leaves mount/umount2, `allow_userns`
+    unshare(CLONE_NEWUSER) (nothing else) and `allow_pidns` clone(CLONE_NEWPID) (the zygote's
+    fork of each execution) to a later `build_child_filter`.
     `audit`: calls off the list are allowed and logged by the kernel instead of refused (for
     deriving a profile, never for serving)."""
     _check_arch()
@@ -381,7 +384,8 @@ def build_filter(deny_network: bool, allow_mount: bool = False, profile: str = "
     # clone(flags, ...): a new process or thread, never a new namespace nor a sibling.
     program.mark("check_clone")
     program.add(_LD_W_ABS, _arg(0))
-    program.add(_JSET_K, CLONE_NAMESPACE_FLAGS | CLONE_PARENT, "eperm", "allow")
+    refused = CLONE_NAMESPACE_FLAGS & ~CLONE_NEWPID if allow_pidns else CLONE_NAMESPACE_FLAGS
+    program.add(_JSET_K, refused | CLONE_PARENT, "eperm", "allow")
     if allow_userns:  # unshare(flags): a user namespace alone, for the execution child
         program.mark("check_unshare")
         program.add(_LD_W_ABS, _arg(0))
@@ -425,16 +429,18 @@ def _channel_checks(program: _Program) -> None:
 
 
 def build_child_filter() -> bytes:
-    """mount, umount2 and unshare denied: stacked on `build_filter(allow_mount=True)` or
-    `(allow_userns=True)` once a child has mounted its workdir and entered its own user
-    namespace (a small filter attaches in ~10 µs)."""
+    """mount, umount2, unshare and clone with any namespace flag denied: stacked on a
+    `build_filter` that left them to the child's set-up (`allow_mount`, `allow_userns`,
+    `allow_pidns`) once the child is set up (a small filter attaches in ~10 µs)."""
     _check_arch()
     program = _Program()
     _prologue(program)
     for name in CHILD_DENIED:
         program.add(_JEQ_K, X86_64[name], "eperm", 0)
-    program.ret(_RET_ALLOW)
-    return program.assemble({"eperm": _RET_ERRNO | errno.EPERM})
+    program.add(_JEQ_K, X86_64["clone"], 0, "allow")
+    program.add(_LD_W_ABS, _arg(0))
+    program.add(_JSET_K, CLONE_NAMESPACE_FLAGS, "eperm", "allow")
+    return program.assemble({"eperm": _RET_ERRNO | errno.EPERM, "allow": _RET_ALLOW})
 
 
 class _SockFprog(ctypes.Structure):

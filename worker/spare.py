@@ -24,7 +24,7 @@ from types import CodeType
 
 import msgspec
 
-from worker import child, isolation
+from worker import child, isolation, pidns
 from worker.protocol import EXIT_SPARE_FAILED, ForkCommand, SkillCode
 
 #: `ps` name of a spare while it waits (set in the zygote around the fork, so a spare never
@@ -81,13 +81,14 @@ class Spare:
 
 
 def fork_spare(code: SkillCode, preload: list[str], precompiled: CodeType | None,
-               cgroups: list[str], rss_kb: int, zygote_name: bytes) -> Spare:
-    """In the zygote: fork a spare that joins `cgroups`; returns at once, never blocks on it."""
+               cgroups: list[str], rss_kb: int, zygote_name: bytes, pid_ns: bool) -> Spare:
+    """In the zygote: fork a spare that joins `cgroups` (in a PID namespace of its own when
+    `pid_ns`); returns at once, never blocks on it."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     zygote_pid = os.getpid()
     isolation.set_process_name(SPARE_NAME)
     try:
-        pid = os.fork()
+        pid = pidns.fork(pid_ns)
     except BaseException:
         ours.close()
         theirs.close()

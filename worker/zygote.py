@@ -29,7 +29,7 @@ from types import CodeType
 
 import msgspec
 
-from worker import child, isolation, spare
+from worker import child, isolation, pidns, spare
 from worker.protocol import (
     EXIT_BOOT_FAILED,
     EXIT_SPARE_FAILED,
@@ -57,13 +57,16 @@ _SPARE = "spare"  # selector key data of the spare's socket
 
 
 class _Running:
-    __slots__ = ("pid", "pidfd", "report", "workdir")
+    __slots__ = ("kind", "max_file_bytes", "pid", "pidfd", "report", "workdir")
 
-    def __init__(self, pid: int, pidfd: int, report: socket.socket, workdir: str) -> None:
+    def __init__(self, pid: int, pidfd: int, report: socket.socket, command: ForkCommand,
+                 kind: str) -> None:
         self.pid = pid
         self.pidfd = pidfd
         self.report = report
-        self.workdir = workdir
+        self.workdir = command.workdir
+        self.max_file_bytes = command.limits.max_file_bytes
+        self.kind = kind
 
 
 def _rss_kb() -> int:
@@ -200,15 +203,16 @@ class Zygote:
                 ready = None
         if ready is None:
             gate = isolation.gate_for(command)
+            zygote_pid = os.getpid()
             try:
-                pid = os.fork()
+                pid = pidns.fork(self.config.settings.pid_ns)
             except BaseException:
                 if gate is not None:
                     gate.discard()
                 raise
             if pid == 0:  # the execution child: never returns
                 child.run_execution(self.config.code, self.config.preload, command, fds,
-                                    self.precompiled, os.getppid(), gate)
+                                    self.precompiled, zygote_pid, gate)
             if gate is not None:
                 gate.open_for(pid)
             pidfd = os.pidfd_open(pid)
@@ -222,7 +226,7 @@ class Zygote:
             self.released = []
         except OSError:
             os.kill(pid, signal.SIGKILL)  # nobody is listening for this execution any more
-        self.running[pid] = _Running(pid, pidfd, report, command.workdir)
+        self.running[pid] = _Running(pid, pidfd, report, command, self.config.code.kind)
         self.selector.register(pidfd, selectors.EVENT_READ, self.running[pid])
         if ready is None:
             isolation.prepare_next()  # the forked child took the Landlock ruleset
@@ -260,7 +264,8 @@ class Zygote:
             ticket = self.tickets.pop(0)
             try:
                 new = spare.fork_spare(self.config.code, self.config.preload, self.precompiled,
-                                       ticket, self.rss_kb, self.name)
+                                       ticket, self.rss_kb, self.name,
+                                       self.config.settings.pid_ns)
             except OSError:
                 self.tickets.append(ticket)
                 self.spare_failures += 1
@@ -324,8 +329,13 @@ class Zygote:
         self.selector.unregister(running.pidfd)
         os.close(running.pidfd)
         del self.running[running.pid]
+        # A command failing as pid 1 of its PID namespace may have met RLIMIT_FSIZE without
+        # dying of SIGXFSZ: look for the file (a Python skill's runtime reports EFBIG itself).
+        at_limit = (status != 0 and running.kind == "command"
+                    and isolation.file_limit_reached(running.workdir, running.max_file_bytes))
         report = ChildExited(pid=pid, wait_status=status, utime=usage.ru_utime,
-                             stime=usage.ru_stime, maxrss_kb=usage.ru_maxrss)
+                             stime=usage.ru_stime, maxrss_kb=usage.ru_maxrss,
+                             file_limit_reached=at_limit)
         with contextlib.suppress(OSError):
             running.report.send(self.encoder.encode(report))
         running.report.close()

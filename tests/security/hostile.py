@@ -45,6 +45,17 @@ def report_pid(pid):
     sys.stderr.flush()
 
 
+def host_pid():
+    """This process's pid as the host names it (in its own PID namespace os.getpid() is 1)."""
+    return int(os.readlink("/proc/self"))
+
+
+def zygote_pid():
+    """The parent's pid as the host names it (os.getppid() is 0 in a PID namespace)."""
+    with open("/proc/self/stat", "rb") as stat:
+        return int(stat.read().rsplit(b")", 1)[1].split()[1])
+
+
 {code}
 '''
 
@@ -69,10 +80,15 @@ def requires(*layers: str) -> pytest.MarkDecorator:
 _VARIANTS: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {
     # name: (mechanisms switched off, layers that must be active for the variant to mean much)
     "all layers": (frozenset(), ()),
-    # As root with no uid switch and no read-only mount view, only Landlock stands in the way.
-    "landlock alone": (frozenset({"uid", "mountns"}), ("filesystem",)),
-    # No Landlock: the unprivileged uid (and seccomp) must hold by themselves.
-    "uid alone": (frozenset({"landlock"}), ("identity",)),
+    # As root with no uid switch, no read-only mount view and no PID namespace, only Landlock
+    # stands in the way.
+    "landlock alone": (frozenset({"uid", "mountns", "pidns"}), ("filesystem",)),
+    # No Landlock and no PID namespace: the unprivileged uid (and seccomp) must hold by
+    # themselves.
+    "uid alone": (frozenset({"landlock", "pidns"}), ("identity",)),
+    # An execution running as root (no uid switch), with no Landlock: only its own PID
+    # namespace keeps other processes out of its reach.
+    "pidns alone": (frozenset({"uid", "mountns", "landlock"}), ("supervisor hidden",)),
 }
 
 

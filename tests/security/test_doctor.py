@@ -162,14 +162,30 @@ def test_a_host_without_seccomp_or_ipc_namespace_says_why_ipc_and_unix_sockets_a
 
 def test_an_ordinary_user_on_an_old_landlock_is_told_executions_can_signal_the_supervisor(
         ) -> None:
-    old = dataclasses.replace(detect(), euid=1000, landlock_abi=2,
-                              probes={**detect().probes, "userns_nproc": ""})
+    # Without user namespaces (so without a PID namespace per execution) only Landlock ABI 6
+    # could scope signals.
+    no_userns = {**detect().probes, "userns": "EPERM (simulated)", "userns_nproc": ""}
+    old = dataclasses.replace(detect(), euid=1000, landlock_abi=2, probes=no_userns)
     hidden = capability_report(old, plan_layers(old, IsolationConfig())).layer(
         "supervisor hidden")
     assert hidden.status == "fallback"
     assert "can signal the supervisor and every process of its user" in hidden.detail
+    assert "no PID namespace per execution" in hidden.detail
     new = dataclasses.replace(old, landlock_abi=6)
     hidden = capability_report(new, plan_layers(new, IsolationConfig())).layer(
         "supervisor hidden")
     assert "NOT signals" not in hidden.detail
-    assert hidden.status == ("active" if new.works("seccomp") else "fallback")
+
+
+def test_an_ordinary_user_with_user_namespaces_keeps_signals_in_by_a_pid_namespace() -> None:
+    probes = {**detect().probes, "userns": "", "userns_nproc": "", "pidns": ""}
+    old = dataclasses.replace(detect(), euid=1000, landlock_abi=2, probes=probes)
+    plan = plan_layers(old, IsolationConfig())
+    assert plan.pidns and plan.zygote_settings(False, "/tmp").pid_ns
+    hidden = capability_report(old, plan).layer("supervisor hidden")
+    assert "NOT signals" not in hidden.detail
+    assert "a PID namespace per execution" in hidden.detail
+    assert hidden.status == ("active" if old.works("seccomp") else "fallback")
+    off = plan_layers(old, IsolationConfig(disabled=frozenset({"pidns"})))
+    assert not off.pidns
+    assert "NOT signals" in capability_report(old, off).layer("supervisor hidden").detail

@@ -76,7 +76,7 @@ def test_supervisor_and_zygote_proc_files_and_environment_stay_secret(
     attack = hostile("""
         def attack(input):
             outcome = {"own_environ": dict(os.environ)}
-            targets = {"supervisor": input["supervisor"], "zygote": os.getppid()}
+            targets = {"supervisor": input["supervisor"], "zygote": zygote_pid()}
             for who, pid in targets.items():
                 for name in ("environ", "cmdline", "mem", "maps", "status", "fd"):
                     path = f"/proc/{pid}/{name}"

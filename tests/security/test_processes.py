@@ -39,7 +39,7 @@ def test_setsid_double_fork_escapee_dies_with_the_execution(
             if child == 0:
                 os.setsid()
                 if os.fork() == 0:  # the grandchild: new session, orphaned, sleeping
-                    os.write(write_end, str(os.getpid()).encode())
+                    os.write(write_end, str(host_pid()).encode())
                     signal.signal(signal.SIGTERM, signal.SIG_IGN)
                     for fd in range(3):
                         os.close(fd)
@@ -63,7 +63,7 @@ def test_ignoring_sigterm_and_sigint_does_not_outlive_the_timeout(
         def attack(input):
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_IGN)
-            report_pid(os.getpid())
+            report_pid(host_pid())
             while True:
                 time.sleep(0.1)
     """)
@@ -74,50 +74,96 @@ def test_ignoring_sigterm_and_sigint_does_not_outlive_the_timeout(
 
 
 def _skip_unless_signals_can_be_stopped(isolation: IsolationConfig) -> None:
-    """Without the uid switch a skill runs as the supervisor's own uid, and only Landlock's
-    signal scoping (ABI 6, Linux 6.12) refuses its signals; an older Landlock (Debian 12's 6.1:
-    ABI 2) has none, so the variant would only kill the test run itself."""
-    if "uid" in isolation.disabled and detect().landlock_abi < 6:
+    """Without the uid switch and without a PID namespace a skill runs as the supervisor's own
+    uid and can name it, and only Landlock's signal scoping (ABI 6, Linux 6.12) refuses its
+    signals; an older Landlock (Debian 12's 6.1: ABI 2) has none, so the variant would only
+    kill the test run itself."""
+    if {"uid", "pidns"} <= isolation.disabled and detect().landlock_abi < 6:
         pytest.skip(f"Landlock ABI {detect().landlock_abi} cannot scope signals (needs 6): "
                     "without the uid switch nothing refuses them on this kernel")
 
 
+def _refusal(isolation: IsolationConfig) -> int:
+    """How a signal to a process outside the execution fails: in a PID namespace of its own
+    the process has no name (ESRCH); outside one the kernel refuses it (EPERM)."""
+    return errno.EPERM if "pidns" in isolation.disabled else errno.ESRCH
+
+
 @requires("supervisor hidden")
-@layer_variants("all layers", "landlock alone", "uid alone")
+@layer_variants("all layers", "landlock alone", "uid alone", "pidns alone")
 def test_killing_the_parent_zygote_is_refused(hostile: Callable[..., Hostile],
                                               isolation: IsolationConfig) -> None:
     _skip_unless_signals_can_be_stopped(isolation)
     attack = hostile("""
         def attack(input):
-            parent = os.getppid()
+            parent = zygote_pid()
             os.kill(parent, signal.SIGKILL)
             return "killed it"
     """, isolation=isolation)
     result = attack.run()
     assert result.status is ExecutionStatus.FAILED
-    assert result.error.startswith("PermissionError"), result.error
+    refused = {errno.EPERM: "PermissionError", errno.ESRCH: "ProcessLookupError"}
+    assert result.error.startswith(refused[_refusal(isolation)]), result.error
     attack.assert_still_serving()
 
 
 @requires("supervisor hidden")
-@layer_variants("all layers", "landlock alone", "uid alone")
+@layer_variants("all layers", "landlock alone", "uid alone", "pidns alone")
 def test_signals_to_the_supervisor_are_refused(hostile: Callable[..., Hostile],
                                                isolation: IsolationConfig) -> None:
     _skip_unless_signals_can_be_stopped(isolation)
     attack = hostile("""
         def attack(input):
             outcome = {}
-            for signum in (signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP, 0):
+            for signum in (0, signal.SIGKILL, signal.SIGTERM, signal.SIGSTOP):
                 try:
                     os.kill(input["pid"], signum)
                     outcome[signum] = "sent"
+                    break  # the probe went through: a real signal would end this test run
                 except OSError as exc:
                     outcome[signum] = exc.errno
             return outcome
     """, isolation=isolation)
     result = attack.run(pid=os.getpid())
     assert result.status is ExecutionStatus.SUCCESS, result
-    assert set(result.json().values()) == {errno.EPERM}
+    assert set(result.json().values()) == {_refusal(isolation)}
+    attack.assert_still_serving()
+
+
+@requires("supervisor hidden")
+@pytest.mark.parametrize("pidns", [True, False], ids=["own pid namespace", "control: none"])
+def test_in_its_own_pid_namespace_an_execution_can_name_no_outside_process(
+        hostile: Callable[..., Hostile], pidns: bool) -> None:
+    # Root executions without their own uid or Landlock: nothing but the PID namespace is left
+    # to keep the supervisor and the zygote out of reach (the control shows they are then
+    # reachable; it only probes, with signal 0 and a pidfd it closes at once).
+    disabled = {"uid", "mountns", "landlock"} | (set() if pidns else {"pidns"})
+    attack = hostile("""
+        def attack(input):
+            outcome = {"pid": os.getpid()}
+            for who, pid in (("supervisor", input["supervisor"]), ("zygote", zygote_pid())):
+                try:
+                    os.kill(pid, 0)
+                    outcome[f"kill {who}"] = "sent"
+                except OSError as exc:
+                    outcome[f"kill {who}"] = exc.errno
+                try:
+                    os.close(os.pidfd_open(pid))
+                    outcome[f"pidfd {who}"] = "opened"
+                except OSError as exc:
+                    outcome[f"pidfd {who}"] = exc.errno
+            return outcome
+    """, isolation=IsolationConfig(disabled=frozenset(disabled)))
+    result = attack.run(supervisor=os.getpid())
+    assert result.status is ExecutionStatus.SUCCESS, result
+    outcome = result.json()
+    reach = {key: value for key, value in outcome.items() if key != "pid"}
+    if pidns:
+        assert outcome["pid"] == 1
+        assert set(reach.values()) == {errno.ESRCH}, outcome
+    else:
+        assert outcome["pid"] != 1
+        assert set(reach.values()) == {"sent", "opened"}, outcome
     attack.assert_still_serving()
 
 
@@ -135,7 +181,7 @@ def test_ptrace_and_memory_reads_of_the_parent_are_refused(
             return ctypes.get_errno() if result == -1 else "allowed"
 
         def attack(input):
-            parent = os.getppid()
+            parent = zygote_pid()
             buffer = ctypes.create_string_buffer(64)
             iov = (ctypes.c_void_p * 2)(ctypes.addressof(buffer), 64)
             remote = (ctypes.c_void_p * 2)(0x400000, 64)
@@ -189,7 +235,7 @@ def test_concurrent_executions_cannot_signal_each_other(
     finally:
         victim.join(5)
     assert attacker.status is ExecutionStatus.SUCCESS, attacker
-    assert attacker.json()["kill"] == errno.EPERM
+    assert attacker.json()["kill"] == errno.ESRCH  # no name for it in the attacker's namespace
     assert outcome["victim"].status is ExecutionStatus.SUCCESS, outcome["victim"]
     assert outcome["victim"].json()["uid"] != attacker.json()["uid"]
     attack.assert_still_serving()

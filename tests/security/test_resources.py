@@ -75,10 +75,10 @@ def test_memory_spread_over_processes_is_capped_for_the_whole_execution(
             for _ in range(6):
                 pid = os.fork()
                 if pid == 0:
+                    report_pid(host_pid())
                     block = b"x" * (50 << 20)
                     time.sleep(30)
                     os._exit(len(block) & 1)
-                report_pid(pid)
             time.sleep(30)
     """)
     result = attack.run()

@@ -75,6 +75,21 @@ def test_an_ordinary_users_fork_and_thread_bombs_never_exceed_the_process_limit(
     assert uncapped["started"] > user_supervisor.MAX_PROCESSES + RUNTIME_TASKS, uncapped
 
 
+def test_an_ordinary_users_executions_cannot_reach_the_supervisor_or_each_other(
+        user_layers: dict[str, list[str]]) -> None:
+    # Landlock off stands for a kernel whose Landlock cannot scope signals (ABI < 6, e.g.
+    # Debian 12's 6.1): then each execution's own PID namespace is what keeps the supervisor,
+    # the zygote and the other executions of the same uid out of its reach.
+    contained = as_user("signal", "landlock")
+    assert contained["status"] == "success", contained
+    assert set(contained["reach"].values()) == {"No such process"}, contained
+    assert len(contained["reach"]) == 6, contained
+    # Control: without the PID namespace, the same uid reaches every one of them.
+    exposed = as_user("signal", "landlock,pidns")
+    assert exposed["status"] == "success", exposed
+    assert set(exposed["reach"].values()) == {"sent", "opened"}, exposed
+
+
 def test_an_ordinary_users_execution_holds_no_capability_and_makes_no_namespace(
         user_layers: dict[str, list[str]]) -> None:
     answer = as_user("probe")

@@ -6,7 +6,8 @@ it can unshare) and what its zygote holds. `bomb fork|thread [DISABLED,...]`: a 
 (`thread`) as fast as it can; its tree is sampled from outside (every descendant of this
 supervisor, every millisecond) and the peak number of tasks above the idle zygote and spare is
 reported with the execution's result, and how many the skill itself says it started (on its
-stderr, kept even when the execution is killed).
+stderr, kept even when the execution is killed). `signal [DISABLED,...]`: whether an execution
+can name this supervisor, its zygote and a concurrent execution (signal 0 and a pidfd only).
 """
 
 from __future__ import annotations
@@ -64,6 +65,30 @@ def run(input):
         libc.unshare(flags)
         refused[name] = errno.errorcode.get(ctypes.get_errno(), "none")
     return {"caps": caps, "unshare": refused}
+"""
+
+
+_SIGNAL = """
+import os, time
+
+
+def run(input):
+    if input.get("sleep"):
+        time.sleep(input["sleep"])
+        return "slept"
+    outcome = {}
+    for who, pid in input["targets"].items():
+        try:
+            os.kill(pid, 0)  # the probe of a signal: delivered nowhere
+            outcome[f"kill {who}"] = "sent"
+        except OSError as exc:
+            outcome[f"kill {who}"] = exc.strerror
+        try:
+            os.close(os.pidfd_open(pid))
+            outcome[f"pidfd {who}"] = "opened"
+        except OSError as exc:
+            outcome[f"pidfd {who}"] = exc.strerror
+    return outcome
 """
 
 
@@ -131,6 +156,33 @@ def _bomb(kind: str, disabled: frozenset[str]) -> dict[str, object]:
             "started": result.stderr.count("+")}
 
 
+def _signal(disabled: frozenset[str]) -> dict[str, object]:
+    """An execution's reach: this supervisor, its zygote, another execution running now."""
+    skill = _write_skill("signal", _SIGNAL, "timeout = 20")
+    with Sandbox([skill], isolation=IsolationConfig(disabled=disabled),
+                 max_concurrency=2) as sandbox:
+        zygote = sandbox.zygote_info(skill.id)["pid"]
+        sleeper = threading.Thread(target=sandbox.execute, args=(ExecutionRequest(
+            skill_id=skill.id, input=b'{"sleep": 3}'),))
+        sleeper.start()
+        try:
+            victim = None
+            for _ in range(2000):
+                busy = [child for child in psutil.Process(zygote).children()
+                        if child.name() != "sbx-spare"]
+                if busy:
+                    victim = busy[0].pid
+                    break
+                time.sleep(0.005)
+            targets = {"supervisor": os.getpid(), "zygote": zygote, "execution": victim}
+            result = sandbox.execute(ExecutionRequest(
+                skill_id=skill.id, input=json.dumps({"targets": targets}).encode()))
+        finally:
+            sleeper.join(timeout=20)
+    return {"status": result.status.value, "error": result.error,
+            "reach": json.loads(result.output or b"{}")}
+
+
 def main() -> None:
     command = sys.argv[1]
     if command == "doctor":
@@ -138,6 +190,9 @@ def main() -> None:
             layer.name: [layer.status, layer.detail] for layer in report().layers}}))
     elif command == "probe":
         print(json.dumps(_probe()))
+    elif command == "signal":
+        print(json.dumps(_signal(frozenset(
+            name for name in sys.argv[2:3] for name in name.split(",") if name))))
     elif command == "bomb":
         disabled = frozenset(name for name in sys.argv[3:4] for name in name.split(",") if name)
         print(json.dumps(_bomb(sys.argv[2], disabled)))
