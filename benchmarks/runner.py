@@ -55,7 +55,7 @@ def _idle_weight(config: BenchConfig) -> int:
 
 def _planned_work(config: BenchConfig, with_bwrap: bool, with_daemon: bool) -> int:
     spawned = (3 if with_bwrap else 2) * config.spawn_runs * baselines.SPAWN_WEIGHT
-    latency = 6 * config.latency_runs + spawned
+    latency = 7 * config.latency_runs + spawned
     throughput = 2 * config.throughput_runs * len(config.concurrency)
     fib = 2 * config.fib_runs * _fib_weight(config)
     daemon_runs = 2 * config.daemon_runs if with_daemon else 0
@@ -123,12 +123,14 @@ def run(config: BenchConfig) -> Report:
                   enabled=config.progress) as progress:
         progress.phase("starting zygotes and workers")
         sandbox = Sandbox(skills, max_concurrency=concurrency)
-        # The same echo with the seccomp layer off, interleaved with the rest: the filter's
-        # per-execution cost as a paired ratio.
+        # The same echo with one layer off, interleaved with the rest: that layer's
+        # per-execution cost as a paired ratio (seccomp's filter; the PID namespace's clone).
         from sandbox.capabilities import IsolationConfig
 
         no_seccomp = Sandbox([skills[0]], isolation=IsolationConfig(
             disabled=frozenset({"seccomp"})))
+        no_pidns = Sandbox([skills[0]], isolation=IsolationConfig(
+            disabled=frozenset({"pidns"})))
         series: list[Series] = []
         pool = None
         try:
@@ -156,12 +158,16 @@ def run(config: BenchConfig) -> Report:
             fork_plain = project.SandboxSeries(config.latency_runs, no_seccomp, ECHO_ID, payload,
                                                expected, "fork_echo_no_seccomp",
                                                "echo, fork mode, seccomp layer off")
-            series += [fork_echo, fork_plain, command, spawn_mode]
+            fork_shared_pids = project.SandboxSeries(
+                config.latency_runs, no_pidns, ECHO_ID, payload, expected,
+                "fork_echo_no_pidns", "echo, fork mode, no PID namespace per execution")
+            series += [fork_echo, fork_plain, fork_shared_pids, command, spawn_mode]
             interleave(series, config.block, config.warmup, progress)
             _baseline_figures(report, floor, lean, reused, spawn_base, bwrap_series,
                               bwrap_problem)
             _latency_figures(report, fork_echo, command, spawn_mode)
             _seccomp_figures(report, fork_plain)
+            _paired_layer_figure(report, fork_shared_pids, "its own PID namespace")
             _idle_latency(report, config, sandbox, payload, expected, progress)
             _footprint_figures(report, sandbox, [skill.id for skill in skills])
             _throughput(report, config, sandbox, pool, payload, expected, progress)
@@ -182,6 +188,7 @@ def run(config: BenchConfig) -> Report:
                 item.close()
             sandbox.close()
             no_seccomp.close()
+            no_pidns.close()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
     report.duration_s = time.monotonic() - started
@@ -242,13 +249,18 @@ def _latency_figures(report: Report, fork_echo: Series, command: Series,
         spawn.checks.append(Check(f"{ratio:.2f}x bubblewrap + fresh python", ratio=ratio))
 
 
+def _paired_layer_figure(report: Report, without: Series, layer: str) -> None:
+    """The fork-mode echo without `layer`, and the full echo's ratio to it: the layer's cost."""
+    fork = report.figure("fork_echo")
+    plain = report.add(_latency_figure(without, "latency"))
+    ratio = _ratio(fork.summary if fork else None, plain.summary)
+    plain.checks.append(Check(f"fork-mode echo with {layer} is {ratio:.3f}x this", ratio=ratio))
+
+
 def _seccomp_figures(report: Report, fork_plain: Series) -> None:
     """The seccomp layer's cost: the paired echo without it, and the filter probe's figures
     (attach time of each profile's program, a syscall-heavy loop with and without it)."""
-    fork = report.figure("fork_echo")
-    plain = report.add(_latency_figure(fork_plain, "latency"))
-    ratio = _ratio(fork.summary if fork else None, plain.summary)
-    plain.checks.append(Check(f"fork-mode echo with seccomp is {ratio:.3f}x this", ratio=ratio))
+    _paired_layer_figure(report, fork_plain, "seccomp")
     try:
         probe = str(baselines.PROBES / "seccomp_cost.py")
         done = subprocess.run([sys.executable, "-I", "-B", probe], capture_output=True,

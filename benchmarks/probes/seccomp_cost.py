@@ -81,7 +81,7 @@ def main() -> None:
         results[f"{profile}_instructions"] = len(program) // 8
         results[f"{profile}_attach_us"] = _best(_attach(program))
         results[f"{profile}_loop_ms"] = _best(_loop(program))
-    results["mount_filter_attach_us"] = _best(_attach(seccomp.build_mount_filter()))
+    results["child_filter_attach_us"] = _best(_attach(seccomp.build_child_filter()))
     print(json.dumps(results))
 
 
