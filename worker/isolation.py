@@ -9,12 +9,12 @@ the skill's runtime profile, which every fork inherits.
 Per execution, in the zygote: `before_fork` mounts the tmpfs workdir, a `CgroupGate` moves a
 child forked on request into its cgroups and then lets it go on (a pre-forked spare joins its
 cgroups itself, before any request: `worker.spare`), `prepare_next` readies the next Landlock
-ruleset, `release_execution` detaches the workdir after the reap. In the child, before any
-skill code: `enter_execution` (gate, own user namespace where asked, then Landlock) and
-`apply_child_layers` (umask, rlimits, the execution's own uid/gid, a last seccomp filter for
-mount/umount2/unshare). Work is done
-in the zygote wherever it can be: there it costs microseconds, in a fresh fork every touched
-page is a copy-on-write fault.
+ruleset, `release_execution` detaches the workdir after the reap; the fork itself puts the child
+in a PID namespace of its own where asked (`worker.pidns`). In the child, before any skill code:
+`enter_execution` (gate, own user namespace where asked, then Landlock) and `apply_child_layers`
+(umask, rlimits, the execution's own uid/gid, a last seccomp filter for mount/umount2/unshare
+and namespace clones). Work is done in the zygote wherever it can be: there it costs
+microseconds, in a fresh fork every touched page is a copy-on-write fault.
 
 Which layers run is the supervisor's decision (it detects what the host supports and reports
 it); this module applies what the settings ask for and fails loudly when it cannot.
@@ -204,7 +204,13 @@ def apply_rlimits(command: ForkCommand) -> None:
     # (`drop_privileges`) or its own user namespace (`enter_execution`); elsewhere it would
     # count every process of the uid. Beyond that: the tree watch and a pids cgroup.
     if _Zygote.settings.execution_user_ns:
-        _set_limit(resource.RLIMIT_NPROC, limits.max_processes + 2)
+        _set_limit(resource.RLIMIT_NPROC, _task_cap(command))
+
+
+def _task_cap(command: ForkCommand) -> int:
+    """RLIMIT_NPROC of an execution: its max_processes, plus the runtime's own (the execution
+    process itself and a helper thread)."""
+    return command.limits.max_processes + 2
 
 
 def before_fork(command: ForkCommand) -> None:
@@ -345,7 +351,7 @@ def apply_child_layers(command: ForkCommand, code: SkillCode) -> None:
         if uid < 1 or gid < 1:
             raise PermissionError(f"no unprivileged uid/gid for this execution "
                                   f"(uid={uid}, gid={gid})")
-        drop_privileges(uid, gid, command.limits.max_processes + 2)
+        drop_privileges(uid, gid, _task_cap(command))
     if _Zygote.child_filter is not None:
         _Zygote.child_filter.install()
 

@@ -12,8 +12,10 @@ it, which an ordinary user's zygote lacks. So the zygote calls the raw `clone` s
 `PyOS_AfterFork_Child`/`_Parent`, with the GIL held throughout (`ctypes.PyDLL`). glibc's `fork`
 also writes the child's thread id into its thread descriptor (`raise`, `abort` and recursive
 locks read it); `CLONE_CHILD_SETTID` does the same here, at the offset glibc publishes for
-debuggers (`_thread_db_pthread_tid`). Where any piece is missing (another libc, another
-architecture) `unavailable()` says which, and executions fork without a namespace.
+debuggers (`_thread_db_pthread_tid`). The rest of what glibc's `fork` does in the child resets
+locks other threads might hold; the zygote has no other thread. Where any piece is missing
+(another libc, another architecture) `unavailable()` says which, and executions fork without a
+namespace.
 
 What changes for a skill: `os.getpid()` is 1 and `os.getppid()` 0 (its host pid is the target of
 `/proc/self`). As any pid 1, it does not die of a signal it sends itself or that a descendant
