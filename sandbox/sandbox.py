@@ -130,6 +130,10 @@ class Sandbox:
     `prefork` (default on): each zygote keeps one spare child forked, set up and already in the
     next execution's cgroups, so a request skips the fork and the cgroup join (milliseconds on
     cgroup v1 after an idle moment); off, every execution is forked on request.
+
+    `zygote_start_timeout` (30 s): how long a skill's zygote may take to start its interpreter
+    and preload its modules before loading the skill fails. Raise it on a much slower host (an
+    emulated VM starting many zygotes at once takes longer than that).
     """
 
     def __init__(self, skills: Iterable[Skill | str | os.PathLike[str]] = (), *,
@@ -137,8 +141,10 @@ class Sandbox:
                  tail_bytes: int = 8192, policy: ExecutionPolicy | None = None,
                  circuit_breaker: CircuitBreaker | bool | None = None,
                  logger: ExecutionLogger | None = None,
-                 isolation: IsolationConfig | None = None, prefork: bool = True) -> None:
+                 isolation: IsolationConfig | None = None, prefork: bool = True,
+                 zygote_start_timeout: float = 30.0) -> None:
         self.prefork = prefork
+        self.zygote_start_timeout = zygote_start_timeout
         self.max_concurrency = max_concurrency or os.cpu_count() or 1
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
@@ -209,7 +215,7 @@ class Sandbox:
                          "v2 with the cpu controller delegated (see `doctor`)", skill.id, cpus)
         zygote = ZygoteProcess(skill.id, code, list(skill.manifest.preload),
                                self._isolation_for(skill), cgroups=tickets,
-                               prefork=self.prefork)
+                               prefork=self.prefork, start_timeout=self.zygote_start_timeout)
         zygote.start()
         loaded = _Loaded(skill=skill, zygote=zygote)
         with self._lock:

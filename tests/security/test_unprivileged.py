@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import slow
 from tests.security import user_supervisor
 
 HERE = Path(__file__).parent
@@ -33,7 +34,7 @@ def as_user(*args: str) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, str(HERE / "as_user.py"), str(TEST_UID),
          str(HERE / "user_supervisor.py"), *args],
-        capture_output=True, text=True, timeout=50, check=False)
+        capture_output=True, text=True, timeout=slow(50), check=False)
     assert done.returncode == 0, done.stderr
     answer: dict[str, Any] = json.loads(done.stdout)
     return answer
