@@ -71,9 +71,11 @@ def test_an_ordinary_users_fork_and_thread_bombs_never_exceed_the_process_limit(
         assert contained["peak"] <= user_supervisor.MAX_PROCESSES + RUNTIME_TASKS, contained
         assert contained["started"] < user_supervisor.MAX_PROCESSES + 2, contained
     # Control: without the per-execution user namespace (nor a delegated cgroup) the same
-    # threads outgrow the limit before the tree watch (first sample after 20 ms) sees them.
+    # threads outgrow the bound above before the tree watch (first sample after 20 ms) sees
+    # them (far beyond it on this machine; in the emulated VM, where threads start ten times
+    # slower against the same wall-clock watch, 10 were seen).
     uncapped = as_user("bomb", "thread", "userns,cgroups")
-    assert uncapped["started"] > user_supervisor.MAX_PROCESSES + RUNTIME_TASKS, uncapped
+    assert uncapped["started"] >= user_supervisor.MAX_PROCESSES + 2, uncapped
 
 
 def test_an_ordinary_users_execution_holds_no_capability_and_makes_no_namespace(
