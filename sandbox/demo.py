@@ -132,9 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-concurrency", type=int, default=None,
                         help="executions at once (default: CPU count)")
     parser.add_argument("--slowdown", type=float, default=1.0,
-                        help="multiply every example's wall and CPU limits by this, on a host "
-                             "that many times slower than the one they were sized on (an "
-                             "emulated VM: make test-vm)")
+                        help="multiply every example's wall and CPU limits, and the time a "
+                             "zygote may take to start, by this, on a host that many times "
+                             "slower than the one they were sized on (an emulated VM: make "
+                             "test-vm)")
     args = parser.parse_args(argv)
     if not args.slowdown >= 1:
         parser.error(f"--slowdown must be at least 1, got {args.slowdown}")
@@ -151,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         with Sandbox(skills, max_concurrency=args.max_concurrency,
-                     isolation=IsolationConfig(trusted_preload=EXAMPLES_PRELOAD)) as sandbox:
+                     isolation=IsolationConfig(trusted_preload=EXAMPLES_PRELOAD),
+                     zygote_start_timeout=30 * args.slowdown) as sandbox:
             rows = asyncio.run(run_examples(sandbox, skills))
     except SkillLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -137,6 +137,10 @@ class Sandbox:
     cancel) is not reported. It runs in the caller's thread while the slot is held, so keep it
     quick (e.g. a histogram's `observe`); if it raises, the error is logged and the execution
     goes on.
+
+    `zygote_start_timeout` (30 s): how long a skill's zygote may take to start its interpreter
+    and preload its modules before loading the skill fails. Raise it on a much slower host (an
+    emulated VM starting many zygotes at once takes longer than that).
     """
 
     def __init__(self, skills: Iterable[Skill | str | os.PathLike[str]] = (), *,
@@ -145,10 +149,12 @@ class Sandbox:
                  circuit_breaker: CircuitBreaker | bool | None = None,
                  logger: ExecutionLogger | None = None,
                  isolation: IsolationConfig | None = None, prefork: bool = True,
-                 on_slot_wait: Callable[[float], None] | None = None) -> None:
+                 on_slot_wait: Callable[[float], None] | None = None,
+                 zygote_start_timeout: float = 30.0) -> None:
         self.prefork = prefork
         self.on_slot_wait = on_slot_wait
         self._queued = 0
+        self.zygote_start_timeout = zygote_start_timeout
         self.max_concurrency = max_concurrency or os.cpu_count() or 1
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
@@ -219,7 +225,7 @@ class Sandbox:
                          "v2 with the cpu controller delegated (see `doctor`)", skill.id, cpus)
         zygote = ZygoteProcess(skill.id, code, list(skill.manifest.preload),
                                self._isolation_for(skill), cgroups=tickets,
-                               prefork=self.prefork)
+                               prefork=self.prefork, start_timeout=self.zygote_start_timeout)
         zygote.start()
         loaded = _Loaded(skill=skill, zygote=zygote)
         with self._lock:

@@ -19,6 +19,7 @@ import pytest
 
 from sandbox import ExecutionRequest, ExecutionResult, ExecutionStatus, Sandbox, Skill
 from sandbox.cgroups import CgroupTickets, ExecutionCgroup
+from sandbox.errors import SkillLoadError
 from sandbox.zygote import ZygoteProcess
 from tests.conftest import spare_pids, wait_until_gone
 from tests.security.hostile import requires
@@ -337,3 +338,14 @@ def test_a_spare_that_cannot_join_its_cgroups_gives_them_back_and_the_request_is
         os.close(out_r)
     finally:
         zygote.stop()
+
+
+def test_a_zygote_slower_to_start_than_its_start_timeout_fails_the_load(
+        make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path]) -> None:
+    # No interpreter starts within a microsecond: the same as a host far slower than this one.
+    skill = Skill.from_dir(skill_dir("def run(input):\n    return 1\n"))
+    with pytest.raises(SkillLoadError, match="did not become ready within 1e-06s"):
+        make_sandbox(skill, zygote_start_timeout=1e-6)
+    # Control: with the default the same skill loads and runs.
+    sandbox = make_sandbox(skill)
+    assert sandbox.execute(ExecutionRequest(skill_id=skill.id)).json() == 1

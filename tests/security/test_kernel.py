@@ -223,7 +223,7 @@ def run(input):
     time.sleep(0.05)
     os.mkfifo("fifo")
     shell = subprocess.run(["/bin/sh", "-c", input["script"]], capture_output=True, text=True,
-                           timeout=5)
+                           timeout=input["timeout"])
     return {"threads": len(digests), "timer": len(fired), "asyncio": asyncio.run(_child()),
             "shell": shell.stdout, "stderr": shell.stderr, "random": len(os.urandom(8))}
 """
@@ -245,7 +245,8 @@ def test_threads_asyncio_subprocess_and_coreutils_work_under_the_allow_list(
         + limits)
     sandbox = make_sandbox(Skill.from_dir(python), Skill.from_dir(command))
     result = sandbox.execute(ExecutionRequest(skill_id="test/runtime",
-                                              input=json.dumps({"script": _WORKLOAD}).encode()))
+                                              input=json.dumps({"script": _WORKLOAD,
+                                                                "timeout": slow(5)}).encode()))
     assert result.status is ExecutionStatus.SUCCESS, result
     assert result.json() == {"threads": 64, "timer": 1, "asyncio": "hi", "shell": "ab2ok",
                              "stderr": "", "random": 8}

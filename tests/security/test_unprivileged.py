@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import slow
 from tests.security import user_supervisor
 
 HERE = Path(__file__).parent
@@ -33,7 +34,7 @@ def as_user(*args: str) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, str(HERE / "as_user.py"), str(TEST_UID),
          str(HERE / "user_supervisor.py"), *args],
-        capture_output=True, text=True, timeout=50, check=False)
+        capture_output=True, text=True, timeout=slow(50), check=False)
     assert done.returncode == 0, done.stderr
     answer: dict[str, Any] = json.loads(done.stdout)
     return answer
@@ -70,9 +71,11 @@ def test_an_ordinary_users_fork_and_thread_bombs_never_exceed_the_process_limit(
         assert contained["peak"] <= user_supervisor.MAX_PROCESSES + RUNTIME_TASKS, contained
         assert contained["started"] < user_supervisor.MAX_PROCESSES + 2, contained
     # Control: without the per-execution user namespace (nor a delegated cgroup) the same
-    # threads outgrow the limit before the tree watch (first sample after 20 ms) sees them.
+    # threads outgrow the bound above before the tree watch (first sample after 20 ms) sees
+    # them (far beyond it on this machine; in the emulated VM, where threads start ten times
+    # slower against the same wall-clock watch, 10 were seen).
     uncapped = as_user("bomb", "thread", "userns,cgroups")
-    assert uncapped["started"] > user_supervisor.MAX_PROCESSES + RUNTIME_TASKS, uncapped
+    assert uncapped["started"] >= user_supervisor.MAX_PROCESSES + 2, uncapped
 
 
 def test_an_ordinary_users_executions_cannot_reach_the_supervisor_or_each_other(

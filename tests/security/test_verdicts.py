@@ -35,6 +35,7 @@ from sandbox import (
 )
 from sandbox.capabilities import IsolationConfig
 from sandbox.circuit import CircuitState
+from tests.conftest import slow
 from tests.security.hostile import Hostile
 
 SUPERVISOR_PHRASES = [
@@ -188,19 +189,24 @@ def test_a_skill_writing_a_byte_at_a_time_costs_the_supervisor_little_cpu(
         import threading
 
         def trickle(stream):
-            end = time.monotonic() + 1.5
-            while time.monotonic() < end:
+            # 1.5 s, and at least 1100 bytes: a host ten times slower (an emulated VM) writes
+            # fewer than 1000 in 1.5 s, this one far more.
+            end, written = time.monotonic() + 1.5, 0
+            while time.monotonic() < end or written < 1100:
                 os.write(stream, b"x")
+                written += 1
                 time.sleep(0.0002)
 
         def attack(input):
+            began = time.monotonic()
             threads = [threading.Thread(target=trickle, args=(1 + i % 2,)) for i in range(4)]
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
-            return "done"
-    """, limits={"timeout": 10, "cpu_time": 10, "memory_mb": 256, "max_output_bytes": 1 << 24})
+            return time.monotonic() - began
+    """, limits={"timeout": slow(10), "cpu_time": slow(10), "memory_mb": 256,
+                 "max_output_bytes": 1 << 24})
     before = time.thread_time()  # execute runs the supervision loop in this thread
     result = attack.run()
     spent = time.thread_time() - before
@@ -208,7 +214,12 @@ def test_a_skill_writing_a_byte_at_a_time_costs_the_supervisor_little_cpu(
     # Control: the skill really did write thousands of separate bytes on both streams.
     assert len(result.stdout) > 2000 or len(result.stderr) > 2000, (len(result.stdout),
                                                                    len(result.stderr))
-    assert spent < 0.2, f"the supervisor spent {spent:.2f}s of CPU on one trickling skill"
+    # The supervisor rests between reads of a stream, so its wake-ups follow the trickle's
+    # length (1.5 s here; longer where the bytes come slower, as in an emulated VM), and each
+    # costs SLOWDOWN times more CPU on a slower host.
+    trickled = float(result.json())
+    assert spent < slow(0.2) * max(1.0, trickled / 1.5), (
+        f"the supervisor spent {spent:.2f}s of CPU on one skill trickling for {trickled:.1f}s")
 
 
 @pytest.mark.parametrize("disabled", [frozenset(), frozenset({"mountns"}),

@@ -8,6 +8,9 @@ supervisor, every millisecond) and the peak number of tasks above the idle zygot
 reported with the execution's result, and how many the skill itself says it started (on its
 stderr, kept even when the execution is killed). `signal [DISABLED,...]`: whether an execution
 can name this supervisor, its zygote and a concurrent execution (signal 0 and a pidfd only).
+`figures`: what the VM stage (`make test-vm`) reports and checks for each host kind: the
+memory_mb of 200 MB under a 400 MB limit, the verdict and peak of 300 MB under a 100 MB limit,
+and the fork bomb's peak; exits 1 if one falls short.
 """
 
 from __future__ import annotations
@@ -129,7 +132,16 @@ def _tasks_below(pid: int) -> int:
 
 
 def _bomb(kind: str, disabled: frozenset[str]) -> dict[str, object]:
-    skill = _write_skill("bomb", _BOMB, f"max_processes = {MAX_PROCESSES}\ntimeout = 20")
+    skill = _write_skill("bomb", _BOMB, _BOMB_LIMITS)
+    with Sandbox([skill], isolation=IsolationConfig(disabled=disabled)) as sandbox:
+        return _sampled_bomb(sandbox, skill, kind)
+
+
+_BOMB_LIMITS = f"max_processes = {MAX_PROCESSES}\ntimeout = 20"
+
+
+def _sampled_bomb(sandbox: Sandbox, skill: Skill, kind: str) -> dict[str, object]:
+    """Runs the bomb twice (the first warms up) and samples the second from outside."""
     peak = 0
     done = threading.Event()
 
@@ -139,18 +151,17 @@ def _bomb(kind: str, disabled: frozenset[str]) -> dict[str, object]:
             peak = max(peak, _tasks_below(os.getpid()) - baseline)
             time.sleep(0.001)
 
-    with Sandbox([skill], isolation=IsolationConfig(disabled=disabled)) as sandbox:
-        request = ExecutionRequest(skill_id=skill.id, input=json.dumps({"kind": kind}).encode())
-        warm = sandbox.execute(request)
-        time.sleep(0.5)  # the spare forked after the warm-up is idle by now
-        baseline = _tasks_below(os.getpid())
-        sampler = threading.Thread(target=sample, args=(baseline,))
-        sampler.start()
-        try:
-            result = sandbox.execute(request)
-        finally:
-            done.set()
-            sampler.join(timeout=10)
+    request = ExecutionRequest(skill_id=skill.id, input=json.dumps({"kind": kind}).encode())
+    warm = sandbox.execute(request)
+    time.sleep(0.5)  # the spare forked after the warm-up is idle by now
+    baseline = _tasks_below(os.getpid())
+    sampler = threading.Thread(target=sample, args=(baseline,))
+    sampler.start()
+    try:
+        result = sandbox.execute(request)
+    finally:
+        done.set()
+        sampler.join(timeout=10)
     return {"warm": warm.status.value, "status": result.status.value, "error": result.error,
             "output": result.output.decode(errors="replace"), "peak": peak,
             "started": result.stderr.count("+")}
@@ -183,6 +194,51 @@ def _signal(disabled: frozenset[str]) -> dict[str, object]:
             "reach": json.loads(result.output or b"{}")}
 
 
+_ALLOCATE = """
+def run(input):
+    blocks = []
+    for _ in range(input["mb"]):  # 1 MB at a time: the limit stops it part way, at its peak
+        block = bytearray(1 << 20)
+        block[::4096] = b"x" * 256
+        blocks.append(block)
+    return len(blocks)
+"""
+
+
+def _figures() -> tuple[dict[str, object], list[str]]:
+    """What issue 10 asks of every host kind, measured in one sandbox: a 200 MB allocation
+    reports 190-260 memory_mb; 300 MB under memory_mb = 100 fails as resource exhausted with
+    the real peak (90-110); a fork bomb never has more than max_processes tasks (plus the
+    runtime's own few) at any moment, sampled from outside. Returns them and what fell short."""
+    generous = _write_skill("allocate-400", _ALLOCATE, "memory_mb = 400\ntimeout = 300\n"
+                                                      "cpu_time = 300")
+    tight = _write_skill("allocate-100", _ALLOCATE, "memory_mb = 100\ntimeout = 300\n"
+                                                   "cpu_time = 300")
+    bomb = _write_skill("bomb", _BOMB, _BOMB_LIMITS)
+    with Sandbox([generous, tight, bomb]) as sandbox:
+        results = {name: sandbox.execute(ExecutionRequest(
+                       skill_id=skill.id, input=json.dumps({"mb": megabytes}).encode()))
+                   for name, skill, megabytes in (("200 MB", generous, 200),
+                                                  ("300 MB under 100", tight, 300))}
+        bombed = _sampled_bomb(sandbox, bomb, "fork")
+    figures: dict[str, object] = {
+        name: {"status": result.status.value, "error": result.error,
+               "memory_mb": result.resource_usage.memory_mb}
+        for name, result in results.items()}
+    figures["fork bomb"] = bombed
+    short = []
+    fits, over = results["200 MB"], results["300 MB under 100"]
+    if not (fits.ok and 190 <= fits.resource_usage.memory_mb <= 260):
+        short.append("200 MB: not a success reporting 190-260 memory_mb")
+    if not (over.error.startswith("runtime: resource exhausted: memory")
+            and 90 <= over.resource_usage.memory_mb <= 110):
+        short.append("300 MB under 100: not resource exhausted with a peak of 90-110 MB")
+    if not (bombed["status"] == "failed" and isinstance(bombed["peak"], int)
+            and bombed["peak"] <= MAX_PROCESSES + 3):
+        short.append(f"fork bomb: not stopped within {MAX_PROCESSES} + 3 tasks")
+    return figures, short
+
+
 def main() -> None:
     command = sys.argv[1]
     if command == "doctor":
@@ -193,6 +249,11 @@ def main() -> None:
     elif command == "signal":
         print(json.dumps(_signal(frozenset(
             name for name in sys.argv[2:3] for name in name.split(",") if name))))
+    elif command == "figures":
+        figures, short = _figures()
+        print(json.dumps(figures))
+        if short:
+            raise SystemExit("; ".join(short))
     elif command == "bomb":
         disabled = frozenset(name for name in sys.argv[3:4] for name in name.split(",") if name)
         print(json.dumps(_bomb(sys.argv[2], disabled)))
