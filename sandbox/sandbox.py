@@ -668,6 +668,8 @@ class Sandbox:
             if loaded.state == "warm" and loaded.zygote.alive():
                 self._touch(loaded)
                 return ""
+            if self._closed:  # close() stops zygotes under this lock: start none after it
+                return "the sandbox is closed"
             crashed = loaded.state == "warm"
             loaded.zygote.stop(timeout=1.0)
             try:
