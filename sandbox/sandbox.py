@@ -166,6 +166,13 @@ class Sandbox:
     (None: never) is evicted too. The bound is soft: zygotes with executions in flight are
     never evicted, so under a burst across more skills than the bound, more may run for a
     while. An evicted skill's next request boots it again, transparently.
+
+    The queue, for an embedder's metrics: `queued` is how many callers wait for a slot right
+    now, and `on_slot_wait`, if given, is called with the seconds a caller waited (0.0 when a
+    slot was free) each time one gets a slot; a caller that gives up in the queue (timeout,
+    cancel) is not reported. It runs in the caller's thread while the slot is held, so keep it
+    quick (e.g. a histogram's `observe`); if it raises, the error is logged and the execution
+    goes on.
     """
 
     def __init__(self, skills: Iterable[Skill | str | os.PathLike[str]] = (), *,
@@ -174,9 +181,12 @@ class Sandbox:
                  circuit_breaker: CircuitBreaker | bool | None = None,
                  logger: ExecutionLogger | None = None,
                  isolation: IsolationConfig | None = None, prefork: bool = True,
+                 on_slot_wait: Callable[[float], None] | None = None,
                  warm: bool = False, max_zygotes: int | None = DEFAULT_MAX_ZYGOTES,
                  zygote_idle_ttl: float | None = DEFAULT_ZYGOTE_IDLE_TTL) -> None:
         self.prefork = prefork
+        self.on_slot_wait = on_slot_wait
+        self._queued = 0
         if max_zygotes is not None and max_zygotes < 1:
             raise ValueError(f"max_zygotes must be at least 1 (or None), got {max_zygotes}")
         if zygote_idle_ttl is not None and not zygote_idle_ttl > 0:
@@ -571,12 +581,14 @@ class Sandbox:
                      ) -> ExecutionResult:
         limits = _limits_for(loaded.skill, request)
         deadline = started + limits.timeout  # every wait below spends from this one budget
-        if not self._acquire_slot(token, deadline):
+        waited = self._acquire_slot(token, deadline)
+        if waited is None:
             if token.canceled:
                 return early(ExecutionStatus.CANCELED, ErrorKind.CANCELED, CANCELED_ERROR)
             return early(ExecutionStatus.TIMEOUT, ErrorKind.NO_SLOT,
                          f"{TIMEOUT_ERROR}: no execution slot free within {limits.timeout:g}s")
         try:
+            self._report_slot_wait(waited)
             if token.canceled:
                 return early(ExecutionStatus.CANCELED, ErrorKind.CANCELED, CANCELED_ERROR)
             with loaded.idle:
@@ -596,16 +608,40 @@ class Sandbox:
         finally:
             self._slots.release()
 
-    def _acquire_slot(self, token: _CancelToken, deadline: float) -> bool:
-        """Wait for a concurrency slot until `deadline` (monotonic); a queued caller that
-        cancels stops waiting at once instead of when a slot frees."""
-        while not token.canceled:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            if self._slots.acquire(timeout=min(left, _QUEUE_POLL)):
-                return True
-        return False
+    @property
+    def queued(self) -> int:
+        """How many callers wait for a concurrency slot right now."""
+        return self._queued
+
+    def _acquire_slot(self, token: _CancelToken, deadline: float) -> float | None:
+        """Wait for a concurrency slot until `deadline` (monotonic): the seconds waited, or
+        None without a slot. A queued caller that cancels stops waiting at once instead of when
+        a slot frees."""
+        if self._slots.acquire(blocking=False):
+            return 0.0
+        started = time.monotonic()
+        with self._lock:
+            self._queued += 1
+        try:
+            while not token.canceled:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                if self._slots.acquire(timeout=min(left, _QUEUE_POLL)):
+                    return time.monotonic() - started
+            return None
+        finally:
+            with self._lock:
+                self._queued -= 1
+
+    def _report_slot_wait(self, seconds: float) -> None:
+        """Tell the embedder's observer; its failure is its own, not the execution's."""
+        if self.on_slot_wait is None:
+            return
+        try:
+            self.on_slot_wait(seconds)
+        except Exception:  # noqa: BLE001 - a broken observer must not fail the execution
+            _log.exception("on_slot_wait observer raised; the execution goes on")
 
     def _run(self, loaded: _Loaded, request: ExecutionRequest, limits: Limits,
              token: _CancelToken, arrived: float, deadline: float,

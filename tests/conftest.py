@@ -7,12 +7,15 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
 
 from sandbox import ExecutionRequest, ExecutionResult, Sandbox, Skill
+
+if TYPE_CHECKING:
+    from daemon_util import Daemon
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "skills_examples"
@@ -110,6 +113,25 @@ def make_sandbox() -> Iterator[Callable[..., Sandbox]]:
     yield make
     for sandbox in opened:
         sandbox.close()
+
+
+@pytest.fixture
+def start_daemon() -> Iterator[Callable[..., Daemon]]:
+    """Start real daemon processes: `start_daemon(skill_dirs, **options)` → a `Daemon` (not yet
+    started; call `.start()`), stopped and reaped at the end of the test. (Modules that share
+    one daemon among their tests call their module-scoped fixture `daemon`.)"""
+    from daemon_util import Daemon  # the daemon's client dependencies, only where used
+
+    started: list[Daemon] = []
+
+    def make(skills: list[Path], **options: Any) -> Daemon:
+        item = Daemon(skills, **options)
+        started.append(item)
+        return item
+
+    yield make
+    for item in started:
+        item.close()
 
 
 @pytest.fixture

@@ -275,3 +275,70 @@ def test_killed_zygote_is_restarted_once_for_many_concurrent_callers(
     assert [result.json() for result in results] == [[index] for index in range(16)]
     after = sandbox.zygote_info(echo.id)
     assert after["starts"] == first["starts"] + 1 and after["alive"]
+
+
+def _wait_for_queue(sandbox: Sandbox, depth: int, timeout: float = 5.0) -> float:
+    """Wait until `depth` callers wait for a slot; the monotonic instant it was seen."""
+    deadline = time.monotonic() + timeout
+    while sandbox.queued != depth:
+        assert time.monotonic() < deadline, f"queue depth {sandbox.queued}, expected {depth}"
+        time.sleep(0.01)
+    return time.monotonic()
+
+
+def test_an_embedder_sees_the_queue_depth_and_each_granted_slot_wait(
+        make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path]) -> None:
+    skill = Skill.from_dir(skill_dir(SLEEP_FOREVER, "[limits]\ntimeout = 30"))
+    waits: list[float] = []
+    sandbox = make_sandbox(skill, max_concurrency=1, on_slot_wait=waits.append)
+    results: dict[str, ExecutionResult] = {}
+
+    def call(request_id: str, timeout: float | None = None) -> None:
+        results[request_id] = sandbox.execute(ExecutionRequest(
+            skill_id=skill.id, request_id=request_id, timeout=timeout))
+
+    assert sandbox.queued == 0
+    holder = threading.Thread(target=call, args=("holder",))
+    holder.start()
+    wait_for_execution_child(sandbox, skill.id)
+    assert waits == [0.0]  # a free slot is taken without waiting
+    queued = threading.Thread(target=call, args=("queued",))
+    queued.start()
+    seen_queued = _wait_for_queue(sandbox, 1)
+    # A caller whose own timeout runs out in the queue is counted while it waits, and its
+    # wait is not reported: it never got a slot.
+    call("gives-up", timeout=0.3)
+    assert results["gives-up"].status is ExecutionStatus.TIMEOUT
+    assert sandbox.queued == 1 and waits == [0.0]
+    released = time.monotonic()
+    assert sandbox.cancel("holder") is True
+    holder.join(timeout=10)
+    _wait_for_queue(sandbox, 0)
+    wait_for_execution_child(sandbox, skill.id)
+    assert len(waits) == 2
+    # It waited from before it was seen queued until after the holder let go.
+    assert waits[1] >= released - seen_queued > 0
+    assert sandbox.cancel("queued") is True
+    queued.join(timeout=10)
+    assert not holder.is_alive() and not queued.is_alive()
+    assert results["queued"].status is ExecutionStatus.CANCELED
+
+
+OBSERVER_ERROR = RuntimeError("observer broke")
+
+
+def test_a_failing_slot_wait_observer_does_not_cost_the_execution_or_its_slot(
+        make_sandbox: Callable[..., Sandbox], example: Callable[[str], Skill],
+        caplog: pytest.LogCaptureFixture) -> None:
+    def broken(seconds: float) -> None:
+        raise OBSERVER_ERROR
+
+    echo = example("echo")
+    sandbox = make_sandbox(echo, max_concurrency=1, on_slot_wait=broken)
+    for index in range(2):  # the second would wait forever if the first kept the slot
+        result = sandbox.execute(ExecutionRequest(skill_id=echo.id, input=f"[{index}]".encode(),
+                                                  timeout=5))
+        assert result.ok, result.error
+        assert result.json() == [index]
+    assert [record.exc_info[1] for record in caplog.records
+            if record.exc_info] == [OBSERVER_ERROR, OBSERVER_ERROR]

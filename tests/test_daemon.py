@@ -10,7 +10,7 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +35,6 @@ def run(input):
 
 VERSION = "v1"
 """
-
-
-@pytest.fixture
-def daemon() -> Iterator[Callable[..., Daemon]]:
-    started: list[Daemon] = []
-
-    def make(skills: list[Path], **options: Any) -> Daemon:
-        item = Daemon(skills, **options)
-        started.append(item)
-        return item
-
-    yield make
-    for item in started:
-        item.close()
 
 
 @pytest.fixture
@@ -80,8 +66,9 @@ def _inflight(item: Daemon) -> int:
 # -- sockets -------------------------------------------------------------------------------------
 
 
-def test_unix_socket_is_mode_0600_and_removed_on_sigterm(daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO]).start()
+def test_unix_socket_is_mode_0600_and_removed_on_sigterm(
+        start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO]).start()
     info = os.stat(item.socket)
     assert stat.S_ISSOCK(info.st_mode)
     assert stat.S_IMODE(info.st_mode) == 0o600
@@ -94,8 +81,9 @@ def test_unix_socket_is_mode_0600_and_removed_on_sigterm(daemon: Callable[..., D
     assert item.find_events("stopped")
 
 
-def test_stale_socket_left_by_a_dead_daemon_is_replaced(daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO])
+def test_stale_socket_left_by_a_dead_daemon_is_replaced(
+        start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO])
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(str(item.socket))  # a socket file nobody listens on any more
     stale.close()
@@ -108,9 +96,9 @@ def test_stale_socket_left_by_a_dead_daemon_is_replaced(daemon: Callable[..., Da
 
 
 def test_second_daemon_on_a_live_socket_refuses_and_first_keeps_serving(
-        daemon: Callable[..., Daemon]) -> None:
-    first = daemon([ECHO]).start()
-    second = daemon([ECHO])
+        start_daemon: Callable[..., Daemon]) -> None:
+    first = start_daemon([ECHO]).start()
+    second = start_daemon([ECHO])
     second.socket = first.socket
     second.command[second.command.index("--socket") + 1] = str(first.socket)
     assert second.spawn().wait(timeout=20) == 3
@@ -121,8 +109,8 @@ def test_second_daemon_on_a_live_socket_refuses_and_first_keeps_serving(
 
 
 def test_a_regular_file_at_the_socket_path_is_not_replaced(
-        daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO])
+        start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO])
     item.socket.write_text("precious")
     assert item.spawn().wait(timeout=20) == 3
     assert "is not a socket" in item.log_text()
@@ -132,16 +120,16 @@ def test_a_regular_file_at_the_socket_path_is_not_replaced(
 # -- TCP and tokens ------------------------------------------------------------------------------
 
 
-def test_tcp_without_a_token_refuses_to_start(daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO], args=["--tcp", "127.0.0.1:0"])
+def test_tcp_without_a_token_refuses_to_start(start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO], args=["--tcp", "127.0.0.1:0"])
     assert item.spawn().wait(timeout=20) == 2
     assert "refusing to listen on TCP without a bearer token" in item.log_text()
     assert not item.socket.exists()
 
 
 def test_tcp_needs_the_bearer_token_and_refusals_are_logged_and_counted(
-        daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO], tcp=True).start()
+        start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO], tcp=True).start()
     assert item.tcp_address is not None and item.tcp_address.startswith("127.0.0.1:")
     with item.tcp_http() as anonymous:
         missing = anonymous.post("/v1/execute", json={"skill_id": "examples/echo"})
@@ -171,8 +159,8 @@ def test_tcp_needs_the_bearer_token_and_refusals_are_logged_and_counted(
 
 
 def test_sigterm_lets_in_flight_finish_and_refuses_new_work(
-        daemon: Callable[..., Daemon], sleeper: Path) -> None:
-    item = daemon([sleeper, ECHO]).start()
+        start_daemon: Callable[..., Daemon], sleeper: Path) -> None:
+    item = start_daemon([sleeper, ECHO]).start()
     client = item.client()
     try:
         thread, outcome = _run_in_thread(lambda: client.execute(ExecutionRequest(
@@ -196,8 +184,8 @@ def test_sigterm_lets_in_flight_finish_and_refuses_new_work(
 
 
 def test_in_flight_work_past_the_grace_period_is_canceled_and_reaped(
-        daemon: Callable[..., Daemon], sleeper: Path) -> None:
-    item = daemon([sleeper], args=["--grace-period", "0.3"]).start()
+        start_daemon: Callable[..., Daemon], sleeper: Path) -> None:
+    item = start_daemon([sleeper], args=["--grace-period", "0.3"]).start()
     with item.http() as http:
         zygote = http.get("/v1/skills/test/sleeper").json()["zygote"]["pid"]
     client = item.client()
@@ -217,8 +205,8 @@ def test_in_flight_work_past_the_grace_period_is_canceled_and_reaped(
 
 
 def test_kill_9_of_the_daemon_leaves_no_zygote_or_worker(
-        daemon: Callable[..., Daemon], sleeper: Path) -> None:
-    item = daemon([sleeper, ECHO]).start()
+        start_daemon: Callable[..., Daemon], sleeper: Path) -> None:
+    item = start_daemon([sleeper, ECHO]).start()
     with item.http() as http:
         zygotes = {skill["zygote_pid"] for skill in http.get("/v1/status").json()["skills"]}
     sleeper_zygote = next(pid for pid in zygotes
@@ -238,8 +226,8 @@ def test_kill_9_of_the_daemon_leaves_no_zygote_or_worker(
         client.close()
 
 
-def test_queue_full_is_answered_429(daemon: Callable[..., Daemon], sleeper: Path) -> None:
-    item = daemon([sleeper], args=["--max-concurrency", "1", "--max-queue", "0"]).start()
+def test_queue_full_is_answered_429(start_daemon: Callable[..., Daemon], sleeper: Path) -> None:
+    item = start_daemon([sleeper], args=["--max-concurrency", "1", "--max-queue", "0"]).start()
     client = item.client()
     try:
         thread, outcome = _run_in_thread(lambda: client.execute(ExecutionRequest(
@@ -259,8 +247,8 @@ def test_queue_full_is_answered_429(daemon: Callable[..., Daemon], sleeper: Path
 
 
 def test_sighup_reloads_a_changed_skill_under_load_without_dropping_work(
-        daemon: Callable[..., Daemon], sleeper: Path) -> None:
-    item = daemon([sleeper], args=["--max-concurrency", "2"]).start()
+        start_daemon: Callable[..., Daemon], sleeper: Path) -> None:
+    item = start_daemon([sleeper], args=["--max-concurrency", "2"]).start()
     client = item.client()
     try:
         def call() -> Any:
@@ -287,12 +275,12 @@ def test_sighup_reloads_a_changed_skill_under_load_without_dropping_work(
 
 
 def test_reload_adds_new_removes_deleted_and_keeps_a_broken_skill(
-        daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+        start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     root = tmp_path / "skills"
     write_skill(root, "keep", "def run(input):\n    return 'keep'\n")
     doomed = write_skill(root, "doomed", "def run(input):\n    return 'doomed'\n")
     broken = write_skill(root, "broken", "def run(input):\n    return 'good'\n")
-    item = daemon([root]).start()
+    item = start_daemon([root]).start()
     with item.client() as client:
         write_skill(root, "fresh", "def run(input):\n    return 'fresh'\n")
         for path in doomed.iterdir():
@@ -311,10 +299,10 @@ def test_reload_adds_new_removes_deleted_and_keeps_a_broken_skill(
     assert item.stop() == 0
 
 
-def test_sighup_reloads_the_policy(daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+def test_sighup_reloads_the_policy(start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text('[default]\nallowed_skills = ["examples/*"]\n')
-    item = daemon([ECHO], args=["--policy", str(policy)]).start()
+    item = start_daemon([ECHO], args=["--policy", str(policy)]).start()
     with item.client() as client:
         assert client.execute(ExecutionRequest(skill_id="examples/echo")).ok
         policy.write_text('[default]\nallowed_skills = ["other/*"]\n')
@@ -329,8 +317,8 @@ def test_sighup_reloads_the_policy(daemon: Callable[..., Daemon], tmp_path: Path
 # -- zygotes and readiness -----------------------------------------------------------------------
 
 
-def test_a_dead_zygote_is_restarted_and_counted(daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO]).start()
+def test_a_dead_zygote_is_restarted_and_counted(start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO]).start()
     with item.client() as client:
         old = client.skill("examples/echo")["zygote"]["pid"]
         os.kill(old, signal.SIGKILL)
@@ -348,8 +336,8 @@ def test_a_dead_zygote_is_restarted_and_counted(daemon: Callable[..., Daemon]) -
     assert item.stop() == 0
 
 
-def test_systemd_is_told_ready_and_stopping(daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO])
+def test_systemd_is_told_ready_and_stopping(start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO])
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(str(item.dir / "notify"))
     listener.settimeout(20)
@@ -367,8 +355,8 @@ def test_systemd_is_told_ready_and_stopping(daemon: Callable[..., Daemon]) -> No
 
 
 def test_invalid_config_file_exits_2_naming_file_and_field(
-        daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO], config="max_queue = -1\n[limits]\ntimeout = 'soon'\n")
+        start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO], config="max_queue = -1\n[limits]\ntimeout = 'soon'\n")
     assert item.spawn().wait(timeout=20) == 2
     text = item.log_text()
     assert f"{item.dir / 'config.toml'}: field 'max_queue'" in text
@@ -376,8 +364,8 @@ def test_invalid_config_file_exits_2_naming_file_and_field(
 
 
 def test_a_client_hanging_up_cancels_its_execution(
-        daemon: Callable[..., Daemon], sleeper: Path) -> None:
-    item = daemon([sleeper]).start()
+        start_daemon: Callable[..., Daemon], sleeper: Path) -> None:
+    item = start_daemon([sleeper]).start()
     with item.http() as http:
         zygote = http.get("/v1/skills/test/sleeper").json()["zygote"]["pid"]
     hasty = httpx.Client(transport=httpx.HTTPTransport(uds=str(item.socket)),
@@ -394,11 +382,11 @@ def test_a_client_hanging_up_cancels_its_execution(
 
 
 def test_reloading_an_unchanged_policy_keeps_its_rate_limit_state(
-        daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+        start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text('[default]\nallowed_skills = ["*"]\n'
                       'rate_limit = { rate = 0.001, burst = 1 }\n')
-    item = daemon([ECHO], args=["--policy", str(policy)]).start()
+    item = start_daemon([ECHO], args=["--policy", str(policy)]).start()
     with item.client() as client:
         assert client.execute(ExecutionRequest(skill_id="examples/echo")).ok
         assert "rate limit" in client.execute(ExecutionRequest(skill_id="examples/echo")).error
@@ -411,10 +399,10 @@ def test_reloading_an_unchanged_policy_keeps_its_rate_limit_state(
 
 
 def test_a_zygote_that_cannot_boot_is_retried_with_backoff_and_not_ready(
-        daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+        start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     root = tmp_path / "skills"
     skill = write_skill(root, "fragile", "def run(input):\n    return 'ok'\n")
-    item = daemon([root], args=["--zygote-backoff-max", "2"]).start()
+    item = start_daemon([root], args=["--zygote-backoff-max", "2"]).start()
     with item.client() as client:
         (skill / "main.py").write_text("def run(input) return\n")  # no longer compiles
         os.kill(client.skill("test/fragile")["zygote"]["pid"], signal.SIGKILL)
@@ -433,8 +421,8 @@ def test_a_zygote_that_cannot_boot_is_retried_with_backoff_and_not_ready(
 
 
 def test_disabled_isolation_layers_are_reported_at_start_and_in_status(
-        daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO], args=["--isolation-disabled", "netns"]).start()
+        start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO], args=["--isolation-disabled", "netns"]).start()
     with item.client() as client:
         layers = {layer["name"]: layer for layer in client.status()["isolation"]}
         assert client.execute(ExecutionRequest(skill_id="examples/echo")).ok
@@ -446,8 +434,8 @@ def test_disabled_isolation_layers_are_reported_at_start_and_in_status(
 
 
 def test_a_required_layer_that_is_disabled_refuses_to_start(
-        daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO], args=["--isolation-disabled", "seccomp",
+        start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO], args=["--isolation-disabled", "seccomp",
                                 "--isolation-required", "seccomp"])
     assert item.spawn().wait(timeout=20) == 2
     assert "both required and disabled" in item.log_text()
@@ -469,11 +457,11 @@ def _zygote_children(pid: int) -> set[int]:
 
 
 def test_reload_with_lazy_skills_keeps_hot_ones_warm_and_cold_ones_cold(
-        daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+        start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     root = tmp_path / "skills"
     for name in ("alpha", "beta", "gamma"):
         write_skill(root, name, SLEEP_CODE)
-    item = daemon([root], warm=False,
+    item = start_daemon([root], warm=False,
                   args=["--warm", "test/alpha", "--max-zygotes", "2"]).start()
     with item.client() as client:
         def states() -> dict[str, str]:

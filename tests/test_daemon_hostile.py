@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +31,6 @@ ECHO = EXAMPLES / "echo"
 SLEEP_CODE = "import time\n\ndef run(input):\n    time.sleep(input.get('seconds', 0))\n" \
              "    return {'slept': input.get('seconds', 0)}\n"
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture
-def daemon() -> Iterator[Callable[..., Daemon]]:
-    started: list[Daemon] = []
-
-    def make(skills: list[Path], **options: Any) -> Daemon:
-        item = Daemon(skills, **options)
-        started.append(item)
-        return item
-
-    yield make
-    for item in started:
-        item.close()
 
 
 @pytest.fixture
@@ -100,8 +86,8 @@ def _post_raw(http: httpx.Client, path: str, body: bytes) -> httpx.Response:
 # -- 1. /metrics labels ------------------------------------------------------------------------
 
 
-def test_metrics_labels_come_only_from_loaded_skills(daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO]).start()
+def test_metrics_labels_come_only_from_loaded_skills(start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO]).start()
     ids = [f"nope/{uuid.uuid4().hex}" for _ in range(40)] + \
         ["evil/\x00nul", "evil/new\nline", 'evil/quote"}', "evil/\u2028sep"]
     with item.http() as http:
@@ -132,8 +118,8 @@ def test_metrics_labels_come_only_from_loaded_skills(daemon: Callable[..., Daemo
 
 
 def test_idle_trickled_and_stalled_connections_are_closed_at_their_deadlines(
-        daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO], tcp=True, args=["--header-timeout", "1", "--body-timeout", "1",
+        start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO], tcp=True, args=["--header-timeout", "1", "--body-timeout", "1",
                                           "--keepalive-timeout", "1"]).start()
     idle = _tcp(item)  # connects and says nothing
     trickle = _tcp(item)  # headers one byte at a time, never finished
@@ -180,8 +166,8 @@ def test_idle_trickled_and_stalled_connections_are_closed_at_their_deadlines(
 
 
 def test_a_connection_flood_under_a_low_fd_limit_keeps_the_unix_socket_serving(
-        daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO], tcp=True, nofile=256,
+        start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO], tcp=True, nofile=256,
                   args=["--max-concurrency", "2", "--header-timeout", "30"]).start()
     held: list[socket.socket] = []
     refused = 0
@@ -263,8 +249,8 @@ def test_a_repeating_event_loop_error_is_one_json_line_per_interval(
      "context.tenant_id"),
 ])
 def test_lone_surrogates_are_a_400_naming_the_field(
-        daemon: Callable[..., Daemon], path: str, body: bytes, field: str) -> None:
-    item = daemon([ECHO]).start()
+        start_daemon: Callable[..., Daemon], path: str, body: bytes, field: str) -> None:
+    item = start_daemon([ECHO]).start()
     with item.http() as http:
         response = _post_raw(http, path, body)
         assert response.status_code == 400
@@ -281,11 +267,11 @@ def test_lone_surrogates_are_a_400_naming_the_field(
 
 
 def test_default_policy_is_one_aggregate_limit_for_unnamed_tenants(
-        daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+        start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text("[default]\nrate_limit = { rate = 0.001, burst = 2 }\n"
                       "[tenants.acme]\nrate_limit = { rate = 0.001, burst = 1 }\n")
-    item = daemon([ECHO], args=["--policy", str(policy)]).start()
+    item = start_daemon([ECHO], args=["--policy", str(policy)]).start()
     with item.http() as http:
         statuses = [http.post("/v1/execute", json={"skill_id": "examples/echo",
                                                    "tenant_id": f"rotating-{n}"}).json()
@@ -299,11 +285,11 @@ def test_default_policy_is_one_aggregate_limit_for_unnamed_tenants(
 
 
 def test_per_tenant_default_state_is_evicted_when_idle(
-        daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+        start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text('default_scope = "per_tenant"\n'
                       "[default]\nrate_limit = { rate = 0.5, burst = 1 }\n")
-    item = daemon([ECHO], args=["--policy", str(policy)]).start()
+    item = start_daemon([ECHO], args=["--policy", str(policy)]).start()
     with item.http() as http:
         answers = [http.post("/v1/execute", json={"skill_id": "examples/echo",
                                                   "tenant_id": f"t-{n}"}).json()["status"]
@@ -320,8 +306,8 @@ def test_per_tenant_default_state_is_evicted_when_idle(
 
 
 def test_every_stderr_line_is_one_json_object_in_json_mode(
-        daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO]).start()
+        start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO]).start()
     with item.http() as http:
         assert http.post("/v1/execute", json={"skill_id": "examples/echo"}).json()["status"] \
             == "success"
@@ -346,8 +332,8 @@ def test_every_stderr_line_is_one_json_object_in_json_mode(
 
 
 def test_text_mode_escapes_control_characters_so_lines_cannot_be_forged(
-        daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO], args=["--log-format", "text"])
+        start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO], args=["--log-format", "text"])
     item.spawn()
     wait_for(lambda: " listening " in item.log_text(), 20, 0.05, "the daemon to listen")
     forged = "x\n12:00:00 error   FORGED line\r\x1b[2J\u2028sep"
@@ -363,8 +349,8 @@ def test_text_mode_escapes_control_characters_so_lines_cannot_be_forged(
 
 
 def test_a_client_hanging_up_mid_body_is_info_and_not_a_500(
-        daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO]).start()
+        start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO]).start()
     for path in ("/v1/execute", "/v1/plans"):
         sock = _unix(item)
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -387,8 +373,8 @@ def test_a_client_hanging_up_mid_body_is_info_and_not_a_500(
 
 
 def test_workdirs_left_by_a_killed_daemon_are_swept_at_the_next_start(
-        daemon: Callable[..., Daemon], sleeper: Path, tmp_path: Path) -> None:
-    first = daemon([sleeper]).start()
+        start_daemon: Callable[..., Daemon], sleeper: Path, tmp_path: Path) -> None:
+    first = start_daemon([sleeper]).start()
     client = first.client()
 
     def doomed() -> None:
@@ -414,12 +400,12 @@ def test_workdirs_left_by_a_killed_daemon_are_swept_at_the_next_start(
     (configured / "exec-deadbeef" / "left.txt").write_text("x")
     (configured / "keep.txt").write_text("not ours")
     try:
-        second = daemon([sleeper]).start()
+        second = start_daemon([sleeper]).start()
         assert not any(path.exists() for path in leftovers)
         assert alive.exists() and unrelated.exists()
         assert second.find_events("swept leftover workdirs")
         assert second.stop() == 0
-        third = daemon([sleeper], args=["--workdir-root", str(configured)]).start()
+        third = start_daemon([sleeper], args=["--workdir-root", str(configured)]).start()
         assert not (configured / "exec-deadbeef").exists()
         assert (configured / "keep.txt").read_text() == "not ours"
         assert third.stop() == 0
@@ -429,8 +415,8 @@ def test_workdirs_left_by_a_killed_daemon_are_swept_at_the_next_start(
     thread.join(timeout=30)
 
 
-def test_execution_log_files_are_created_0600(daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO], umask=0o022).start()
+def test_execution_log_files_are_created_0600(start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO], umask=0o022).start()
     with item.http() as http:
         assert http.post("/v1/execute", json={"skill_id": "examples/echo"}).json()["status"] \
             == "success"
@@ -438,12 +424,12 @@ def test_execution_log_files_are_created_0600(daemon: Callable[..., Daemon]) -> 
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert item.stop() == 0
-    loose = daemon([ECHO], umask=0o022)  # a log made by an older version: tightened
+    loose = start_daemon([ECHO], umask=0o022)  # a log made by an older version: tightened
     loose.exec_log.touch(mode=0o644)
     loose.exec_log.chmod(0o644)
     loose.start()
     assert stat.S_IMODE(loose.exec_log.stat().st_mode) == 0o600
-    jsonl = daemon([ECHO], umask=0o022, args=["--execution-log", "x.jsonl"])
+    jsonl = start_daemon([ECHO], umask=0o022, args=["--execution-log", "x.jsonl"])
     jsonl.command[jsonl.command.index("x.jsonl")] = str(jsonl.dir / "log" / "x.jsonl")
     jsonl.start()
     assert stat.S_IMODE((jsonl.dir / "log" / "x.jsonl").stat().st_mode) == 0o600
@@ -462,9 +448,9 @@ def test_execution_log_files_are_created_0600(daemon: Callable[..., Daemon]) -> 
     (b'{"skill_id": "examples/echo", "input": [-Infinity]}', 400, "input.0"),
     (b'{"skill_id": "examples/echo", "input": {"big": 1e999}}', 400, "input.big"),
 ])
-def test_lenient_values_are_refused_not_coerced(daemon: Callable[..., Daemon], body: bytes,
+def test_lenient_values_are_refused_not_coerced(start_daemon: Callable[..., Daemon], body: bytes,
                                                 code: int, field: str) -> None:
-    item = daemon([ECHO]).start()
+    item = start_daemon([ECHO]).start()
     with item.http() as http:
         response = _post_raw(http, "/v1/execute", body)
         assert response.status_code == code, response.text
@@ -477,8 +463,8 @@ def test_lenient_values_are_refused_not_coerced(daemon: Callable[..., Daemon], b
         assert ok.json()["output"] == {"f": 1.5e300}
 
 
-def test_content_type_must_be_json_else_415(daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO]).start()
+def test_content_type_must_be_json_else_415(start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO]).start()
     body = b'{"skill_id": "examples/echo"}'
     with item.http() as http:
         for headers in ({"Content-Type": "text/plain"},
@@ -494,8 +480,8 @@ def test_content_type_must_be_json_else_415(daemon: Callable[..., Daemon]) -> No
 
 
 def test_malformed_http_and_wrong_methods_get_json_errors(
-        daemon: Callable[..., Daemon]) -> None:
-    item = daemon([ECHO], tcp=True).start()
+        start_daemon: Callable[..., Daemon]) -> None:
+    item = start_daemon([ECHO], tcp=True).start()
     for sock in (_unix(item), _tcp(item)):
         sock.sendall(b"THIS IS NOT\x00 HTTP\r\n\r\n")
         status, headers, body = _response(_read_all(sock))
@@ -521,10 +507,10 @@ def _validator(document: dict[str, Any], schema: dict[str, Any]) -> Callable[[An
 
 
 def test_openapi_document_matches_what_the_server_does(
-        daemon: Callable[..., Daemon]) -> None:
+        start_daemon: Callable[..., Daemon]) -> None:
     """Every response the server gives to a set of valid, invalid and unauthenticated requests
     is listed for its operation, with a body matching the documented schema."""
-    item = daemon([ECHO], tcp=True).start()
+    item = start_daemon([ECHO], tcp=True).start()
     with item.tcp_http(item.token) as http, item.tcp_http() as anonymous:
         document = http.get("/openapi.json").json()
         limit = next(param for param in document["paths"]["/v1/executions"]["get"]
@@ -582,9 +568,9 @@ def test_openapi_document_matches_what_the_server_does(
 # -- 8. the queue in /metrics ------------------------------------------------------------------
 
 
-def test_queue_depth_and_queue_wait_are_in_metrics(daemon: Callable[..., Daemon],
+def test_queue_depth_and_queue_wait_are_in_metrics(start_daemon: Callable[..., Daemon],
                                                    sleeper: Path) -> None:
-    item = daemon([sleeper], args=["--max-concurrency", "1"]).start()
+    item = start_daemon([sleeper], args=["--max-concurrency", "1"]).start()
     threads = []
     for _ in range(3):
         client = item.client()
@@ -686,8 +672,8 @@ def _hostile(item: Daemon, stop: threading.Event, counts: dict[str, int]) -> Non
 
 @pytest.mark.timeout(90)
 def test_soak_hostile_connections_beside_a_steady_load(
-        daemon: Callable[..., Daemon], record_property: Callable[[str, Any], None]) -> None:
-    item = daemon([ECHO], tcp=True, nofile=512,
+        start_daemon: Callable[..., Daemon], record_property: Callable[[str, Any], None]) -> None:
+    item = start_daemon([ECHO], tcp=True, nofile=512,
                   args=["--max-concurrency", "2", "--header-timeout", "2",
                         "--body-timeout", "2"]).start()
     failures: list[str] = []

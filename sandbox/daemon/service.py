@@ -89,35 +89,6 @@ def skill_summary(skill: Skill) -> dict[str, Any]:
     }
 
 
-class DaemonSandbox(Sandbox):
-    """The sandbox, with its queue observed: how many executions wait for a concurrency slot
-    right now, and how long each waited (for /metrics). The wait itself is the library's."""
-
-    def __init__(self, *args: Any, on_queue_wait: Callable[[float], None] | None = None,
-                 **kwargs: Any) -> None:
-        self.on_queue_wait = on_queue_wait
-        self._waiting = 0
-        self._waiting_lock = threading.Lock()
-        super().__init__(*args, **kwargs)
-
-    @property
-    def queued(self) -> int:
-        return self._waiting
-
-    def _acquire_slot(self, token: Any, deadline: float) -> bool:
-        started = time.monotonic()
-        with self._waiting_lock:
-            self._waiting += 1
-        try:
-            got = super()._acquire_slot(token, deadline)
-        finally:
-            with self._waiting_lock:
-                self._waiting -= 1
-        if got and self.on_queue_wait is not None:
-            self.on_queue_wait(time.monotonic() - started)
-        return got
-
-
 class Service:
     """Owns the `Sandbox`. Build it, `await start()`, serve, `await drain()`, `await close()`."""
 
@@ -139,7 +110,7 @@ class Service:
         self.swept = sweep.sweep_workdirs(config.workdir_root)
         self.metrics = Metrics(self.snapshot, loaded=self._loaded)
         try:
-            self.sandbox = DaemonSandbox(max_concurrency=config.max_concurrency,
+            self.sandbox = Sandbox(max_concurrency=config.max_concurrency,
                                    workdir_root=str(config.workdir_root)
                                    if config.workdir_root else None,
                                    policy=self.policy,
@@ -148,7 +119,7 @@ class Service:
                                    isolation=config.isolation.to_config(),
                                    max_zygotes=config.max_zygotes or None,
                                    zygote_idle_ttl=config.zygote_idle_ttl or None,
-                                   on_queue_wait=self.metrics.queue_wait.observe)
+                                   on_slot_wait=self.metrics.queue_wait.observe)
         except BaseException as exc:
             if self.execution_log is not None:
                 self.execution_log.close()

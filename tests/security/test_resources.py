@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from sandbox import ExecutionStatus
+from sandbox import ErrorKind, ExecutionStatus
+from sandbox.capabilities import IsolationConfig
 from tests.conftest import slow
-from tests.security.hostile import EXHAUSTED, Hostile, requires
+from tests.security.hostile import EXHAUSTED, LIMITS, Hostile, requires
 
 
 @requires("processes")
@@ -39,6 +40,38 @@ def test_thread_bomb_hits_the_task_limit(hostile: Callable[..., Hostile]) -> Non
     assert result.status is ExecutionStatus.FAILED
     assert result.error.startswith(EXHAUSTED), result.error
     assert "processes" in result.error or "threads" in result.error, result.error
+    attack.assert_still_serving()
+
+
+#: Without cgroups the process cap is RLIMIT_NPROC (max_processes + 2) in the execution's own
+#: uid (as root) or user namespace (an ordinary user), and the tree watch kills past
+#: max_processes. A skill that starts children and then fails is judged by that alone.
+_NO_CGROUPS = IsolationConfig(disabled=frozenset({"cgroups"}))
+_FORKER = """
+    def attack(input):
+        for index in range(input["children"]):
+            if os.fork() == 0:
+                time.sleep(input["linger"])
+                os._exit(0)
+            sys.stderr.write("+")  # how many it started, kept whatever the verdict
+            sys.stderr.flush()
+        raise ValueError(f"gave up after {input['children']} children")
+"""
+
+
+@requires("identity")
+def test_a_skill_failing_with_children_within_its_limit_is_its_own_failure_without_cgroups(
+        hostile: Callable[..., Hostile]) -> None:
+    # max_processes - 1 children, lingering past the skill's own failure, and the skill: within
+    # the limit, so this failure is the skill's own, not a process limit, whatever a judgement
+    # of fork bombs that fail on EAGAIN (not made from outside yet) comes to count.
+    attack = hostile(_FORKER, isolation=_NO_CGROUPS)
+    children = int(LIMITS["max_processes"]) - 1
+    result = attack.run(children=children, linger=0.5)
+    assert result.stderr.count("+") == children, result
+    assert result.status is ExecutionStatus.FAILED, result
+    assert result.error_kind is ErrorKind.SKILL_FAILED, result.error
+    assert result.error == f"ValueError: gave up after {children} children"
     attack.assert_still_serving()
 
 
