@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -396,9 +397,9 @@ def _zygote_state(zygote: dict[str, Any] | None) -> str | None:
 
 
 def _last_use(zygote: dict[str, Any] | None) -> str | None:
-    if zygote is None or zygote.get("idle_seconds") is None:
+    if zygote is None or not zygote.get("last_used"):
         return None if zygote is None else "never"
-    return f"{_age(zygote['idle_seconds'])} ago"
+    return f"{_age(max(0.0, time.time() - zygote['last_used']))} ago"
 
 
 def _skill_rows(items: list[dict[str, Any]]) -> list[list[Any]]:

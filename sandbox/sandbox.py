@@ -347,19 +347,20 @@ class Sandbox:
                 "alive": zygote.alive(), "inflight": loaded.inflight, "state": loaded.state,
                 "restarts": loaded.restarts}
 
-    def ensure_zygote(self, skill_id: str) -> str:
+    def ensure_zygote(self, skill_id: str, *, crashed_only: bool = False) -> str:
         """Start the skill's zygote if it is not running (cold, evicted, or died), so a
         watchdog can heal it between executions or an operator warm it ahead (instead of the
-        next caller paying the boot); '' when it is up, else why it is not."""
+        next caller paying the boot); '' when it is up, else why it is not. `crashed_only`
+        (a watchdog's call): restart a zygote that was running and died, start no other."""
         with self._lock:
             loaded = self._skills[skill_id]
-        error = self._ensure_zygote(loaded)
+        error = self._ensure_zygote(loaded, crashed_only=crashed_only)
         self._evict_over_budget(keep=loaded)
         return error
 
     def skill_state(self, skill_id: str) -> dict[str, Any]:
         """What a skill costs right now: `state` (cold / warm / evicted), `alive`,
-        `last_used` (Unix time, None if never used), `idle_seconds`, the zygote's `pid` and its
+        `last_used` (Unix time, None if never used), the zygote's `pid` and its
         memory now (`rss_kb`, `pss_kb`: 0 unless running), `inflight`, and counts of `starts`,
         `cold_starts`, `evictions` and crash `restarts`. Reads only: it starts nothing."""
         with self._lock:
@@ -373,10 +374,8 @@ class Sandbox:
                 rss_kb, pss_kb = memory.rss >> 10, getattr(memory, "pss", 0) >> 10
             except psutil.Error:
                 alive = False
-        now = time.monotonic()
         return {"state": loaded.state, "alive": alive,
                 "last_used": loaded.last_used_wall or None,
-                "idle_seconds": round(now - loaded.last_used, 3) if loaded.last_used else None,
                 "pid": zygote.pid if alive else 0, "rss_kb": rss_kb, "pss_kb": pss_kb,
                 "inflight": loaded.inflight, "starts": zygote.starts,
                 "cold_starts": loaded.cold_starts, "evictions": loaded.evictions,
@@ -434,9 +433,10 @@ class Sandbox:
             with loaded.idle:  # a request takes `inflight` under this lock before forking
                 if loaded.inflight or loaded.state != "warm" or not still(loaded):
                     return False
-                loaded.zygote.stop(timeout=2.0)
+                # `evicted` before the stop: a watchdog must never see it warm and dead
                 loaded.state = "evicted"
                 loaded.evictions += 1
+                loaded.zygote.stop(timeout=2.0)
             with self._lock:
                 if self._live.get(loaded.skill.id) is loaded:
                     del self._live[loaded.skill.id]
@@ -693,7 +693,7 @@ class Sandbox:
                     self._uids.release(uid)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _ensure_zygote(self, loaded: _Loaded) -> str:
+    def _ensure_zygote(self, loaded: _Loaded, crashed_only: bool = False) -> str:
         """Start a cold or evicted zygote, restart a dead one; one thread boots it while the
         others for the same skill wait on `restart_lock`. A zygote that cannot boot is
         reported, not retried forever."""
@@ -706,6 +706,8 @@ class Sandbox:
                 return ""
             if self._closed:  # close() stops zygotes under this lock: start none after it
                 return "the sandbox is closed"
+            if crashed_only and loaded.state != "warm":  # evicted meanwhile: not down
+                return ""
             crashed = loaded.state == "warm"
             loaded.zygote.stop(timeout=1.0)
             try:

@@ -386,7 +386,8 @@ class Service:
                 return
             jsonlog.event(log, logging.WARNING, "zygote died; restarting", skill_id=skill_id,
                           pid=info["pid"], attempt=self._restart_failures.get(skill_id, 0) + 1)
-            error = await loop.run_in_executor(None, self.sandbox.ensure_zygote, skill_id)
+            error = await loop.run_in_executor(
+                None, lambda: self.sandbox.ensure_zygote(skill_id, crashed_only=True))
             if error:
                 failures = self._restart_failures.get(skill_id, 0) + 1
                 self._restart_failures[skill_id] = failures
