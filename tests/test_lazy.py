@@ -153,7 +153,9 @@ def test_a_crashed_zygote_is_restarted_not_counted_as_a_cold_start(
     (skill,) = _skills(skill_dir, 1)
     sandbox = make_sandbox(skill)
     assert sandbox.execute(_request(skill)).ok
-    psutil.Process(sandbox.skill_state(skill.id)["pid"]).kill()
+    pid = sandbox.skill_state(skill.id)["pid"]
+    psutil.Process(pid).kill()
+    assert wait_until_gone({pid}) == set()
     assert sandbox.execute(_request(skill)).ok
     state = sandbox.skill_state(skill.id)
     assert state["restarts"] == 1 and state["cold_starts"] == 1 and state["starts"] == 2
