@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -387,23 +388,39 @@ def skills() -> None:
     """List, validate and inspect skills (on disk or loaded in the daemon)."""
 
 
+def _zygote_state(zygote: dict[str, Any] | None) -> str | None:
+    """`warm`, `cold`, `evicted`, or `DOWN` (started, then died and not restarted yet)."""
+    if zygote is None:
+        return None
+    state = str(zygote.get("state", "warm"))
+    return "DOWN" if state == "warm" and not zygote["alive"] else state
+
+
+def _last_use(zygote: dict[str, Any] | None) -> str | None:
+    if zygote is None or not zygote.get("last_used"):
+        return None if zygote is None else "never"
+    return f"{_age(max(0.0, time.time() - zygote['last_used']))} ago"
+
+
 def _skill_rows(items: list[dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for item in items:
         limits = item["limits"]
         zygote = item.get("zygote")
+        pss = zygote.get("pss_kb") if zygote else None
         rows.append([
             item["id"], item["version"], item["kind"], item["isolation"],
             f"{limits['timeout']:g}s", f"{limits['cpu_time']:g}s", f"{limits['memory_mb']}MB",
             "yes" if item["permissions"]["network"] else "no",
-            None if zygote is None else ("up" if zygote["alive"] else "DOWN"),
+            _zygote_state(zygote), _last_use(zygote),
+            f"{pss / 1024:.1f}MB" if pss else None,
             item.get("circuit"),
         ])
     return rows
 
 
 _SKILL_HEADERS = ["ID", "VERSION", "KIND", "ISOLATION", "TIMEOUT", "CPU", "MEMORY", "NETWORK",
-                  "ZYGOTE", "CIRCUIT"]
+                  "ZYGOTE", "LAST USE", "ZYGOTE PSS", "CIRCUIT"]
 
 
 @skills.command("list", context_settings=CONTEXT)
@@ -495,8 +512,10 @@ def skills_show(skill: str, socket: Path | None, url: str | None, token: str | N
         ("limits", ", ".join(f"{key}={value}" for key, value in limits.items())),
         ("network", "allowed" if info["permissions"]["network"] else "denied"),
         ("env", ", ".join(info["permissions"]["env"])),
-        ("zygote", f"pid {zygote['pid']}, {'up' if zygote['alive'] else 'DOWN'}, "
-                   f"started {zygote['starts']}x, rss {zygote['rss_kb']} kB"
+        ("zygote", f"{_zygote_state(zygote)}, {'up' if zygote['alive'] else 'not running'}, "
+                   f"pid {zygote['pid']}, started "
+                   f"{zygote['starts']}x, rss {zygote['rss_kb']} kB, pss "
+                   f"{zygote.get('pss_kb', 0)} kB, last use {_last_use(zygote)}"
          if zygote else None),
         ("circuit", info.get("circuit")),
     ]))
@@ -574,9 +593,11 @@ def status(socket: Path | None, url: str | None, token: str | None, as_json: boo
             ("isolation", _isolation_summary(data.get("isolation") or [])),
         ]))
         click.echo()
-        rows = [[item["id"], item["version"], item["zygote_pid"],
-                 "up" if item["zygote_up"] else "DOWN", item["zygote_starts"], item["running"],
-                 item["circuit"]] for item in data["skills"]]
+        rows = [[item["id"], item["version"], item["zygote_pid"] or None,
+                 _zygote_state({"state": item.get("zygote_state", "warm"),
+                                "alive": item["zygote_up"]}),
+                 item["zygote_starts"], item["running"], item["circuit"]]
+                for item in data["skills"]]
         click.echo(table(rows, ["SKILL", "VERSION", "ZYGOTE", "STATE", "STARTS", "RUNNING",
                                 "CIRCUIT"]))
         for error in data["skill_errors"]:

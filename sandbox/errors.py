@@ -210,6 +210,11 @@ class SkillLoadError(InvalidConfiguration):
     message = "runtime: cannot load skill"
 
 
+class SkillCodeInvalid(SkillLoadError):
+    """The skill's own code does not compile (its zygote said so at boot): the skill's fault,
+    where other boot failures are the host's."""
+
+
 class PolicyError(InvalidConfiguration):
     """A policy file or rule that is malformed; the text names the file and the rule."""
 

@@ -3,6 +3,10 @@
 Admission (skill loaded, input valid, policy, circuit breaker) happens before any worker is
 touched; a concurrency slot bounds how many executions run at once (callers beyond it queue,
 within their own deadline); each execution is a fresh fork of the skill's zygote.
+
+Zygotes follow the hot set, not the catalogue: loading a skill starts no process; its zygote
+boots on first use (or at load with `warm=True`) and is evicted when idle — least recently used
+beyond `max_zygotes`, or unused for `zygote_idle_ttl` seconds — never while an execution uses it.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+
+import psutil
 
 from sandbox.capabilities import (
     CapabilityReport,
@@ -34,7 +41,7 @@ from sandbox.capabilities import (
 from sandbox.cgroups import CgroupRoot, CgroupTickets
 from sandbox.circuit import CircuitBreaker, InMemoryCircuitBreaker
 from sandbox.control import admission_error, log_execution, settle
-from sandbox.errors import InvalidInput, SkillLoadError, SkillNotLoaded
+from sandbox.errors import InvalidInput, SkillCodeInvalid, SkillLoadError, SkillNotLoaded
 from sandbox.execlog.records import ExecutionLogger, StepInfo
 from sandbox.execution import CANCELED_ERROR, TIMEOUT_ERROR, WORKER_ERROR, Execution, ExecutionSpec
 from sandbox.planrun import arun_plan, run_plan
@@ -61,6 +68,13 @@ SKILL_NOT_LOADED = SkillNotLoaded.message
 INVALID_INPUT = InvalidInput.message
 #: How often a caller queued for a concurrency slot checks whether it was cancelled.
 _QUEUE_POLL = 0.05
+#: Defaults for the zygote budget: live zygotes at most (least recently used beyond it are
+#: evicted), and seconds a zygote may sit unused before it is evicted.
+DEFAULT_MAX_ZYGOTES = 64
+DEFAULT_ZYGOTE_IDLE_TTL = 600.0
+#: `cold`: never started; `warm`: started (alive, or died and restarted on next use);
+#: `evicted`: stopped by the sandbox while idle, started again on next use.
+ZygoteState = Literal["cold", "warm", "evicted"]
 
 
 class _CancelToken:
@@ -83,14 +97,30 @@ class _CancelToken:
 
 @dataclass
 class _Loaded:
-    """A skill and its zygote, with a count of the executions using it right now."""
+    """A skill and its zygote, with a count of the executions using it right now.
+
+    `inflight` is the use count eviction respects: a request takes it (under `idle`) before it
+    looks at the zygote, and the eviction pass stops a zygote only while holding `idle` with
+    the count at zero, so a zygote is never stopped under a request about to fork from it.
+    `restart_lock` makes one thread boot the zygote while the others for the same skill wait.
+    """
 
     skill: Skill
     zygote: ZygoteProcess
     inflight: int = 0
-    boot_error: str = ""
+    #: Whose fault the last failed boot was: the skill's (its code does not compile) or the
+    #: host's (anything else).
+    boot_fault: ErrorKind = ErrorKind.WORKER_FAILURE
     idle: threading.Condition = field(default_factory=threading.Condition)
     restart_lock: threading.Lock = field(default_factory=threading.Lock)
+    state: ZygoteState = "cold"
+    #: monotonic and wall-clock time of the last use (0: never used)
+    last_used: float = 0.0
+    last_used_wall: float = 0.0
+    cold_starts: int = 0
+    evictions: int = 0
+    #: boots of a zygote that had died (not an eviction): crashes healed
+    restarts: int = 0
 
 
 def _limits_for(skill: Skill, request: ExecutionRequest) -> Limits:
@@ -131,6 +161,14 @@ class Sandbox:
     next execution's cgroups, so a request skips the fork and the cgroup join (milliseconds on
     cgroup v1 after an idle moment); off, every execution is forked on request.
 
+    Zygotes are lazy: a loaded skill's zygote boots on its first execution (that request's
+    deadline covers the boot), or at load when `warm` (here, for every skill; or per
+    `load_skill(warm=True)`). At most `max_zygotes` run at once (None: no bound): starting one
+    more evicts the least recently used idle one; one unused for `zygote_idle_ttl` seconds
+    (None: never) is evicted too. The bound is soft: zygotes with executions in flight are
+    never evicted, so under a burst across more skills than the bound, more may run for a
+    while. An evicted skill's next request boots it again, transparently.
+
     The queue, for an embedder's metrics: `queued` is how many callers wait for a slot right
     now, and `on_slot_wait`, if given, is called with the seconds a caller waited (0.0 when a
     slot was free) each time one gets a slot; a caller that gives up in the queue (timeout,
@@ -150,11 +188,20 @@ class Sandbox:
                  logger: ExecutionLogger | None = None,
                  isolation: IsolationConfig | None = None, prefork: bool = True,
                  on_slot_wait: Callable[[float], None] | None = None,
-                 zygote_start_timeout: float = 30.0) -> None:
+                 zygote_start_timeout: float = 30.0,
+                 warm: bool = False, max_zygotes: int | None = DEFAULT_MAX_ZYGOTES,
+                 zygote_idle_ttl: float | None = DEFAULT_ZYGOTE_IDLE_TTL) -> None:
         self.prefork = prefork
         self.on_slot_wait = on_slot_wait
         self._queued = 0
         self.zygote_start_timeout = zygote_start_timeout
+        if max_zygotes is not None and max_zygotes < 1:
+            raise ValueError(f"max_zygotes must be at least 1 (or None), got {max_zygotes}")
+        if zygote_idle_ttl is not None and not zygote_idle_ttl > 0:
+            raise ValueError(f"zygote_idle_ttl must be positive (or None), got {zygote_idle_ttl}")
+        self.warm = warm
+        self.max_zygotes = max_zygotes
+        self.zygote_idle_ttl = zygote_idle_ttl
         self.max_concurrency = max_concurrency or os.cpu_count() or 1
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
@@ -183,6 +230,12 @@ class Sandbox:
         self.logger = logger
         self.tools = ToolRegistry()
         self._skills: dict[str, _Loaded] = {}
+        #: skills whose zygote is (or was last seen) running, least recently used first
+        self._live: OrderedDict[str, _Loaded] = OrderedDict()
+        self.cold_starts = 0
+        self.evictions = 0
+        self._reaper: threading.Thread | None = None
+        self._stop_reaper = threading.Event()
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
         self._tokens: dict[str, _CancelToken] = {}
@@ -198,8 +251,11 @@ class Sandbox:
 
     # -- skills ---------------------------------------------------------------------------
 
-    def load_skill(self, skill: Skill | str | os.PathLike[str]) -> Skill:
-        """Load (or reload) a skill and start its zygote; raises `SkillLoadError`."""
+    def load_skill(self, skill: Skill | str | os.PathLike[str], *,
+                   warm: bool | None = None) -> Skill:
+        """Load (or reload) a skill; raises `SkillLoadError`. Its zygote starts on first use,
+        or now when `warm` (default: the sandbox's `warm`), so a skill that cannot boot raises
+        here; a reloaded skill whose old zygote was running is started again at once."""
         if not isinstance(skill, Skill):
             skill = Skill.from_dir(Path(skill))
         self._check_open()
@@ -226,19 +282,40 @@ class Sandbox:
         zygote = ZygoteProcess(skill.id, code, list(skill.manifest.preload),
                                self._isolation_for(skill), cgroups=tickets,
                                prefork=self.prefork, start_timeout=self.zygote_start_timeout)
-        zygote.start()
         loaded = _Loaded(skill=skill, zygote=zygote)
         with self._lock:
             previous = self._skills.get(skill.id)
-            self._skills[skill.id] = loaded
+        if warm is None:
+            warm = self.warm or (previous is not None and previous.state == "warm")
+        if warm:  # boot before it is visible: a skill that cannot boot is not loaded
+            error = self._ensure_zygote(loaded)
+            if error:
+                raise SkillLoadError(error)
+        with self._lock:
+            if self._closed:
+                closed = True
+            else:
+                closed = False
+                previous = self._skills.get(skill.id)
+                self._skills[skill.id] = loaded
+                self._live.pop(skill.id, None)
+                if loaded.state == "warm":
+                    self._live[skill.id] = loaded
+        if closed:
+            loaded.zygote.stop(timeout=2.0)
+            self._check_open()
         if previous is not None:
             self._retire(previous)
+        if warm:
+            self._evict_over_budget(keep=loaded)
         return skill
 
     def unload_skill(self, skill_id: str) -> None:
         """Stop accepting executions of the skill; in-flight ones finish, then its zygote stops."""
         with self._lock:
             loaded = self._skills.pop(skill_id, None)
+            if loaded is not None and self._live.get(skill_id) is loaded:
+                del self._live[skill_id]
         if loaded is None:
             raise KeyError(f"skill {skill_id!r} is not loaded")
         self._retire(loaded)
@@ -263,20 +340,139 @@ class Sandbox:
             loaded = self._skills.get(skill_id)
         return loaded.skill if loaded else None
 
-    def zygote_info(self, skill_id: str) -> dict[str, Any]:
-        """The zygote's pid, RSS at boot and how many times it was started (for operators)."""
+    def zygote_info(self, skill_id: str, *, start: bool = True) -> dict[str, Any]:
+        """The zygote's pid, RSS at boot, how many times it was started and its state (for
+        operators and tests). `start`: boot a cold or evicted zygote first, as its next
+        execution would, so the pid is a live one; False only reads (pid 0 if never started).
+        A zygote that cannot boot is reported with `alive` False."""
+        with self._lock:
+            loaded = self._skills[skill_id]
+        if start and loaded.state != "warm":
+            self._ensure_zygote(loaded)
+            self._evict_over_budget(keep=loaded)
+        zygote = loaded.zygote
+        return {"pid": zygote.pid, "rss_kb": zygote.rss_kb, "starts": zygote.starts,
+                "alive": zygote.alive(), "inflight": loaded.inflight, "state": loaded.state,
+                "restarts": loaded.restarts}
+
+    def ensure_zygote(self, skill_id: str, *, crashed_only: bool = False) -> str:
+        """Start the skill's zygote if it is not running (cold, evicted, or died), so a
+        watchdog can heal it between executions or an operator warm it ahead (instead of the
+        next caller paying the boot); '' when it is up, else why it is not. `crashed_only`
+        (a watchdog's call): restart a zygote that was running and died, start no other."""
+        with self._lock:
+            loaded = self._skills[skill_id]
+        error = self._ensure_zygote(loaded, crashed_only=crashed_only)
+        self._evict_over_budget(keep=loaded)
+        return error
+
+    def skill_state(self, skill_id: str) -> dict[str, Any]:
+        """What a skill costs right now: `state` (cold / warm / evicted), `alive`,
+        `last_used` (Unix time, None if never used), the zygote's `pid` and its
+        memory now (`rss_kb`, `pss_kb`: 0 unless running), `inflight`, and counts of `starts`,
+        `cold_starts`, `evictions` and crash `restarts`. Reads only: it starts nothing."""
         with self._lock:
             loaded = self._skills[skill_id]
         zygote = loaded.zygote
-        return {"pid": zygote.pid, "rss_kb": zygote.rss_kb, "starts": zygote.starts,
-                "alive": zygote.alive(), "inflight": loaded.inflight}
+        alive = zygote.alive()
+        rss_kb = pss_kb = 0
+        if alive and zygote.pid:
+            try:  # the zygote's own memory (its spare and executions are separate processes)
+                memory = psutil.Process(zygote.pid).memory_full_info()
+                rss_kb, pss_kb = memory.rss >> 10, getattr(memory, "pss", 0) >> 10
+            except psutil.Error:
+                alive = False
+        return {"state": loaded.state, "alive": alive,
+                "last_used": loaded.last_used_wall or None,
+                "pid": zygote.pid if alive else 0, "rss_kb": rss_kb, "pss_kb": pss_kb,
+                "inflight": loaded.inflight, "starts": zygote.starts,
+                "cold_starts": loaded.cold_starts, "evictions": loaded.evictions,
+                "restarts": loaded.restarts}
 
-    def ensure_zygote(self, skill_id: str) -> str:
-        """Restart the skill's zygote if it died, so a watchdog can heal it between executions
-        (instead of the next caller paying the boot); '' when it is up, else why it is not."""
+    def skills_state(self) -> dict[str, dict[str, Any]]:
+        """`skill_state` of every loaded skill, by id."""
+        states = {}
+        for skill in self.skills():
+            with contextlib.suppress(KeyError):  # unloaded meanwhile
+                states[skill.id] = self.skill_state(skill.id)
+        return states
+
+    def live_zygotes(self) -> int:
+        """How many zygotes run now (started and not evicted or stopped)."""
         with self._lock:
-            loaded = self._skills[skill_id]
-        return self._ensure_zygote(loaded)
+            live = list(self._live.values())
+        return sum(1 for loaded in live if loaded.zygote.alive())
+
+    # -- zygote budget --------------------------------------------------------------------
+
+    def evict_idle(self) -> list[str]:
+        """Evict zygotes unused for `zygote_idle_ttl` seconds (the sandbox's own thread calls
+        this periodically; callers may too). Returns the skill ids evicted."""
+        ttl = self.zygote_idle_ttl
+        if ttl is None:
+            return []
+        cutoff = time.monotonic() - ttl
+        with self._lock:
+            stale = [loaded for loaded in self._live.values() if loaded.last_used <= cutoff]
+        return [loaded.skill.id for loaded in stale
+                if self._evict(loaded, lambda item: item.last_used <= cutoff)]
+
+    def _evict_over_budget(self, keep: _Loaded | None = None) -> None:
+        """Evict least recently used idle zygotes until at most `max_zygotes` run (`keep`, the
+        one just started for a caller, is never chosen)."""
+        bound = self.max_zygotes
+        if bound is None:
+            return
+        with self._lock:
+            excess = len(self._live) - bound
+            candidates = [loaded for loaded in self._live.values() if loaded is not keep]
+        for loaded in candidates:  # oldest first; busy ones are skipped, not waited for
+            if excess <= 0:
+                return
+            if self._evict(loaded, lambda item: True):
+                excess -= 1
+
+    def _evict(self, loaded: _Loaded, still: Callable[[_Loaded], bool]) -> bool:
+        """Stop `loaded`'s zygote if nothing uses it and `still(loaded)` holds (re-checked under
+        the locks: a request may have come meanwhile). A zygote being started is left alone."""
+        if not loaded.restart_lock.acquire(blocking=False):
+            return False
+        try:
+            with loaded.idle:  # a request takes `inflight` under this lock before forking
+                if loaded.inflight or loaded.state != "warm" or not still(loaded):
+                    return False
+                # `evicted` before the stop: a watchdog must never see it warm and dead
+                loaded.state = "evicted"
+                loaded.evictions += 1
+                loaded.zygote.stop(timeout=2.0)
+            with self._lock:
+                if self._live.get(loaded.skill.id) is loaded:
+                    del self._live[loaded.skill.id]
+                self.evictions += 1
+        finally:
+            loaded.restart_lock.release()
+        _log.debug("evicted the zygote of %s", loaded.skill.id)
+        return True
+
+    def _start_reaper(self) -> None:
+        """The thread that applies `zygote_idle_ttl`, started with the first zygote."""
+        with self._lock:
+            if self._reaper is not None or self._closed or self.zygote_idle_ttl is None:
+                return
+            self._reaper = threading.Thread(target=self._reap_idle, name="sandbox-zygote-reaper",
+                                            daemon=True)
+            self._reaper.start()
+
+    def _reap_idle(self) -> None:
+        while True:
+            ttl = self.zygote_idle_ttl
+            period = min(max((ttl or 60.0) / 4, 0.05), 30.0)
+            if self._stop_reaper.wait(period):
+                return
+            try:
+                self.evict_idle()
+            except Exception:  # noqa: BLE001 pragma: no cover - keep evicting later
+                _log.exception("evicting idle zygotes failed")
 
     def _isolation_for(self, skill: Skill) -> ZygoteSettings:
         return self._plan.zygote_settings(skill.manifest.permissions.network, self.workdir_root)
@@ -405,12 +601,18 @@ class Sandbox:
                 return early(ExecutionStatus.CANCELED, ErrorKind.CANCELED, CANCELED_ERROR)
             with loaded.idle:
                 loaded.inflight += 1
+                loaded.last_used, loaded.last_used_wall = time.monotonic(), time.time()
             try:
                 return self._run(loaded, request, limits, token, started, deadline, early)
             finally:
                 with loaded.idle:
                     loaded.inflight -= 1
+                    # idle from when it ends: a long execution does not make it look stale
+                    loaded.last_used, loaded.last_used_wall = time.monotonic(), time.time()
                     loaded.idle.notify_all()
+                bound = self.max_zygotes  # over it after a burst: trim back once idle
+                if bound is not None and len(self._live) > bound:
+                    self._evict_over_budget(keep=loaded)
         finally:
             self._slots.release()
 
@@ -462,9 +664,14 @@ class Sandbox:
                          f"{WORKER_ERROR}: {detail}")
 
         for attempt in range(2):
+            cold = loaded.state != "warm"
             error = self._ensure_zygote(loaded)
+            if error and loaded.boot_fault is ErrorKind.SKILL_FAILED:
+                return early(ExecutionStatus.FAILED, ErrorKind.SKILL_FAILED, error)
             if error:
                 return worker_failure(error)
+            if cold:  # this request started one more zygote: keep to the budget
+                self._evict_over_budget(keep=loaded)
             if time.monotonic() >= deadline:  # a zygote restart took what was left
                 return early(ExecutionStatus.TIMEOUT, ErrorKind.TIMEOUT,
                              f"{TIMEOUT_ERROR} after {limits.timeout:g}s")
@@ -496,19 +703,50 @@ class Sandbox:
                     self._uids.release(uid)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _ensure_zygote(self, loaded: _Loaded) -> str:
-        """Restart a dead zygote; a zygote that cannot boot is reported, not retried forever."""
-        if loaded.zygote.alive():
+    def _ensure_zygote(self, loaded: _Loaded, crashed_only: bool = False) -> str:
+        """Start a cold or evicted zygote, restart a dead one; one thread boots it while the
+        others for the same skill wait on `restart_lock`. A zygote that cannot boot is
+        reported, not retried forever."""
+        if loaded.state == "warm" and loaded.zygote.alive():
+            self._touch(loaded)
             return ""
         with loaded.restart_lock:
-            if loaded.zygote.alive():
+            if loaded.state == "warm" and loaded.zygote.alive():
+                self._touch(loaded)
                 return ""
+            if self._closed:  # close() stops zygotes under this lock: start none after it
+                return "the sandbox is closed"
+            if crashed_only and loaded.state != "warm":  # evicted meanwhile: not down
+                return ""
+            crashed = loaded.state == "warm"
             loaded.zygote.stop(timeout=1.0)
             try:
                 loaded.zygote.start()
             except SkillLoadError as exc:
+                loaded.boot_fault = (ErrorKind.SKILL_FAILED if isinstance(exc, SkillCodeInvalid)
+                                     else ErrorKind.WORKER_FAILURE)
                 return str(exc)
+            if crashed:
+                loaded.restarts += 1
+            else:
+                loaded.cold_starts += 1
+            loaded.state = "warm"
+            if not loaded.last_used:  # the idle clock starts at boot
+                loaded.last_used, loaded.last_used_wall = time.monotonic(), time.time()
+            with self._lock:
+                if not crashed:
+                    self.cold_starts += 1
+                if self._skills.get(loaded.skill.id) is loaded:  # else load_skill adds it
+                    self._live[loaded.skill.id] = loaded
+                    self._live.move_to_end(loaded.skill.id)
+        self._start_reaper()
         return ""
+
+    def _touch(self, loaded: _Loaded) -> None:
+        """Mark the zygote most recently used (for the LRU choice)."""
+        with self._lock:
+            if self._live.get(loaded.skill.id) is loaded:
+                self._live.move_to_end(loaded.skill.id)
 
     # -- plans and tools ------------------------------------------------------------------
 
@@ -544,11 +782,17 @@ class Sandbox:
             self._closed = True
             loaded = list(self._skills.values())
             self._skills.clear()
+            self._live.clear()
             tokens = list(self._tokens.values())
+            reaper = self._reaper
+        self._stop_reaper.set()
+        if reaper is not None:
+            reaper.join(timeout=10.0)
         for token in tokens:
             token.cancel()
         for item in loaded:
-            item.zygote.stop(timeout=2.0)
+            with item.restart_lock:  # a boot under way finishes first, then is stopped
+                item.zygote.stop(timeout=2.0)
         self._executor.shutdown(wait=True, cancel_futures=True)
         if self._cgroups is not None:
             self._cgroups.close()

@@ -14,7 +14,7 @@ import time
 import msgspec
 
 from sandbox.cgroups import CgroupTickets
-from sandbox.errors import SkillLoadError
+from sandbox.errors import SkillCodeInvalid, SkillLoadError
 from worker.protocol import (
     ForkCommand,
     SkillCode,
@@ -103,7 +103,8 @@ class ZygoteProcess:
                                  "before it was ready")
         message: ZygoteReady | ZygoteFailed = msgspec.msgpack.decode(data, type=ZygoteMessage)
         if isinstance(message, ZygoteFailed):
-            raise SkillLoadError(f"{self.skill_id}: zygote failed to start: {message.error}")
+            failure = SkillCodeInvalid if message.skill_code else SkillLoadError
+            raise failure(f"{self.skill_id}: zygote failed to start: {message.error}")
         return message
 
     def alive(self) -> bool:

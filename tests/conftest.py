@@ -206,8 +206,11 @@ def execution_survivors(sandbox: Sandbox, timeout: float = 5.0) -> set[int]:
     while True:
         alive: set[int] = set()
         for skill in sandbox.skills():
+            info = sandbox.zygote_info(skill.id, start=False)  # a cold skill ran nothing
+            if not info["pid"]:
+                continue
             try:
-                zygote = psutil.Process(sandbox.zygote_info(skill.id)["pid"])
+                zygote = psutil.Process(info["pid"])
                 spares = set(spare_pids(zygote))
                 alive |= {p.pid for p in zygote.children(recursive=True)
                           if p.pid not in spares and _alive(p.pid)}

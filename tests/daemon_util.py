@@ -59,7 +59,7 @@ class Daemon:
     def __init__(self, skills: list[Path], *, tcp: bool = False, token: str | None = TOKEN,
                  args: list[str] | None = None, env: dict[str, str] | None = None,
                  config: str | None = None, nofile: int | None = None,
-                 umask: int | None = None) -> None:
+                 umask: int | None = None, warm: bool = True) -> None:
         self.nofile = nofile
         self.umask = umask
         self.dir = Path(tempfile.mkdtemp(prefix="ssd-", dir="/tmp"))
@@ -72,6 +72,8 @@ class Daemon:
                         "--zygote-check-interval", "0.1"]
         for path in skills:
             self.command += ["--skills", str(path)]
+        if warm:  # most tests find executions below a zygote's pid; lazy ones say warm=False
+            self.command += ["--warm", "*"]
         if tcp:
             token_file = self.dir / "token"
             token_file.write_text(token or "")

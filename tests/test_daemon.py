@@ -17,9 +17,11 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from click.testing import CliRunner
 from conftest import execution_children, wait_until_gone
 from daemon_util import EXAMPLES, TOKEN, Daemon, metric, wait_for, write_skill
 
+from sandbox import cli
 from sandbox.client import DaemonBusy, DaemonUnavailable
 from worker.protocol import ExecutionRequest, ExecutionStatus
 
@@ -437,3 +439,71 @@ def test_a_required_layer_that_is_disabled_refuses_to_start(
                                 "--isolation-required", "seccomp"])
     assert item.spawn().wait(timeout=20) == 2
     assert "both required and disabled" in item.log_text()
+
+
+# -- lazy zygotes ---------------------------------------------------------------------------------
+
+
+def _zygote_children(pid: int) -> set[int]:
+    """Zygotes below the daemon (`worker.zygote` processes)."""
+    found = set()
+    for child in psutil.Process(pid).children():
+        try:
+            if "worker.zygote" in child.cmdline():
+                found.add(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def test_reload_with_lazy_skills_keeps_hot_ones_warm_and_cold_ones_cold(
+        start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
+    root = tmp_path / "skills"
+    for name in ("alpha", "beta", "gamma"):
+        write_skill(root, name, SLEEP_CODE)
+    item = start_daemon([root], warm=False,
+                  args=["--warm", "test/alpha", "--max-zygotes", "2"]).start()
+    with item.client() as client:
+        def states() -> dict[str, str]:
+            return {skill["id"]: skill["zygote_state"] for skill in client.status()["skills"]}
+
+        # Only the warm-listed skill has a zygote; the cold ones do not make it unready.
+        assert states() == {"test/alpha": "warm", "test/beta": "cold", "test/gamma": "cold"}
+        assert _zygote_children(item.pid) == {client.skill("test/alpha")["zygote"]["pid"]}
+        assert client.ready()
+        text = client.metrics()
+        assert metric(text, "skill_sandbox_zygotes_live") == 1
+        assert metric(text, "skill_sandbox_zygote_cold_starts_total") == 1
+        assert client.execute(ExecutionRequest(skill_id="test/beta")).ok
+        # A third zygote with max_zygotes 2: the least recently used idle one goes.
+        assert client.execute(ExecutionRequest(skill_id="test/gamma")).ok
+        text = client.metrics()
+        assert metric(text, "skill_sandbox_zygote_evictions_total") == 1
+        assert metric(text, "skill_sandbox_zygotes_live") == 2
+        assert states()["test/alpha"] == "evicted" and client.ready()
+        listing = CliRunner().invoke(cli.main, ["skills", "list", "--socket", str(item.socket)])
+        rows = {line.split()[0]: line.split() for line in listing.output.splitlines()[1:]}
+        assert "evicted" in rows["test/alpha"] and "warm" in rows["test/gamma"], listing.output
+        assert len(_zygote_children(item.pid)) == 2
+        detail = client.skill("test/gamma")["zygote"]
+        assert detail["state"] == "warm" and detail["pss_kb"] > 0 and detail["last_used"]
+
+        # Change a running skill and an evicted (but warm-listed) one, add one; reload.
+        (root / "gamma" / "main.py").write_text(SLEEP_CODE.replace("v1", "v2"))
+        (root / "alpha" / "main.py").write_text(SLEEP_CODE.replace("v1", "v2"))
+        write_skill(root, "delta", SLEEP_CODE)
+        report = client.reload()
+        assert report["reloaded"] == ["test/alpha", "test/gamma"]
+        assert report["added"] == ["test/delta"] and not report["errors"]
+        after = states()
+        assert after["test/gamma"] == "warm"  # it was running: its new version is booted
+        assert after["test/alpha"] == "warm"  # in the warm list
+        assert after["test/delta"] == "cold"
+        for skill_id in ("test/gamma", "test/alpha", "test/delta"):
+            result = client.execute(ExecutionRequest(skill_id=skill_id))
+            assert result.ok and result.json()["version"] == ("v1" if skill_id == "test/delta"
+                                                              else "v2"), result
+        # No restart was counted: cold starts and evictions are not crashes.
+        assert metric(client.metrics(), "skill_sandbox_zygote_restarts_total",
+                      skill="test/alpha") == 0
+    assert item.stop() == 0

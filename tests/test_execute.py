@@ -503,10 +503,10 @@ def test_broken_skill_fails_to_load_with_the_reason(make_sandbox: Callable[..., 
     sandbox = make_sandbox(isolation=IsolationConfig(trusted_preload=("no_such_preload",)))
     broken = skill_dir("def run(input):\n    return 1\n", 'preload = ["no_such_preload"]')
     with pytest.raises(Exception, match="no_such_preload"):
-        sandbox.load_skill(broken)
+        sandbox.load_skill(broken, warm=True)
     syntax = skill_dir("def run(input:\n")
     with pytest.raises(Exception, match="SyntaxError"):
-        sandbox.load_skill(syntax)
+        sandbox.load_skill(syntax, warm=True)
     assert sandbox.skills() == []
 
 

@@ -343,9 +343,10 @@ def test_a_spare_that_cannot_join_its_cgroups_gives_them_back_and_the_request_is
 def test_a_zygote_slower_to_start_than_its_start_timeout_fails_the_load(
         make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path]) -> None:
     # No interpreter starts within a microsecond: the same as a host far slower than this one.
+    # (A warm load starts the zygote at once; a lazy one would fail its first execution.)
     skill = Skill.from_dir(skill_dir("def run(input):\n    return 1\n"))
     with pytest.raises(SkillLoadError, match="did not become ready within 1e-06s"):
-        make_sandbox(skill, zygote_start_timeout=1e-6)
+        make_sandbox(skill, zygote_start_timeout=1e-6, warm=True)
     # Control: with the default the same skill loads and runs.
     sandbox = make_sandbox(skill)
     assert sandbox.execute(ExecutionRequest(skill_id=skill.id)).json() == 1

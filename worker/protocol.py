@@ -247,6 +247,9 @@ class ZygoteReady(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
 
 class ZygoteFailed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
     error: str
+    #: The skill's own code failed (its entrypoint does not compile): the skill's fault, not
+    #: the host's.
+    skill_code: bool = False
 
 
 class ChildStarted(msgspec.Struct, frozen=True, kw_only=True, tag="started"):

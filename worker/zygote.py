@@ -56,6 +56,10 @@ MAX_SPARE_FAILURES = 3
 _SPARE = "spare"  # selector key data of the spare's socket
 
 
+class SkillCodeFailed(Exception):
+    """The skill's entrypoint does not compile: its own fault, reported as such."""
+
+
 class _Running:
     __slots__ = ("kind", "max_file_bytes", "pid", "pidfd", "report", "workdir")
 
@@ -106,7 +110,10 @@ class Zygote:
             for name in self.config.preload:
                 importlib.import_module(name)
         if code.kind == "python" and not code.spawn:
-            self.precompiled = child.compile_entrypoint(code)
+            try:
+                self.precompiled = child.compile_entrypoint(code)
+            except (SyntaxError, ValueError, OSError) as exc:
+                raise SkillCodeFailed(f"{type(exc).__name__}: {exc}") from exc
         isolation.apply_zygote_layers(self.config.settings, code)
         isolation.become_subreaper()
         # Objects alive now are shared copy-on-write with every child: keep the collector from
@@ -407,7 +414,8 @@ def main() -> None:
     except BaseException as exc:  # noqa: BLE001 - every boot failure is reported, then exit
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         try:
-            control.send(encoder.encode(ZygoteFailed(error=detail)))
+            control.send(encoder.encode(ZygoteFailed(
+                error=detail, skill_code=isinstance(exc, SkillCodeFailed))))
         finally:
             os._exit(EXIT_BOOT_FAILED)
     control.send(encoder.encode(ZygoteReady(pid=os.getpid(), rss_kb=zygote.rss_kb,

@@ -185,6 +185,15 @@ class DaemonConfig(_Strict):
                                          description="seconds between zygote liveness checks")
     zygote_backoff_max: float = Field(default=30.0, gt=0,
                                       description="longest wait between zygote restart attempts")
+    warm: list[str] = Field(default_factory=list,
+                            description="skill ids (or glob patterns) whose zygote starts at "
+                            "load; every other skill's starts on its first execution")
+    max_zygotes: int = Field(default=64, ge=0,
+                             description="zygotes running at once; starting one more evicts "
+                             "the least recently used idle one (0 = no bound)")
+    zygote_idle_ttl: float = Field(default=600.0, ge=0,
+                                   description="seconds a zygote may sit unused before it is "
+                                   "evicted (0 = never)")
     notify: bool = Field(default=True,
                          description="sd_notify READY/RELOADING/STOPPING if NOTIFY_SOCKET")
     tools: dict[str, str] = Field(default_factory=dict,

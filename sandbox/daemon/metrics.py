@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from worker.protocol import ExecutionResult
@@ -42,6 +42,11 @@ class Snapshot:
     queue_limit: int = 0
     tenants_tracked: int | None = None
     draining: bool = False
+    #: zygotes started and alive; started and found dead (not yet restarted)
+    zygotes_live: int = 0
+    zygotes_down: list[str] = field(default_factory=list)
+    cold_starts: int = 0
+    evictions: int = 0
 
 
 class _LiveCollector(Collector):
@@ -51,7 +56,9 @@ class _LiveCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         snap = self._snapshot()
         up = GaugeMetricFamily("skill_sandbox_zygote_up",
-                               "1 when the skill's zygote (fork server) is alive", labels=["skill"])
+                               "1 when the skill's zygote (fork server) is alive (0 while "
+                               "cold or evicted: see skill_sandbox_zygotes_live)",
+                               labels=["skill"])
         for skill, alive in sorted(snap.zygotes_up.items()):
             up.add_metric([skill], 1.0 if alive else 0.0)
         circuit = GaugeMetricFamily("skill_sandbox_circuit_state",
@@ -64,6 +71,16 @@ class _LiveCollector(Collector):
         yield circuit
         yield GaugeMetricFamily("skill_sandbox_skills_loaded", "skills loaded",
                                 value=len(snap.zygotes_up))
+        yield GaugeMetricFamily("skill_sandbox_zygotes_live",
+                                "zygotes running now (skills loaded but cold or evicted have "
+                                "none)", value=snap.zygotes_live)
+        yield CounterMetricFamily("skill_sandbox_zygote_cold_starts",
+                                  "zygotes started for a skill that had none running (first "
+                                  "use, warm at load, or after an eviction)",
+                                  value=snap.cold_starts)
+        yield CounterMetricFamily("skill_sandbox_zygote_evictions",
+                                  "idle zygotes stopped to keep to max_zygotes or "
+                                  "zygote_idle_ttl", value=snap.evictions)
         yield GaugeMetricFamily("skill_sandbox_inflight_executions",
                                 "executions accepted and not yet answered", value=snap.inflight)
         yield GaugeMetricFamily("skill_sandbox_running_executions",

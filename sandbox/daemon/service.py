@@ -9,6 +9,7 @@ event loop keeps answering health checks while a reload or a drain is under way.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import os
 import threading
@@ -116,6 +117,8 @@ class Service:
                                    circuit_breaker=self.breaker or False,
                                    logger=self.execution_log,
                                    isolation=config.isolation.to_config(),
+                                   max_zygotes=config.max_zygotes or None,
+                                   zygote_idle_ttl=config.zygote_idle_ttl or None,
                                    on_slot_wait=self.metrics.queue_wait.observe)
         except BaseException as exc:
             if self.execution_log is not None:
@@ -281,6 +284,10 @@ class Service:
                 current.model_dump() == policy.model_dump()
             if not unchanged:  # an unchanged file keeps its rate-limit buckets and counters
                 self.policy.replace(policy)
+        # The zygote budget applies from the next start or eviction pass; `warm` to the skills
+        # loaded by this reload (a warm zygote already running stays).
+        self.sandbox.max_zygotes = config.max_zygotes or None
+        self.sandbox.zygote_idle_ttl = config.zygote_idle_ttl or None
         self.config = config
 
     def bearer_token(self) -> str | None:
@@ -316,14 +323,20 @@ class Service:
         return report
 
     def _load(self, item: Found, report: ReloadReport) -> bool:
+        warm = True if self.is_warm(item.skill.id) else None  # None: as its old zygote was
         try:
-            self.sandbox.load_skill(item.skill)
+            self.sandbox.load_skill(item.skill, warm=warm)
         except SkillLoadError as exc:
             report.errors.append(str(exc))
             return False
         self._fingerprints[item.skill.id] = item.fingerprint
-        self._starts[item.skill.id] = self.sandbox.zygote_info(item.skill.id)["starts"]
+        self._starts[item.skill.id] = self.sandbox.zygote_info(item.skill.id,
+                                                               start=False)["restarts"]
         return True
+
+    def is_warm(self, skill_id: str) -> bool:
+        """Whether the config's `warm` list names the skill (its zygote starts at load)."""
+        return any(fnmatch.fnmatchcase(skill_id, pattern) for pattern in self.config.warm)
 
     def skill_info(self, skill_id: str) -> dict[str, Any] | None:
         skill = self.sandbox.get_skill(skill_id)
@@ -331,7 +344,7 @@ class Service:
             return None
         info = skill_summary(skill)
         try:
-            info["zygote"] = self.sandbox.zygote_info(skill_id)
+            info["zygote"] = self.sandbox.skill_state(skill_id)
         except KeyError:
             return None
         info["circuit"] = self.circuit_state(skill_id)
@@ -352,7 +365,8 @@ class Service:
 
     async def watch_zygotes(self) -> None:
         """Restart dead zygotes with exponential backoff and count every restart, whoever did
-        it (this watchdog, or an execution that found its zygote gone)."""
+        it (this watchdog, or an execution that found its zygote gone). Only zygotes that were
+        running: a cold or evicted one starts on its next execution, and is not down."""
         loop = asyncio.get_running_loop()
         while not self._closed:
             await asyncio.sleep(self.config.zygote_check_interval)
@@ -365,14 +379,15 @@ class Service:
                     continue
 
     async def _check_zygote(self, loop: asyncio.AbstractEventLoop, skill_id: str) -> None:
-        info = self.sandbox.zygote_info(skill_id)
-        if not info["alive"]:
+        info = self.sandbox.zygote_info(skill_id, start=False)
+        if info["state"] == "warm" and not info["alive"]:
             now = time.monotonic()
             if now < self._next_restart.get(skill_id, 0.0):
                 return
             jsonlog.event(log, logging.WARNING, "zygote died; restarting", skill_id=skill_id,
                           pid=info["pid"], attempt=self._restart_failures.get(skill_id, 0) + 1)
-            error = await loop.run_in_executor(None, self.sandbox.ensure_zygote, skill_id)
+            error = await loop.run_in_executor(
+                None, lambda: self.sandbox.ensure_zygote(skill_id, crashed_only=True))
             if error:
                 failures = self._restart_failures.get(skill_id, 0) + 1
                 self._restart_failures[skill_id] = failures
@@ -383,14 +398,14 @@ class Service:
                 return
             self._restart_failures.pop(skill_id, None)
             self._next_restart.pop(skill_id, None)
-            info = self.sandbox.zygote_info(skill_id)
-        starts = info["starts"]
-        seen = self._starts.get(skill_id, starts)
-        if starts > seen:
-            self.metrics.zygote_restarts.labels(skill_id).inc(starts - seen)
+            info = self.sandbox.zygote_info(skill_id, start=False)
+        restarts = info["restarts"]  # after a crash: cold starts and evictions are not counted
+        seen = self._starts.get(skill_id, restarts)
+        if restarts > seen:
+            self.metrics.zygote_restarts.labels(skill_id).inc(restarts - seen)
             jsonlog.event(log, logging.INFO, "zygote restarted", skill_id=skill_id,
-                          pid=info["pid"], starts=starts)
-        self._starts[skill_id] = starts
+                          pid=info["pid"], starts=info["starts"])
+        self._starts[skill_id] = restarts
 
     # -- what operators see ---------------------------------------------------------------
 
@@ -399,13 +414,17 @@ class Service:
         tracked = policy.tracked_tenants() if isinstance(policy, Policy) else None
         snap = Snapshot(inflight=len(self.inflight), draining=self.draining,
                         queued=self.sandbox.queued, tenants_tracked=tracked,
-                        queue_limit=self.sandbox.max_concurrency + self.config.max_queue)
+                        queue_limit=self.sandbox.max_concurrency + self.config.max_queue,
+                        cold_starts=self.sandbox.cold_starts, evictions=self.sandbox.evictions)
         for skill in self.sandbox.skills():
             try:
-                info = self.sandbox.zygote_info(skill.id)
+                info = self.sandbox.zygote_info(skill.id, start=False)
             except KeyError:
                 continue
             snap.zygotes_up[skill.id] = bool(info["alive"])
+            snap.zygotes_live += int(info["state"] == "warm" and info["alive"])
+            if info["state"] == "warm" and not info["alive"]:
+                snap.zygotes_down.append(skill.id)
             snap.running += int(info["inflight"])
             state = self.circuit_state(skill.id)
             if state is not None:
@@ -413,9 +432,10 @@ class Service:
         return snap
 
     def ready(self) -> tuple[bool, list[str]]:
-        """Ready when not draining and every loaded skill's zygote is up."""
+        """Ready when not draining and every zygote that was started is up (a cold or evicted
+        one is not down: its next execution starts it)."""
         snap = self.snapshot()
-        down = sorted(skill for skill, up in snap.zygotes_up.items() if not up)
+        down = sorted(snap.zygotes_down)
         return (not self.draining and not down), down
 
     def status(self) -> dict[str, Any]:
@@ -423,11 +443,12 @@ class Service:
         skills = []
         for skill in sorted(self.sandbox.skills(), key=lambda item: item.id):
             try:
-                zygote = self.sandbox.zygote_info(skill.id)
+                zygote = self.sandbox.zygote_info(skill.id, start=False)
             except KeyError:
                 continue
             skills.append({"id": skill.id, "version": skill.manifest.version,
                            "zygote_pid": zygote["pid"], "zygote_up": zygote["alive"],
+                           "zygote_state": zygote["state"],
                            "zygote_starts": zygote["starts"], "running": zygote["inflight"],
                            "circuit": self.circuit_state(skill.id)})
         return {

@@ -84,9 +84,12 @@ def test_another_supervisor_process_never_gets_a_uid_in_use_here(
 
 def _two_sandboxes(make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path],
                    *ranges: tuple[int, int]) -> tuple[Skill, Sandbox, Sandbox]:
-    """The WHOAMI skill loaded in two sandboxes, with the uid ranges (base, count) given."""
+    """The WHOAMI skill loaded in two sandboxes, with the uid ranges (base, count) given; its
+    zygotes started at load, so the requests take their uids in the order they are sent (a
+    lazy zygote's boot would let the other sandbox's requests take theirs first)."""
     skill = Skill.from_dir(skill_dir(WHOAMI))
-    first, second = (make_sandbox(skill, isolation=IsolationConfig(uid_base=base, uid_count=count))
+    first, second = (make_sandbox(skill, isolation=IsolationConfig(uid_base=base, uid_count=count),
+                                  warm=True)
                      for base, count in ranges)
     return skill, first, second
 
