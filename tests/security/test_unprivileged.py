@@ -70,12 +70,14 @@ def test_an_ordinary_users_fork_and_thread_bombs_never_exceed_the_process_limit(
         contained = as_user("bomb", kind)
         assert contained["peak"] <= user_supervisor.MAX_PROCESSES + RUNTIME_TASKS, contained
         assert contained["started"] < user_supervisor.MAX_PROCESSES + 2, contained
-    # Control: without the per-execution user namespace (nor a delegated cgroup) the same
-    # threads outgrow the bound above before the tree watch (first sample after 20 ms) sees
-    # them (far beyond it on this machine; in the emulated VM, where threads start ten times
-    # slower against the same wall-clock watch, 10 were seen).
+    # Control: without the per-execution user namespace (nor a delegated cgroup) no rlimit caps
+    # the tree, and on this machine the same threads outgrow the bound above before the tree
+    # watch (first sample after 20 ms) sees them. (In an emulated VM threads start ten times
+    # slower against the same wall-clock watch, so there only the missing cap is checked.)
     uncapped = as_user("bomb", "thread", "userns,cgroups")
-    assert uncapped["started"] >= user_supervisor.MAX_PROCESSES + 2, uncapped
+    assert uncapped["nproc"] == -1 or uncapped["nproc"] > 100, uncapped  # as_user: 400
+    if slow(1) == 1:
+        assert uncapped["started"] > user_supervisor.MAX_PROCESSES + RUNTIME_TASKS, uncapped
 
 
 def test_an_ordinary_users_executions_cannot_reach_the_supervisor_or_each_other(

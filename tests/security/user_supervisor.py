@@ -31,10 +31,11 @@ from sandbox.capabilities import IsolationConfig, report
 MAX_PROCESSES = 8
 CHILDREN = 40
 _BOMB = f'''
-import os, threading, time
+import os, resource, threading, time
 
 
 def run(input):
+    os.write(2, f"NPROC {{resource.getrlimit(resource.RLIMIT_NPROC)[0]}}\\n".encode())
     threading.stack_size(1 << 16)  # threads cost tasks, not memory
     started, refused = 0, ""
     for _ in range({CHILDREN}):
@@ -164,7 +165,15 @@ def _sampled_bomb(sandbox: Sandbox, skill: Skill, kind: str) -> dict[str, object
         sampler.join(timeout=10)
     return {"warm": warm.status.value, "status": result.status.value, "error": result.error,
             "output": result.output.decode(errors="replace"), "peak": peak,
-            "started": result.stderr.count("+")}
+            "started": result.stderr.count("+"), "nproc": _nproc(result.stderr)}
+
+
+def _nproc(stderr: str) -> int:
+    """The RLIMIT_NPROC the bomb reported it ran under (-1: unlimited or not said)."""
+    for line in stderr.splitlines():
+        if line.startswith("NPROC "):
+            return int(line.split()[1])
+    return -1
 
 
 def _signal(disabled: frozenset[str]) -> dict[str, object]:
