@@ -174,6 +174,19 @@ def run_skill(make_sandbox: Callable[..., Sandbox],
 SPARE_NAME = "sbx-spare"
 
 
+def zygotes_below(pid: int | None = None) -> set[int]:
+    """The zygote processes (`worker.zygote`) that are children of `pid` (default: this test
+    process, whose sandboxes' zygotes are its children)."""
+    found = set()
+    for child in psutil.Process(pid).children():
+        try:
+            if "worker.zygote" in child.cmdline():
+                found.add(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 def execution_children(zygote: psutil.Process) -> list[psutil.Process]:
     """The zygote's children that are executions (not its idle spare)."""
     found = []

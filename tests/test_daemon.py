@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 from click.testing import CliRunner
-from conftest import execution_children, wait_until_gone
+from conftest import execution_children, wait_until_gone, zygotes_below
 from daemon_util import EXAMPLES, TOKEN, Daemon, metric, wait_for, write_skill
 
 from sandbox import cli
@@ -444,18 +444,6 @@ def test_a_required_layer_that_is_disabled_refuses_to_start(
 # -- lazy zygotes ---------------------------------------------------------------------------------
 
 
-def _zygote_children(pid: int) -> set[int]:
-    """Zygotes below the daemon (`worker.zygote` processes)."""
-    found = set()
-    for child in psutil.Process(pid).children():
-        try:
-            if "worker.zygote" in child.cmdline():
-                found.add(child.pid)
-        except psutil.NoSuchProcess:
-            continue
-    return found
-
-
 def test_reload_with_lazy_skills_keeps_hot_ones_warm_and_cold_ones_cold(
         start_daemon: Callable[..., Daemon], tmp_path: Path) -> None:
     root = tmp_path / "skills"
@@ -469,7 +457,7 @@ def test_reload_with_lazy_skills_keeps_hot_ones_warm_and_cold_ones_cold(
 
         # Only the warm-listed skill has a zygote; the cold ones do not make it unready.
         assert states() == {"test/alpha": "warm", "test/beta": "cold", "test/gamma": "cold"}
-        assert _zygote_children(item.pid) == {client.skill("test/alpha")["zygote"]["pid"]}
+        assert zygotes_below(item.pid) == {client.skill("test/alpha")["zygote"]["pid"]}
         assert client.ready()
         text = client.metrics()
         assert metric(text, "skill_sandbox_zygotes_live") == 1
@@ -484,7 +472,7 @@ def test_reload_with_lazy_skills_keeps_hot_ones_warm_and_cold_ones_cold(
         listing = CliRunner().invoke(cli.main, ["skills", "list", "--socket", str(item.socket)])
         rows = {line.split()[0]: line.split() for line in listing.output.splitlines()[1:]}
         assert "evicted" in rows["test/alpha"] and "warm" in rows["test/gamma"], listing.output
-        assert len(_zygote_children(item.pid)) == 2
+        assert len(zygotes_below(item.pid)) == 2
         detail = client.skill("test/gamma")["zygote"]
         assert detail["state"] == "warm" and detail["pss_kb"] > 0 and detail["last_used"]
 

@@ -12,24 +12,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import descendants, execution_children, slow, wait_until_gone
+from conftest import descendants, execution_children, slow, wait_until_gone, zygotes_below
 
 from sandbox import ErrorKind, ExecutionRequest, ExecutionStatus, Sandbox, Skill
 
 SLEEPER = "import time\ndef run(input):\n    time.sleep(input.get('sleep', 0))\n    return 'ok'\n"
-
-
-def _zygotes() -> set[int]:
-    """Zygote processes of this test process (a sandbox's zygotes are its children; their
-    spares and executions, forked from them, are grandchildren)."""
-    found = set()
-    for process in psutil.Process().children():
-        try:
-            if "worker.zygote" in process.cmdline():
-                found.add(process.pid)
-        except psutil.NoSuchProcess:
-            continue
-    return found
 
 
 def _request(skill: Skill, sleep: float = 0.0, **fields: object) -> ExecutionRequest:
@@ -53,7 +40,7 @@ def test_a_loaded_skill_starts_no_process_until_its_first_execution(
     assert state[second.id]["state"] == "warm" and state[second.id]["alive"]
     assert state[second.id]["cold_starts"] == 1 and state[second.id]["last_used"] is not None
     assert state[second.id]["pss_kb"] > 0 and state[second.id]["rss_kb"] > 0
-    assert _zygotes() == {state[second.id]["pid"]}  # one zygote: the used skill's
+    assert zygotes_below() == {state[second.id]["pid"]}  # one zygote: the used skill's
     assert state[first.id]["state"] == state[third.id]["state"] == "cold"
     assert state[first.id]["pid"] == 0 and state[first.id]["last_used"] is None
     assert sandbox.live_zygotes() == 1 and sandbox.cold_starts == 1
@@ -68,7 +55,7 @@ def test_warm_starts_the_zygote_at_load(make_sandbox: Callable[..., Sandbox],
     state = sandbox.skills_state()
     assert state[eager.id]["state"] == state[later.id]["state"] == "warm"
     assert state[lazy.id]["state"] == "cold"
-    assert _zygotes() == {state[eager.id]["pid"], state[later.id]["pid"]}
+    assert zygotes_below() == {state[eager.id]["pid"], state[later.id]["pid"]}
 
 
 def test_a_skill_that_cannot_boot_loads_lazily_and_fails_its_first_execution(
@@ -104,7 +91,7 @@ def test_an_evicted_skill_in_the_middle_of_a_burst_still_answers(
     assert sandbox.evictions > 0 and sandbox.cold_starts > 3
     for skill in skills:  # one at a time: each cold start evicts the idle previous one
         assert sandbox.execute(_request(skill)).ok
-        assert sandbox.live_zygotes() == 1 and len(_zygotes()) == 1
+        assert sandbox.live_zygotes() == 1 and len(zygotes_below()) == 1
 
 
 def test_a_zygote_with_an_execution_in_flight_is_never_evicted(
@@ -154,7 +141,7 @@ def test_two_concurrent_first_requests_start_one_zygote(
         assert all(pool.map(lambda _: first_request(), range(4)))
     state = sandbox.skill_state(skill.id)
     assert state["starts"] == 1 and state["cold_starts"] == 1
-    assert len(_zygotes()) == 1
+    assert len(zygotes_below()) == 1
 
 
 def test_a_crashed_zygote_is_restarted_not_counted_as_a_cold_start(
@@ -182,4 +169,4 @@ def test_a_reloaded_warm_skill_stays_warm_and_a_cold_one_stays_cold(
     state = sandbox.skills_state()
     assert state[hot.id]["state"] == "warm" and state[hot.id]["pid"] not in (0, old)
     assert state[idle.id]["state"] == "cold"
-    assert _zygotes() == {state[hot.id]["pid"]}
+    assert zygotes_below() == {state[hot.id]["pid"]}
