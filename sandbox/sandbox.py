@@ -108,9 +108,6 @@ class _Loaded:
     skill: Skill
     zygote: ZygoteProcess
     inflight: int = 0
-    #: Whose fault the last failed boot was: the skill's (its code does not compile) or the
-    #: host's (anything else).
-    boot_fault: ErrorKind = ErrorKind.WORKER_FAILURE
     idle: threading.Condition = field(default_factory=threading.Condition)
     restart_lock: threading.Lock = field(default_factory=threading.Lock)
     state: ZygoteState = "cold"
@@ -121,6 +118,10 @@ class _Loaded:
     evictions: int = 0
     #: boots of a zygote that had died (not an eviction): crashes healed
     restarts: int = 0
+
+    def mark_used(self) -> None:
+        """Now is its last use (the LRU order and the idle clock read it)."""
+        self.last_used, self.last_used_wall = time.monotonic(), time.time()
 
 
 def _limits_for(skill: Skill, request: ExecutionRequest) -> Limits:
@@ -288,14 +289,12 @@ class Sandbox:
         if warm is None:
             warm = self.warm or (previous is not None and previous.state == "warm")
         if warm:  # boot before it is visible: a skill that cannot boot is not loaded
-            error = self._ensure_zygote(loaded)
-            if error:
-                raise SkillLoadError(error)
+            problem = self._ensure_zygote(loaded)
+            if problem is not None:
+                raise problem
         with self._lock:
-            if self._closed:
-                closed = True
-            else:
-                closed = False
+            closed = self._closed
+            if not closed:
                 previous = self._skills.get(skill.id)
                 self._skills[skill.id] = loaded
                 self._live.pop(skill.id, None)
@@ -362,9 +361,9 @@ class Sandbox:
         (a watchdog's call): restart a zygote that was running and died, start no other."""
         with self._lock:
             loaded = self._skills[skill_id]
-        error = self._ensure_zygote(loaded, crashed_only=crashed_only)
+        problem = self._ensure_zygote(loaded, crashed_only=crashed_only)
         self._evict_over_budget(keep=loaded)
-        return error
+        return str(problem) if problem is not None else ""
 
     def skill_state(self, skill_id: str) -> dict[str, Any]:
         """What a skill costs right now: `state` (cold / warm / evicted), `alive`,
@@ -601,14 +600,14 @@ class Sandbox:
                 return early(ExecutionStatus.CANCELED, ErrorKind.CANCELED, CANCELED_ERROR)
             with loaded.idle:
                 loaded.inflight += 1
-                loaded.last_used, loaded.last_used_wall = time.monotonic(), time.time()
+                loaded.mark_used()
             try:
                 return self._run(loaded, request, limits, token, started, deadline, early)
             finally:
                 with loaded.idle:
                     loaded.inflight -= 1
                     # idle from when it ends: a long execution does not make it look stale
-                    loaded.last_used, loaded.last_used_wall = time.monotonic(), time.time()
+                    loaded.mark_used()
                     loaded.idle.notify_all()
                 bound = self.max_zygotes  # over it after a burst: trim back once idle
                 if bound is not None and len(self._live) > bound:
@@ -665,11 +664,11 @@ class Sandbox:
 
         for attempt in range(2):
             cold = loaded.state != "warm"
-            error = self._ensure_zygote(loaded)
-            if error and loaded.boot_fault is ErrorKind.SKILL_FAILED:
-                return early(ExecutionStatus.FAILED, ErrorKind.SKILL_FAILED, error)
-            if error:
-                return worker_failure(error)
+            problem = self._ensure_zygote(loaded)
+            if isinstance(problem, SkillCodeInvalid):  # its own code does not compile
+                return early(ExecutionStatus.FAILED, ErrorKind.SKILL_FAILED, str(problem))
+            if problem is not None:
+                return worker_failure(str(problem))
             if cold:  # this request started one more zygote: keep to the budget
                 self._evict_over_budget(keep=loaded)
             if time.monotonic() >= deadline:  # a zygote restart took what was left
@@ -703,36 +702,35 @@ class Sandbox:
                     self._uids.release(uid)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _ensure_zygote(self, loaded: _Loaded, crashed_only: bool = False) -> str:
+    def _ensure_zygote(self, loaded: _Loaded,
+                       crashed_only: bool = False) -> SkillLoadError | None:
         """Start a cold or evicted zygote, restart a dead one; one thread boots it while the
         others for the same skill wait on `restart_lock`. A zygote that cannot boot is
-        reported, not retried forever."""
+        reported (the error, None when it runs), not retried forever."""
         if loaded.state == "warm" and loaded.zygote.alive():
             self._touch(loaded)
-            return ""
+            return None
         with loaded.restart_lock:
             if loaded.state == "warm" and loaded.zygote.alive():
                 self._touch(loaded)
-                return ""
+                return None
             if self._closed:  # close() stops zygotes under this lock: start none after it
-                return "the sandbox is closed"
+                return SkillLoadError(f"{loaded.skill.id}: the sandbox is closed")
             if crashed_only and loaded.state != "warm":  # evicted meanwhile: not down
-                return ""
+                return None
             crashed = loaded.state == "warm"
             loaded.zygote.stop(timeout=1.0)
             try:
                 loaded.zygote.start()
             except SkillLoadError as exc:
-                loaded.boot_fault = (ErrorKind.SKILL_FAILED if isinstance(exc, SkillCodeInvalid)
-                                     else ErrorKind.WORKER_FAILURE)
-                return str(exc)
+                return exc
             if crashed:
                 loaded.restarts += 1
             else:
                 loaded.cold_starts += 1
             loaded.state = "warm"
             if not loaded.last_used:  # the idle clock starts at boot
-                loaded.last_used, loaded.last_used_wall = time.monotonic(), time.time()
+                loaded.mark_used()
             with self._lock:
                 if not crashed:
                     self.cold_starts += 1
@@ -740,7 +738,7 @@ class Sandbox:
                     self._live[loaded.skill.id] = loaded
                     self._live.move_to_end(loaded.skill.id)
         self._start_reaper()
-        return ""
+        return None
 
     def _touch(self, loaded: _Loaded) -> None:
         """Mark the zygote most recently used (for the LRU choice)."""

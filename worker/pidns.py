@@ -30,7 +30,8 @@ import os
 import platform
 import signal
 
-CLONE_NEWPID = 0x20000000
+from worker.namespaces import CLONE_NEWPID
+
 _CLONE_CHILD_SETTID = 0x01000000
 #: clone's number and which argument slot takes the child-tid pointer (x86_64 and aarch64
 #: differ: (flags, stack, parent_tid, child_tid, tls) against (flags, stack, parent_tid, tls,
@@ -54,9 +55,12 @@ def _tid_offset() -> int | None:
 _TID_OFFSET = _tid_offset()
 
 
-def tid_offset() -> int | None:
-    """Where glibc keeps a thread's id in its descriptor (None: not published)."""
-    return _TID_OFFSET
+def cached_tid() -> int:
+    """The thread id glibc keeps for this thread (what `raise` and `abort` signal), or -1
+    where it does not publish where it keeps it."""
+    if _TID_OFFSET is None:
+        return -1
+    return ctypes.c_int.from_address(_libc.pthread_self() + _TID_OFFSET).value
 
 
 def unavailable() -> str:

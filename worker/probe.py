@@ -24,7 +24,6 @@ from worker import landlock, namespaces, pidns, seccomp
 _PROBE_DEADLINE = 5.0
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
-_libc.pthread_self.restype = ctypes.c_void_p
 
 
 def _in_child(probe: Callable[[], None]) -> str:
@@ -71,8 +70,8 @@ def _pid_ns() -> None:
         raise OSError(reason)
     pid = pidns.fork(True)
     if pid == 0:
-        tid = ctypes.c_int.from_address(_libc.pthread_self() + (pidns.tid_offset() or 0)).value
-        os._exit(0 if os.getpid() == 1 and tid == 1 and pidns.parent_pid() > 0 else 1)
+        os._exit(0 if os.getpid() == 1 and pidns.cached_tid() == 1 and pidns.parent_pid() > 0
+                 else 1)
     _, status = os.waitpid(pid, 0)
     if status != 0:
         raise RuntimeError("the first child of a new PID namespace is not pid 1, or its "

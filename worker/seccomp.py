@@ -34,6 +34,8 @@ import os
 import platform
 import struct
 
+from worker.namespaces import CLONE_NEWPID
+
 #: x86_64 numbers (arch/x86/entry/syscalls/syscall_64.tbl) of every syscall named below.
 X86_64: dict[str, int] = {
     "read": 0, "write": 1, "open": 2, "close": 3, "stat": 4, "fstat": 5, "lstat": 6, "poll": 7,
@@ -176,7 +178,6 @@ MOUNT_CALLS = ("mount", "umount2")
 #: Left to the zygote's filter for the child's set-up, denied by the child's own filter.
 CHILD_DENIED = (*MOUNT_CALLS, "unshare")
 CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
 _CLONE3 = "clone3"  # ENOSYS: libc falls back to clone, whose flags the filter can inspect
 
 _X32_SYSCALL_BIT = 0x40000000

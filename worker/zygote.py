@@ -61,16 +61,14 @@ class SkillCodeFailed(Exception):
 
 
 class _Running:
-    __slots__ = ("kind", "max_file_bytes", "pid", "pidfd", "report", "workdir")
+    __slots__ = ("max_file_bytes", "pid", "pidfd", "report", "workdir")
 
-    def __init__(self, pid: int, pidfd: int, report: socket.socket, command: ForkCommand,
-                 kind: str) -> None:
+    def __init__(self, pid: int, pidfd: int, report: socket.socket, command: ForkCommand) -> None:
         self.pid = pid
         self.pidfd = pidfd
         self.report = report
         self.workdir = command.workdir
         self.max_file_bytes = command.limits.max_file_bytes
-        self.kind = kind
 
 
 def _rss_kb() -> int:
@@ -88,7 +86,8 @@ class Zygote:
         self.selector = selectors.DefaultSelector()
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(ControlMessage)
-        self.children_file = f"/proc/self/task/{os.getpid()}/children"
+        self.pid = os.getpid()
+        self.children_file = f"/proc/self/task/{self.pid}/children"
         self.rss_kb = 0
         self.forks = 0
         self.name = b"python"
@@ -210,7 +209,6 @@ class Zygote:
                 ready = None
         if ready is None:
             gate = isolation.gate_for(command)
-            zygote_pid = os.getpid()
             try:
                 pid = pidns.fork(self.config.settings.pid_ns)
             except BaseException:
@@ -219,7 +217,7 @@ class Zygote:
                 raise
             if pid == 0:  # the execution child: never returns
                 child.run_execution(self.config.code, self.config.preload, command, fds,
-                                    self.precompiled, zygote_pid, gate)
+                                    self.precompiled, self.pid, gate)
             if gate is not None:
                 gate.open_for(pid)
             pidfd = os.pidfd_open(pid)
@@ -233,7 +231,7 @@ class Zygote:
             self.released = []
         except OSError:
             os.kill(pid, signal.SIGKILL)  # nobody is listening for this execution any more
-        self.running[pid] = _Running(pid, pidfd, report, command, self.config.code.kind)
+        self.running[pid] = _Running(pid, pidfd, report, command)
         self.selector.register(pidfd, selectors.EVENT_READ, self.running[pid])
         if ready is None:
             isolation.prepare_next()  # the forked child took the Landlock ruleset
@@ -338,7 +336,7 @@ class Zygote:
         del self.running[running.pid]
         # A command failing as pid 1 of its PID namespace may have met RLIMIT_FSIZE without
         # dying of SIGXFSZ: look for the file (a Python skill's runtime reports EFBIG itself).
-        at_limit = (status != 0 and running.kind == "command"
+        at_limit = (status != 0 and self.config.code.kind == "command"
                     and isolation.file_limit_reached(running.workdir, running.max_file_bytes))
         report = ChildExited(pid=pid, wait_status=status, utime=usage.ru_utime,
                              stime=usage.ru_stime, maxrss_kb=usage.ru_maxrss,
