@@ -26,6 +26,11 @@ _DURATION_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
+#: How a skill runs: a Python entrypoint or an executable in a forked child, a WebAssembly
+#: module inside one, or a prompt sent to the operator's LLM provider.
+SkillKind = Literal["python", "command", "wasm", "declarative"]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -49,6 +54,9 @@ class LimitsConfig(_Strict):
 class Permissions(_Strict):
     network: bool = False
     env: dict[str, str] = Field(default_factory=dict)
+    #: openbotstack host capabilities a WASM or declarative skill may call, by openbotstack's
+    #: names (`llm:generate`, `http:fetch`, `kv:read`, `kv:write`, `log:write`).
+    host: frozenset[str] = Field(default_factory=frozenset)
 
     @field_validator("env")
     @classmethod
@@ -68,6 +76,10 @@ class SkillManifest(_Strict):
     output_schema: dict[str, Any] | None = None
     entrypoint: str | None = None
     command: list[str] | None = None
+    #: A WebAssembly module (WASI command or openbotstack reactor), relative to the skill.
+    wasm: str | None = None
+    #: A declarative skill's prompt template (SKILL.md's body; `{{.Input}}` is the input).
+    instructions: str | None = None
     isolation: Literal["fork", "spawn"] = "fork"
     preload: list[str] = Field(default_factory=list)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
@@ -100,8 +112,12 @@ class SkillManifest(_Strict):
 
     @model_validator(mode="after")
     def _one_way_to_run(self) -> SkillManifest:
-        if (self.entrypoint is None) == (self.command is None):
-            raise ValueError("give exactly one of 'entrypoint' (Python) or 'command' (executable)")
+        ways = [self.entrypoint, self.command, self.wasm, self.instructions]
+        if sum(way is not None for way in ways) != 1:
+            raise ValueError("give exactly one of 'entrypoint' (Python), 'command' (executable), "
+                             "'wasm' (WebAssembly module) or 'instructions' (declarative)")
+        if self.isolation == "spawn" and self.entrypoint is None and self.command is None:
+            raise ValueError("'isolation = \"spawn\"' applies to Python entrypoints only")
         if self.command is not None:
             if not self.command or not self.command[0]:
                 raise ValueError("'command' needs at least the program to run")
@@ -111,8 +127,12 @@ class SkillManifest(_Strict):
         return self
 
     @property
-    def kind(self) -> str:
-        return "python" if self.entrypoint is not None else "command"
+    def kind(self) -> SkillKind:
+        if self.entrypoint is not None:
+            return "python"
+        if self.command is not None:
+            return "command"
+        return "wasm" if self.wasm is not None else "declarative"
 
 
 def _validate(path: Path, data: Any) -> SkillManifest:

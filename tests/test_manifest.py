@@ -71,6 +71,24 @@ def test_neither_entrypoint_nor_command_is_an_error(tmp_path: Path) -> None:
     assert "exactly one of 'entrypoint'" in message
 
 
+@pytest.mark.parametrize(("manifest", "kind"), [
+    ('wasm = "main.wasm"\n', "wasm"),
+    ('instructions = "Summarize {{.Input}}"\n', "declarative"),
+])
+def test_wasm_and_declarative_manifests_name_their_kind(tmp_path: Path, manifest: str,
+                                                        kind: str) -> None:
+    from sandbox.manifest import load_native
+
+    directory = write_skill(tmp_path / "s", 'id = "x"\n' + manifest, files={})
+    assert load_native(directory / "skill.toml").kind == kind
+
+
+def test_wasm_with_an_entrypoint_is_an_error(tmp_path: Path) -> None:
+    message = load_error(write_skill(tmp_path / "s",
+                                     'id = "x"\nentrypoint = "main:run"\nwasm = "m.wasm"\n'))
+    assert "exactly one of 'entrypoint'" in message and "'wasm'" in message
+
+
 def test_invalid_toml_is_an_error_naming_the_file(tmp_path: Path) -> None:
     directory = write_skill(tmp_path / "s", 'id = "x"\nentrypoint = main:run\n')
     message = load_error(directory)
