@@ -18,6 +18,7 @@ output; the provider failing (HTTP error, unreachable, malformed response) or mi
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -35,6 +36,7 @@ from worker.protocol import (
 )
 
 INPUT_PLACEHOLDER = "{{.Input}}"
+_log = logging.getLogger("sandbox")
 
 
 def render(instructions: str, input_json: bytes) -> str:
@@ -51,8 +53,22 @@ def missing_provider(skill_id: str) -> str:
 def run(skill: Skill, provider: llm.LLMProvider | None, request: ExecutionRequest,
         limits: Limits, arrived: float, deadline: float,
         canceled: Callable[[], bool]) -> ExecutionResult:
-    """One declarative execution, from prompt to verdict. Never raises for anything the
-    provider or the model does."""
+    """One declarative execution, from prompt to verdict. Never raises: whatever the
+    provider or the model does (or a bug here) is a result, so the execution is logged."""
+    try:
+        return _run(skill, provider, request, limits, arrived, deadline, canceled)
+    except Exception as exc:  # noqa: BLE001 - a result, like any failure in the supervisor
+        _log.exception("declarative execution of %s failed in the supervisor", skill.id)
+        return ExecutionResult(status=ExecutionStatus.FAILED,
+                               error=f"{WORKER_ERROR}: {type(exc).__name__}: {exc}",
+                               duration=time.monotonic() - arrived,
+                               request_id=request.request_id, skill_id=skill.id,
+                               error_kind=ErrorKind.WORKER_FAILURE)
+
+
+def _run(skill: Skill, provider: llm.LLMProvider | None, request: ExecutionRequest,
+         limits: Limits, arrived: float, deadline: float,
+         canceled: Callable[[], bool]) -> ExecutionResult:
     tokens = 0
 
     def result(status: ExecutionStatus, kind: ErrorKind = ErrorKind.NONE, error: str = "",

@@ -123,8 +123,7 @@ class OpenAICompatibleProvider:
             if not self.__key:
                 raise ValueError(f"LLM provider {self.name}: the environment variable "
                                  f"{self.api_key_env} (api_key_env) is not set or empty")
-        self._client = httpx.Client(transport=transport, follow_redirects=False,
-                                    trust_env=False)
+        self._client = httpx.Client(transport=transport, follow_redirects=False)
 
     def __repr__(self) -> str:  # the key is never part of it
         return (f"OpenAICompatibleProvider(base_url={self.base_url!r}, model={self.model!r}, "
@@ -283,12 +282,25 @@ def _as_generation(answer: Any, name: str) -> Generation:
     return Generation(text, min(max(0, tokens), MAX_TOKENS))
 
 
+class _Named:
+    """A provider object without a `name` of its own: named after its type for errors."""
+
+    def __init__(self, provider: Any) -> None:
+        self.provider = provider
+        self.name = type(provider).__name__
+
+    def generate(self, prompt: str, *, max_tokens: int | None = None,
+                 deadline: float) -> Generation:
+        return self.provider.generate(prompt, max_tokens=max_tokens,  # type: ignore[no-any-return]
+                                      deadline=deadline)
+
+
 def as_provider(value: Any) -> LLMProvider | None:
     """`Sandbox(llm=...)`: a provider (anything with `generate`), a callable, or None."""
-    if value is None or isinstance(value, LLMProvider):
-        return value
+    if value is None:
+        return None
     if callable(getattr(value, "generate", None)):
-        return value  # type: ignore[no-any-return]
+        return value if isinstance(getattr(value, "name", None), str) else _Named(value)
     return CallableProvider(value)
 
 

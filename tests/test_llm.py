@@ -505,6 +505,24 @@ def test_an_async_callable_provider_that_ignores_its_deadline_still_times_out(
     assert result.status is ExecutionStatus.TIMEOUT
 
 
+def test_any_object_with_generate_is_a_provider(tmp_path: Path,
+                                                 make_sandbox: Callable[..., Sandbox]) -> None:
+    class Local:  # no `name`: errors name its type
+        def generate(self, prompt: str, *, max_tokens: int | None = None,
+                     deadline: float) -> tuple[str, int]:
+            if "fail" in prompt:
+                raise ConnectionError("socket closed")
+            return '{"summary": ["local"]}', 3
+
+    sandbox = make_sandbox(declarative_skill(tmp_path / "s"), llm=Local())
+    ok = sandbox.execute(request())
+    failed = sandbox.execute(request(data={"text": "fail"}))
+
+    assert ok.json() == {"summary": ["local"]} and ok.resource_usage.tokens_used == 3
+    assert failed.error_kind is ErrorKind.WORKER_FAILURE
+    assert "LLM provider Local raised ConnectionError: socket closed" in failed.error
+
+
 # -- plans' llm steps ----------------------------------------------------------------------------
 
 
