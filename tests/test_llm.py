@@ -140,13 +140,17 @@ def test_declarative_skill_answers_with_the_models_json_and_the_providers_token_
 
 def test_a_declarative_skill_loaded_warm_starts_no_worker_process(
         tmp_path: Path, make_sandbox: Callable[..., Sandbox],
-        provider: OpenAICompatibleProvider) -> None:
-    import psutil
+        provider: OpenAICompatibleProvider, skill_dir: Callable[..., Path]) -> None:
+    from conftest import zygotes_below
 
+    before = zygotes_below()
     sandbox = make_sandbox(declarative_skill(tmp_path / "s"), llm=provider, warm=True)
     assert sandbox.can_execute("llm/summarize")
-    assert psutil.Process().children(recursive=True) == []
+    assert zygotes_below() == before
     assert sandbox.zygote_info("llm/summarize")["pid"] == 0
+    # control: a Python skill loaded warm into the same sandbox does start its zygote
+    sandbox.load_skill(skill_dir("def run(input):\n    return input\n"), warm=True)
+    assert len(zygotes_below() - before) == 1
 
 
 def test_openbotstack_summarize_prompt_runs_as_written(
