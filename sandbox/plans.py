@@ -36,6 +36,8 @@ _FORBIDDEN_IN_NAME = frozenset("{}#") | frozenset(" \t\r\n")
 class StepType(enum.StrEnum):
     SKILL = "skill"
     TOOL = "tool"
+    #: A prompt (`arguments.prompt`) sent to the sandbox's LLM provider; the text is the output.
+    LLM = "llm"
 
 
 class PlanTarget(Protocol):
@@ -151,7 +153,7 @@ class ExecutionPlan:
                                   "whitespace, '{', '}', '#')")
             if not isinstance(step.type, StepType):
                 raise InvalidPlan(f"{where}: unknown type {step.type!r} "
-                                  "(expected 'skill' or 'tool')")
+                                  "(expected 'skill', 'tool' or 'llm')")
             if not isinstance(step.arguments, dict):
                 raise InvalidPlan(f"{where}: arguments must be a JSON object, got "
                                   f"{_json_type(step.arguments)}")
@@ -169,6 +171,9 @@ class ExecutionPlan:
                     raise InvalidPlan(f"{where}: skill {step.name!r} is not loaded")
                 if step.type is StepType.TOOL and not target.has_tool(step.name):
                     raise InvalidPlan(f"{where}: tool {step.name!r} is not registered")
+                if step.type is StepType.LLM and getattr(target, "llm", True) is None:
+                    raise InvalidPlan(f"{where}: an llm step needs an LLM provider, and none "
+                                      "is configured (Sandbox(llm=...); daemon: [llm])")
             names.append(step.name)
 
 
@@ -217,7 +222,8 @@ class StepResult:
 
     `status` uses the execution statuses (`success`, `failed`, `timeout`, `canceled`,
     `rejected`); `index` is the step's position in the plan; `execution` is the full
-    `ExecutionResult` of a skill step (resource usage, stdout/stderr tails), None for tools.
+    `ExecutionResult` of a skill step (resource usage, stdout/stderr tails) or of an `llm` step
+    (its `tokens_used`), None for tools.
     """
 
     step_name: str

@@ -68,7 +68,7 @@ class Skill:
             if not ((skill_dir / f"{module}.py").is_file() or (skill_dir / module).is_dir()):
                 raise SkillLoadError(f"{manifest_path}: field 'entrypoint': no module "
                                      f"{module!r} in {skill_dir}")
-        elif manifest.kind in ("wasm", "declarative"):
+        elif manifest.kind == "wasm":
             raise SkillLoadError(f"{manifest_path}: {manifest.kind} skills cannot run here yet")
         elif manifest.command is not None and "/" in manifest.command[0]:
             program = (skill_dir / manifest.command[0]).resolve()
