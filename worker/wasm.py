@@ -154,6 +154,10 @@ def prepare(code: SkillCode) -> None:
     config = wasmtime.Config()
     config.consume_fuel = True
     config.parallel_compilation = False
+    # No shared memory (the default; said here because a shared memory is the one kind a
+    # store's memory limit would not bound in the same way).
+    config.wasm_threads = False
+    config.shared_memory = False
     engine = wasmtime.Engine(config)
     try:
         module = wasmtime.Module.from_file(engine, code.wasm)
@@ -365,6 +369,12 @@ def _trap_message(exc: Exception) -> str:
     return message if message.startswith("wasm trap") else f"wasm trap: {message}"
 
 
+def _output_exhausted(limits: Any, state: _Execution) -> ChildResult:
+    return ChildResult(ok=False, limit="output",
+                       error=f"output is more than {limits.max_output_bytes} bytes "
+                             f"({state.overflow} bytes past the limit)")
+
+
 def call(code: SkillCode, command: ForkCommand, request: ExecutionInput) -> ChildResult:
     """Run the prepared module once on `request` in a fresh store; never raises."""
     global _current
@@ -408,6 +418,8 @@ def call(code: SkillCode, command: ForkCommand, request: ExecutionInput) -> Chil
         exit_code = exc.code
     except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
         message = _trap_message(exc)
+        if state.overflow:  # it kept writing past the cap until its fuel ran out
+            return _output_exhausted(limits, state)
         if store.get_fuel() == 0:
             return ChildResult(ok=False, limit="cpu time",
                                error=f"the module used all its fuel ({fuel}: "
@@ -419,9 +431,7 @@ def call(code: SkillCode, command: ForkCommand, request: ExecutionInput) -> Chil
     finally:
         sys.stdout.flush()
     if state.overflow:
-        return ChildResult(ok=False, limit="output",
-                           error=f"output is more than {limits.max_output_bytes} bytes "
-                                 f"({state.overflow} bytes past the limit)")
+        return _output_exhausted(limits, state)
     if exit_code != 0:
         if _at_memory_limit(store, instance, memory_limit):
             return ChildResult(ok=False, limit="memory",
