@@ -131,7 +131,7 @@ def _limits_for(skill: Skill, request: ExecutionRequest) -> Limits:
     configured = skill.manifest.limits
     timeout = configured.timeout if request.timeout is None else request.timeout
     return Limits(
-        timeout=timeout, cpu_time=configured.cpu_time, memory_mb=configured.memory_mb,
+        timeout=timeout, cpu_time=configured.cpu_time, memory_mb=skill.process_memory_mb,
         max_processes=configured.max_processes, max_output_bytes=configured.max_output_bytes,
         max_file_bytes=configured.max_file_bytes, max_open_files=configured.max_open_files,
     )
@@ -285,7 +285,8 @@ class Sandbox:
             # Exactly memory_mb: every page charged to the execution counts (anonymous, shared,
             # memfd, its tmpfs workdir's files); the workdir's size cap is its disk quota.
             limits = skill.manifest.limits
-            tickets = CgroupTickets(self._cgroups, limits.max_processes, limits.memory_mb << 20,
+            tickets = CgroupTickets(self._cgroups, limits.max_processes,
+                                    skill.process_memory_mb << 20,
                                     limits.cpus or 0.0)
         cpus = skill.manifest.limits.cpus
         if cpus and (self._cgroups is None or not self._cgroups.cpu_limits):
