@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 HEAVY = ["sandbox", "pydantic", "httpx", "psutil", "click", "jsonschema", "yaml"]
-WORKER_MODULES = ["worker.zygote", "worker.child", "worker.spare", "worker.runtime",
+WORKER_MODULES = ["worker.zygote", "worker.base", "worker.child", "worker.spare", "worker.runtime",
                   "worker.spawn", "worker.isolation", "worker.seccomp", "worker.landlock",
                   "worker.namespaces", "worker.protocol"]
 
