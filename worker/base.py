@@ -114,6 +114,7 @@ def main() -> None:
 
     for module in COMMON_MODULES:
         importlib.import_module(module)
+    isolation.remember_code_paths()
     problem = pidns.unavailable()
     control = socket.socket(fileno=int(sys.argv[1]))
     if problem:
