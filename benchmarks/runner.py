@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from benchmarks import baselines, catalogue, daemon, machine, project, wasm
+from benchmarks import baselines, catalogue, daemon, hostscale, machine, project, wasm
 from benchmarks.config import BenchConfig, parse_args
 from benchmarks.progress import Progress
 from benchmarks.report import Check, Figure, Report, render
@@ -183,6 +183,8 @@ def run(config: BenchConfig) -> Report:
             _idle_latency(report, config, sandbox, payload, expected, progress)
             _footprint_figures(report, sandbox, [skill.id for skill in skills])
             report.add(catalogue.measure())
+            for figure in hostscale.measure(quick=config.quick):
+                report.add(figure)
             _throughput(report, config, sandbox, pool, payload, expected, progress)
             _cpu_overhead(report, config, sandbox, fib_id, progress)
             _leak(report, config, sandbox, payload, expected, progress)

@@ -52,7 +52,7 @@ from sandbox.plans import ExecutionContext, ExecutionPlan, StepResult
 from sandbox.skill import Skill
 from sandbox.tools import ToolRegistry, ToolRunner
 from sandbox.uidpool import UidPool, UidPoolExhausted
-from sandbox.zygote import BASE_ENV, ZygoteDied, ZygoteProcess
+from sandbox.zygote import BASE_ENV, BaseZygotes, ZygoteDied, ZygoteProcess
 from worker.protocol import (
     ErrorKind,
     ExecutionIsolation,
@@ -189,6 +189,12 @@ class Sandbox:
     `fn(prompt)` / `fn(prompt, call)`; see `sandbox.llm`). The call is made here, in the
     supervisor; without one, a declarative skill fails naming the missing provider. The sandbox
     does not close it: its owner does.
+
+    `base_zygote` (default on): a skill's zygote is forked from a shared base interpreter
+    (`worker.base`, one per runtime profile, holding only the worker runtime and stdlib
+    modules, never a skill's code or data), then boots and applies its layers as an exec'd one
+    does: a cold start costs a fork instead of an interpreter start. Off, or when the base
+    cannot be started, every zygote is a freshly exec'd interpreter.
     """
 
     def __init__(self, skills: Iterable[Skill | str | os.PathLike[str]] = (), *,
@@ -201,9 +207,11 @@ class Sandbox:
                  zygote_start_timeout: float = 30.0,
                  warm: bool = False, max_zygotes: int | None = DEFAULT_MAX_ZYGOTES,
                  zygote_idle_ttl: float | None = DEFAULT_ZYGOTE_IDLE_TTL,
+                 base_zygote: bool = True,
                  llm: LLMProvider | Callable[..., Any] | None = None) -> None:
         self.prefork = prefork
         self.llm = as_provider(llm)
+        self._bases = BaseZygotes(zygote_start_timeout) if base_zygote else None
         self.on_slot_wait = on_slot_wait
         self._queued = 0
         self.zygote_start_timeout = zygote_start_timeout
@@ -294,7 +302,8 @@ class Sandbox:
                          "v2 with the cpu controller delegated (see `doctor`)", skill.id, cpus)
         zygote = ZygoteProcess(skill.id, code, list(skill.manifest.preload),
                                self._isolation_for(skill), cgroups=tickets,
-                               prefork=self.prefork, start_timeout=self.zygote_start_timeout)
+                               prefork=self.prefork, start_timeout=self.zygote_start_timeout,
+                               bases=self._bases)
         loaded = _Loaded(skill=skill, zygote=zygote)
         with self._lock:
             previous = self._skills.get(skill.id)
@@ -363,6 +372,7 @@ class Sandbox:
             self._evict_over_budget(keep=loaded)
         zygote = loaded.zygote
         return {"pid": zygote.pid, "rss_kb": zygote.rss_kb, "starts": zygote.starts,
+                "from_base": zygote.from_base,
                 "alive": zygote.alive(), "inflight": loaded.inflight, "state": loaded.state,
                 "restarts": loaded.restarts}
 
@@ -407,6 +417,10 @@ class Sandbox:
             with contextlib.suppress(KeyError):  # unloaded meanwhile
                 states[skill.id] = self.skill_state(skill.id)
         return states
+
+    def base_zygote_pids(self) -> list[int]:
+        """The shared base zygotes running now (none when `base_zygote` is off)."""
+        return self._bases.pids() if self._bases is not None else []
 
     def live_zygotes(self) -> int:
         """How many zygotes run now (started and not evicted or stopped)."""
@@ -823,6 +837,8 @@ class Sandbox:
         for item in loaded:
             with item.restart_lock:  # a boot under way finishes first, then is stopped
                 item.zygote.stop(timeout=2.0)
+        if self._bases is not None:
+            self._bases.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
         if self._cgroups is not None:
             self._cgroups.close()

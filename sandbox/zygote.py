@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from typing import NamedTuple, Protocol
 
 import msgspec
 
 from sandbox.cgroups import CgroupTickets
 from sandbox.errors import SkillCodeInvalid, SkillLoadError
 from worker.protocol import (
+    BaseForked,
+    BaseMessage,
+    BaseReady,
     ForkCommand,
     SkillCode,
     SpareCgroups,
@@ -26,8 +32,241 @@ from worker.protocol import (
     ZygoteSettings,
 )
 
+_log = logging.getLogger(__name__)
+
 #: The only variables a zygote starts with: it must never see the supervisor's secrets.
 BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+
+
+class RuntimeProfile(NamedTuple):
+    """Everything a zygote's process is before it reads its config: interpreter, interpreter
+    flags (-I: no environment-derived sys.path, no user site; -B), environment, working
+    directory; the user is the supervisor's. Zygotes of one profile can be forks of one shared
+    base interpreter (`worker.base`); today every skill has the one default profile, whatever
+    its kind (python, spawn, command): the kind, preloads, layers and uid are applied by the
+    zygote after the fork, from its own config."""
+
+    python: str
+    flags: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    cwd: str
+
+    def argv(self, module: str, *args: str) -> list[str]:
+        return [self.python, *self.flags, "-m", module, *args]
+
+
+DEFAULT_PROFILE = RuntimeProfile(sys.executable, ("-I", "-B"), tuple(sorted(BASE_ENV.items())),
+                                 "/")
+
+
+class _Child(Protocol):
+    """What the handle needs of a zygote's process: a `Popen`, or a `_Sibling`."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+
+class _Sibling:
+    """A zygote forked by the base: this process's own child (`CLONE_PARENT`) that no `Popen`
+    started. Reaped here by pid, under a lock, like `Popen` does: the pid is ours and is not
+    reused before we reap it, so `kill` never reaches another process."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._lock = threading.Lock()
+
+    def poll(self) -> int | None:
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    done, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:  # reaped elsewhere (a waitpid(-1) in the embedder)
+                    done, status = self.pid, 0
+                if done:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"zygote {self.pid}", timeout or 0.0)
+            time.sleep(0.005)
+        return code
+
+    def kill(self) -> None:
+        with self._lock:
+            if self.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+
+
+class BaseUnavailable(RuntimeError):
+    """No base zygote can fork this zygote now; the caller execs a fresh interpreter."""
+
+
+class BaseZygote:
+    """The supervisor's handle on one shared base zygote (`worker.base`) of one profile."""
+
+    def __init__(self, profile: RuntimeProfile, start_timeout: float) -> None:
+        self.profile = profile
+        self.start_timeout = start_timeout
+        self.pid = 0
+        self.forks = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._control: socket.socket | None = None
+        self._decoder = msgspec.msgpack.Decoder(BaseMessage)
+
+    def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = subprocess.Popen(
+                self.profile.argv("worker.base", str(theirs.fileno())),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None,
+                pass_fds=(theirs.fileno(),), env=dict(self.profile.env), cwd=self.profile.cwd,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            ours.close()
+            raise BaseUnavailable(f"base zygote: {exc}") from exc
+        finally:
+            theirs.close()
+        self._process, self._control = process, ours
+        try:
+            message = self._receive(self.start_timeout)
+            if not isinstance(message, BaseReady):
+                raise BaseUnavailable(f"base zygote cannot fork zygotes: {message.error}")
+        except BaseException:
+            self.stop(timeout=1.0)
+            raise
+        self.pid = message.pid
+
+    def _receive(self, timeout: float) -> BaseReady | BaseForked:
+        control = self._control
+        if control is None:
+            raise BaseUnavailable("base zygote is stopped")
+        try:
+            ready, _, _ = select.select([control], [], [], timeout)
+            data = control.recv(256) if ready else None
+        except OSError as exc:
+            raise BaseUnavailable(f"base zygote is gone ({exc.strerror})") from None
+        if data is None:
+            raise BaseUnavailable(f"base zygote did not answer within {timeout:g}s")
+        if not data:
+            raise BaseUnavailable("base zygote is gone")
+        try:
+            message: BaseReady | BaseForked = self._decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise BaseUnavailable(f"base zygote said something else: {exc}") from None
+        return message
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def fork(self, zygote_end: socket.socket) -> int:
+        """Fork a zygote that serves on `zygote_end` (duplicated into it only): its pid, a
+        child of this process. Not thread-safe: `BaseZygotes` serialises the calls."""
+        control = self._control
+        if control is None:
+            raise BaseUnavailable("base zygote is stopped")
+        try:
+            socket.send_fds(control, [b"F"], [zygote_end.fileno()])
+        except OSError as exc:
+            raise BaseUnavailable(f"base zygote is gone ({exc.strerror})") from None
+        message = self._receive(self.start_timeout)
+        if not isinstance(message, BaseForked) or not message.pid:
+            error = message.error if isinstance(message, BaseForked) else "ready again"
+            raise BaseUnavailable(f"base zygote could not fork: {error}")
+        self.forks += 1
+        return message.pid
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """EOF on its control socket ends it; it has no child to wait for."""
+        control, process = self._control, self._process
+        self._control = self._process = None
+        if control is not None:
+            control.close()
+        if process is not None:
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_and_reap(process)
+
+
+#: After a base failed to start, zygotes are exec'd for this long before it is tried again.
+BASE_RETRY_AFTER = 30.0
+
+
+class BaseZygotes:
+    """The shared base zygotes of one sandbox, one per runtime profile: started on the first
+    cold start that needs one, started again when found dead (killed from outside), and left
+    alone for `BASE_RETRY_AFTER` s after one failed to start (zygotes are exec'd meanwhile)."""
+
+    def __init__(self, start_timeout: float = 30.0) -> None:
+        self.start_timeout = start_timeout
+        self.starts = 0
+        self._bases: dict[RuntimeProfile, BaseZygote] = {}
+        self._failed_at: dict[RuntimeProfile, float] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def fork(self, profile: RuntimeProfile, zygote_end: socket.socket) -> int:
+        """A zygote of `profile` forked from its base, serving on `zygote_end`: its pid.
+        Raises `BaseUnavailable` when there is no base to fork from (closed, failing)."""
+        with self._lock:
+            # A base found dead (killed from outside) is replaced here before the request;
+            # one that fails the request itself is stopped, and this zygote is exec'd: it may
+            # have forked with `zygote_end` before it failed, so the caller's next try must
+            # use a new socketpair.
+            base = self._running(profile)
+            try:
+                return base.fork(zygote_end)
+            except BaseUnavailable:
+                base.stop(timeout=1.0)
+                del self._bases[profile]
+                raise
+
+    def _running(self, profile: RuntimeProfile) -> BaseZygote:
+        if self._closed:
+            raise BaseUnavailable("the sandbox is closed")
+        base = self._bases.get(profile)
+        if base is not None and base.alive():
+            return base
+        if base is not None:  # died (killed from outside): reap it, start another
+            base.stop(timeout=1.0)
+            del self._bases[profile]
+        failed = self._failed_at.get(profile)
+        if failed is not None and time.monotonic() - failed < BASE_RETRY_AFTER:
+            raise BaseUnavailable("the base zygote failed to start recently")
+        base = BaseZygote(profile, self.start_timeout)
+        try:
+            base.start()
+        except BaseUnavailable:
+            self._failed_at[profile] = time.monotonic()
+            raise
+        self._failed_at.pop(profile, None)
+        self._bases[profile] = base
+        self.starts += 1
+        return base
+
+    def pids(self) -> list[int]:
+        """The running bases' pids (for operators and tests)."""
+        with self._lock:
+            return [base.pid for base in self._bases.values() if base.alive()]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            bases = list(self._bases.values())
+            self._bases.clear()
+        for base in bases:
+            base.stop()
 
 
 class ZygoteDied(RuntimeError):
@@ -44,8 +283,14 @@ class ZygoteProcess:
 
     def __init__(self, skill_id: str, code: SkillCode, preload: list[str],
                  settings: ZygoteSettings, start_timeout: float = 30.0,
-                 cgroups: CgroupTickets | None = None, prefork: bool = True) -> None:
+                 cgroups: CgroupTickets | None = None, prefork: bool = True,
+                 bases: BaseZygotes | None = None,
+                 profile: RuntimeProfile = DEFAULT_PROFILE) -> None:
         self.skill_id = skill_id
+        self.bases = bases
+        self.profile = profile
+        #: whether the running zygote was forked from the shared base (else exec'd)
+        self.from_base = False
         self.code = code
         self.preload = preload
         self.settings = settings
@@ -55,7 +300,7 @@ class ZygoteProcess:
         self.pid = 0
         self.rss_kb = 0
         self.starts = 0
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: _Child | None = None
         #: Set when a fork request could not be sent: the zygote is gone even if `poll()` (which
         #: answers "still running" while another thread is inside waitpid) has not seen it yet.
         self._broken = False
@@ -64,18 +309,25 @@ class ZygoteProcess:
         self._encoder = msgspec.msgpack.Encoder()
 
     def start(self) -> None:
-        """Exec a fresh interpreter and wait until it has preloaded and says it is ready."""
+        """Fork the zygote from the shared base of its profile (or, without one, exec a fresh
+        interpreter) and wait until it has preloaded and says it is ready."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         config = msgspec.json.encode(ZygoteConfig(code=self.code, preload=self.preload,
-                                                  settings=self.settings)).decode()
+                                                  settings=self.settings))
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-I", "-B", "-m", "worker.zygote", str(theirs.fileno()),
-                 config],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None,
-                pass_fds=(theirs.fileno(),), env=dict(BASE_ENV), cwd="/",
-                start_new_session=True,
-            )
+            process: _Child | None = self._fork_from_base(ours, theirs, config)
+            if process is None:
+                # A fresh pair: a base that died mid-request may have forked a zygote holding
+                # the first one; closing it ends that stray (EOF before its config).
+                ours.close()
+                theirs.close()
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                process = subprocess.Popen(
+                    self.profile.argv("worker.zygote", str(theirs.fileno()), config.decode()),
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None,
+                    pass_fds=(theirs.fileno(),), env=dict(self.profile.env),
+                    cwd=self.profile.cwd, start_new_session=True,
+                )
         finally:
             theirs.close()
         try:
@@ -86,12 +338,32 @@ class ZygoteProcess:
             raise
         self._process, self._control = process, ours
         self._broken = False
+        self.from_base = isinstance(process, _Sibling)
         self.pid, self.rss_kb = message.pid, message.rss_kb
         self.starts += 1
         if self.prefork:
             self.offer_spare_cgroups()
 
-    def _await_boot(self, control: socket.socket, process: subprocess.Popen[bytes]) -> ZygoteReady:
+    def _fork_from_base(self, ours: socket.socket, theirs: socket.socket,
+                        config: bytes) -> _Sibling | None:
+        """The zygote forked from the base, its config sent on its own socket; None when
+        there is no base (off, failing, or the config too large for one message)."""
+        if self.bases is None:
+            return None
+        try:
+            pid = self.bases.fork(self.profile, theirs)
+        except BaseUnavailable as exc:
+            _log.debug("%s: exec'ing its zygote: %s", self.skill_id, exc)
+            return None
+        process = _Sibling(pid)
+        try:
+            ours.send(config)
+        except OSError:
+            _kill_and_reap(process)
+            return None
+        return process
+
+    def _await_boot(self, control: socket.socket, process: _Child) -> ZygoteReady:
         ready, _, _ = select.select([control], [], [], self.start_timeout)
         if not ready:
             raise SkillLoadError(f"{self.skill_id}: zygote did not become ready within "
@@ -153,7 +425,7 @@ class ZygoteProcess:
             self.cgroups.release_all()
 
 
-def _kill_and_reap(process: subprocess.Popen[bytes]) -> None:
+def _kill_and_reap(process: _Child) -> None:
     with contextlib.suppress(ProcessLookupError):
         process.kill()
     deadline = time.monotonic() + 10

@@ -172,15 +172,20 @@ def run_skill(make_sandbox: Callable[..., Sandbox],
 #: `ps` name of a zygote's pre-forked spare child (worker.spare.SPARE_NAME) until it takes a
 #: request: it is no execution.
 SPARE_NAME = "sbx-spare"
+#: `ps` name of a shared base zygote (worker.base.BASE_NAME).
+BASE_NAME = "sbx-base"
 
 
 def zygotes_below(pid: int | None = None) -> set[int]:
-    """The zygote processes (`worker.zygote`) that are children of `pid` (default: this test
-    process, whose sandboxes' zygotes are its children)."""
+    """The zygote processes that are children of `pid` (default: this test process, whose
+    sandboxes' zygotes are its children): exec'd (`worker.zygote`) or forked from a shared
+    base (`worker.base`'s command line, not the base's own name)."""
     found = set()
     for child in psutil.Process(pid).children():
         try:
-            if "worker.zygote" in child.cmdline():
+            cmdline = child.cmdline()
+            if "worker.zygote" in cmdline or ("worker.base" in cmdline
+                                              and child.name() != BASE_NAME):
                 found.add(child.pid)
         except psutil.NoSuchProcess:
             continue

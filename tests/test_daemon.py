@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 from click.testing import CliRunner
-from conftest import execution_children, wait_until_gone, zygotes_below
+from conftest import BASE_NAME, execution_children, wait_until_gone, zygotes_below
 from daemon_util import EXAMPLES, TOKEN, Daemon, metric, wait_for, write_skill
 
 from sandbox import cli
@@ -208,18 +208,22 @@ def test_kill_9_of_the_daemon_leaves_no_zygote_or_worker(
         start_daemon: Callable[..., Daemon], sleeper: Path) -> None:
     item = start_daemon([sleeper, ECHO]).start()
     with item.http() as http:
-        zygotes = {skill["zygote_pid"] for skill in http.get("/v1/status").json()["skills"]}
-    sleeper_zygote = next(pid for pid in zygotes
-                          if "sleeper" in " ".join(psutil.Process(pid).cmdline()))
+        skills = http.get("/v1/status").json()["skills"]
+    zygotes = {skill["zygote_pid"] for skill in skills}
+    # (by id: a zygote forked from the shared base has the base's command line, no skill path)
+    sleeper_zygote = next(skill["zygote_pid"] for skill in skills if skill["id"] == "test/sleeper")
     client = item.client()
     try:
         thread, outcome = _run_in_thread(lambda: client.execute(ExecutionRequest(
             skill_id="test/sleeper", input=b'{"seconds": 15}')))
         wait_for(lambda: execution_children(psutil.Process(sleeper_zygote)), what="the worker")
         workers = {child.pid for child in psutil.Process(sleeper_zygote).children()}
+        bases = {child.pid for child in psutil.Process(item.process.pid).children()
+                 if child.name() == BASE_NAME}
+        assert bases  # the zygotes were forked from a shared base, which must go too
         item.process.kill()
         item.wait()
-        assert wait_until_gone(zygotes | workers, timeout=5.0) == set()
+        assert wait_until_gone(zygotes | workers | bases, timeout=5.0) == set()
         thread.join(timeout=10)
         assert isinstance(outcome.get("error"), DaemonUnavailable)
     finally:

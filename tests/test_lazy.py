@@ -92,6 +92,9 @@ def test_an_evicted_skill_in_the_middle_of_a_burst_still_answers(
     for skill in skills:  # one at a time: each cold start evicts the idle previous one
         assert sandbox.execute(_request(skill)).ok
         assert sandbox.live_zygotes() == 1 and len(zygotes_below()) == 1
+        # every cold start of the burst forked from the one shared base (the default)
+        assert sandbox.zygote_info(skill.id)["from_base"]
+    assert len(sandbox.base_zygote_pids()) == 1
 
 
 def test_a_zygote_with_an_execution_in_flight_is_never_evicted(

@@ -8,7 +8,7 @@ import sys
 
 #: wasmtime: only a WASM skill's zygote imports it (worker.wasm.prepare), lazily.
 HEAVY = ["sandbox", "pydantic", "httpx", "psutil", "click", "jsonschema", "yaml", "wasmtime"]
-WORKER_MODULES = ["worker.zygote", "worker.child", "worker.spare", "worker.runtime",
+WORKER_MODULES = ["worker.zygote", "worker.base", "worker.child", "worker.spare", "worker.runtime",
                   "worker.spawn", "worker.isolation", "worker.seccomp", "worker.landlock",
                   "worker.namespaces", "worker.protocol", "worker.wasm"]
 

@@ -95,9 +95,25 @@ SYSTEM_FILES = [
 _NULL_DEVICE_ACCESS = landlock.READ_FILE | landlock.WRITE_FILE | landlock.TRUNCATE
 
 
-def code_paths(code: SkillCode, extra: list[str]) -> list[str]:
-    """Directories holding code an execution runs: the interpreter, everything on sys.path,
-    every package the zygote imported (editable installs live outside sys.path) and the skill."""
+#: Resolved paths of the modules the shared base zygote imported (`remember_code_paths`),
+#: inherited by every zygote it forks: resolving them again is most of `code_paths`' cost.
+_resolved: dict[str, str] = {}
+
+
+def _realpath(path: str) -> str:
+    resolved = _resolved.get(path)
+    return resolved if resolved is not None else os.path.realpath(path)
+
+
+def remember_code_paths() -> None:
+    """In the shared base zygote, before any skill: resolve the paths of what it imported
+    (the interpreter's, the worker runtime's: no skill's), so forked zygotes need not."""
+    for path in _code_dirs(SkillCode(skill_dir="/", kind="python"), []):
+        if os.path.exists(path):
+            _resolved[path] = os.path.realpath(path)
+
+
+def _code_dirs(code: SkillCode, extra: list[str]) -> set[str]:
     found = {sys.base_prefix, sys.prefix, sys.base_exec_prefix, sys.exec_prefix,
              code.skill_dir, *extra, *(entry for entry in sys.path if entry)}
     for name, module in list(sys.modules.items()):
@@ -109,7 +125,14 @@ def code_paths(code: SkillCode, extra: list[str]) -> list[str]:
         for _ in range(levels):
             filename = os.path.dirname(filename)
         found.add(filename)
-    real = sorted({os.path.realpath(path) for path in found if os.path.exists(path)}, key=len)
+    return found
+
+
+def code_paths(code: SkillCode, extra: list[str]) -> list[str]:
+    """Directories holding code an execution runs: the interpreter, everything on sys.path,
+    every package the zygote imported (editable installs live outside sys.path) and the skill."""
+    found = _code_dirs(code, extra)
+    real = sorted({_realpath(path) for path in found if os.path.exists(path)}, key=len)
     kept: list[str] = []
     for path in real:  # drop paths beneath one already kept
         if not any(path == other or path.startswith(other.rstrip("/") + "/") for other in kept):

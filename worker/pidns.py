@@ -78,12 +78,28 @@ def fork(new_namespace: bool) -> int:
     child, the child's pid (as this process sees it) in the parent."""
     if not new_namespace:
         return os.fork()
+    return _clone(CLONE_NEWPID, "clone(CLONE_NEWPID)")
+
+
+def fork_sibling() -> int:
+    """`os.fork()`, but the child is this process's *sibling*: its parent is this process's
+    parent (`CLONE_PARENT`), which alone is told of its exit and reaps it. The shared base
+    zygote (`worker.base`) forks skills' zygotes so: each is the supervisor's own child, as an
+    exec'd one is, and outlives the base if the base is killed."""
+    return _clone(_CLONE_PARENT, "clone(CLONE_PARENT)")
+
+
+_CLONE_PARENT = 0x00008000
+
+
+def _clone(extra_flags: int, what: str) -> int:
+    """The raw clone syscall with `extra_flags`, wrapped as `os.fork` wraps `fork()`."""
     number, tid_slot = _CLONE[platform.machine()]
     args = [ctypes.c_void_p(0)] * 4
     self_thread = _libc.pthread_self()
     assert _TID_OFFSET is not None and self_thread is not None, unavailable()
     args[tid_slot - 1] = ctypes.c_void_p(self_thread + _TID_OFFSET)
-    flags = ctypes.c_ulong(CLONE_NEWPID | _CLONE_CHILD_SETTID | signal.SIGCHLD)
+    flags = ctypes.c_ulong(extra_flags | _CLONE_CHILD_SETTID | signal.SIGCHLD)
     _api.PyOS_BeforeFork()
     pid = _libc.syscall(ctypes.c_long(number), flags, *args)
     if pid == 0:
@@ -92,7 +108,7 @@ def fork(new_namespace: bool) -> int:
     err = ctypes.get_errno()
     _api.PyOS_AfterFork_Parent()
     if pid < 0:
-        raise OSError(err, f"clone(CLONE_NEWPID): {os.strerror(err)}")
+        raise OSError(err, f"{what}: {os.strerror(err)}")
     return int(pid)
 
 

@@ -299,6 +299,21 @@ class ChildResult(msgspec.Struct, frozen=True, kw_only=True):
     tokens_used: int = 0
 
 
+class BaseReady(msgspec.Struct, frozen=True, kw_only=True, tag="base-ready"):
+    """Shared base zygote → supervisor, once: it has imported the worker runtime."""
+
+    pid: int
+
+
+class BaseForked(msgspec.Struct, frozen=True, kw_only=True, tag="forked"):
+    """Shared base zygote → supervisor, per fork request: the new zygote's pid (the
+    supervisor's own child), or 0 and why not."""
+
+    pid: int
+    error: str = ""
+
+
+BaseMessage = BaseReady | BaseForked
 ZygoteMessage = ZygoteReady | ZygoteFailed
 ControlMessage = ForkCommand | SpareCgroups
 ReportMessage = ChildStarted | ChildExited

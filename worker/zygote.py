@@ -407,13 +407,39 @@ def _reap_within(pid: int, pidfd: int, timeout: float) -> int | None:
     return status if done else None
 
 
-def main() -> None:
+#: Largest config a zygote forked by the base reads from its control socket.
+MAX_CONFIG = 1 << 20
+
+
+def _install_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    control = socket.socket(fileno=int(sys.argv[1]))
+
+
+def main() -> None:
+    """An exec'd zygote: its control socket's fd and its config are on its command line."""
+    _install_signals()
+    run(socket.socket(fileno=int(sys.argv[1])), sys.argv[2].encode())
+
+
+def run_forked(control: socket.socket) -> None:
+    """A zygote forked by the shared base (`worker.base`): its config is the first message on
+    its own control socket, so the base never receives anything of the skill."""
+    _install_signals()
+    try:
+        config = control.recv(MAX_CONFIG)
+    except OSError:
+        config = b""
+    if not config:  # the supervisor gave up on it before sending one
+        os._exit(EXIT_BOOT_FAILED)
+    run(control, config)
+
+
+def run(control: socket.socket, config_json: bytes) -> None:
+    """Boot as the config says, say ready (or why not), serve until the control socket's EOF."""
     encoder = msgspec.msgpack.Encoder()
     try:
-        config = msgspec.json.decode(sys.argv[2], type=ZygoteConfig)
+        config = msgspec.json.decode(config_json, type=ZygoteConfig)
         zygote = Zygote(config, control)
         zygote.boot()
     except BaseException as exc:  # noqa: BLE001 - every boot failure is reported, then exit

@@ -234,6 +234,9 @@ class DaemonConfig(_Strict):
     zygote_idle_ttl: float = Field(default=600.0, ge=0,
                                    description="seconds a zygote may sit unused before it is "
                                    "evicted (0 = never)")
+    base_zygote: bool = Field(default=True,
+                              description="fork skills' zygotes from a shared base interpreter "
+                              "(the worker runtime preloaded) instead of exec'ing one each")
     notify: bool = Field(default=True,
                          description="sd_notify READY/RELOADING/STOPPING if NOTIFY_SOCKET")
     tools: dict[str, str] = Field(default_factory=dict,

@@ -125,6 +125,7 @@ class Service:
                                    isolation=config.isolation.to_config(),
                                    max_zygotes=config.max_zygotes or None,
                                    zygote_idle_ttl=config.zygote_idle_ttl or None,
+                                   base_zygote=config.base_zygote,
                                    on_slot_wait=self.metrics.queue_wait.observe)
         except BaseException as exc:
             if self.execution_log is not None:

@@ -117,7 +117,8 @@ def _probe() -> dict[str, object]:
     skill = _write_skill("probe", _PROBE)
     with Sandbox([skill]) as sandbox:
         result = sandbox.execute(ExecutionRequest(skill_id=skill.id, input=b"{}"))
-        zygotes = psutil.Process().children()
+        # The zygotes (not the shared base zygote: it enters no namespace, holds no capability)
+        zygotes = [child for child in psutil.Process().children() if child.name() != "sbx-base"]
         zygote_caps = {}
         for zygote in zygotes:
             with open(f"/proc/{zygote.pid}/status") as status:
