@@ -40,6 +40,7 @@ from sandbox.execlog.records import (
     record_for_step,
 )
 from sandbox.plans import (
+    MAX_RETRIES,
     ExecutionContext,
     ExecutionPlan,
     ExecutionStep,
@@ -265,7 +266,14 @@ class _Concurrently:
     effects: tuple[_Execute | _CallTool, ...]
 
 
-_Effect = _Log | _Execute | _CallTool | _Concurrently
+@dataclass(frozen=True)
+class _Sleep:
+    """Wait `seconds` (a retry's backoff); the reply is None."""
+
+    seconds: float
+
+
+_Effect = _Log | _Execute | _CallTool | _Concurrently | _Sleep
 
 
 def _drive(host: PlanHost, plan: ExecutionPlan,
@@ -280,7 +288,7 @@ def _drive(host: PlanHost, plan: ExecutionPlan,
         for batch in batches:
             if len(batch) == 1:
                 step = plan.steps[batch[0]]
-                run.finish(step, (yield from _drive_step(run, batch[0], step)))
+                run.finish(step, (yield from _drive_retrying(run, batch[0], step)))
             else:
                 for index, result in (yield from _drive_batch(run, batch)):
                     run.finish(plan.steps[index], result)
@@ -323,6 +331,36 @@ def _drive_step(run: _Run, index: int,
     step_result = tool_step_result(index, step, started, output, exc)
     yield _Log("log_step", (run.record(step_result),))
     return step_result
+
+
+def _drive_retrying(run: _Run, index: int,
+                    step: ExecutionStep) -> Generator[_Effect, Any, StepResult]:
+    """A step under the plan's `RetryPolicy`: retried after a failure (not after a cancel or
+    the plan's deadline), then replaced by the fallback tool's result if there is one."""
+    result = yield from _drive_step(run, index, step)
+    policy = run.plan.retry_policy(step)
+    if result.ok or policy is None:
+        return result
+    retries = min(max(policy.max_retries, 0), MAX_RETRIES)
+    for attempt in range(1, retries + 1):
+        left = run.ec.time_left()
+        if run.ec.canceled or (left is not None and left <= 0):
+            return result
+        delay = policy.backoff(attempt)
+        if delay > 0:
+            yield _Sleep(delay if left is None else min(delay, left))
+        result = yield from _drive_step(run, index, step)
+        result.retries = attempt
+        if result.ok:
+            return result
+    if policy.fallback_tool and not run.ec.canceled:
+        fallback = ExecutionStep(name=policy.fallback_tool, type=StepType.TOOL,
+                                 arguments=step.arguments)
+        replaced = yield from _drive_step(run, index, fallback)
+        if replaced.ok:
+            replaced.step_name, replaced.retries, replaced.fallback = step.name, retries, True
+            return replaced
+    return result
 
 
 def _drive_batch(run: _Run,
@@ -401,6 +439,8 @@ def run_plan(host: PlanHost, plan: ExecutionPlan, ec: ExecutionContext) -> list[
 
 
 def _perform(host: PlanHost, effect: _Effect) -> Any:
+    if isinstance(effect, _Sleep):
+        return time.sleep(effect.seconds)
     if isinstance(effect, _Concurrently):
         workers = min(MAX_PARALLEL_STEPS, len(effect.effects))
         with concurrent.futures.ThreadPoolExecutor(workers, "sandbox-plan") as pool:
@@ -432,6 +472,8 @@ async def arun_plan(host: PlanHost, plan: ExecutionPlan,
 
 
 async def _aperform(host: PlanHost, effect: _Effect, canceled: bool) -> Any:
+    if isinstance(effect, _Sleep):
+        return await asyncio.sleep(effect.seconds)
     if isinstance(effect, _Concurrently):
         bound = asyncio.Semaphore(MAX_PARALLEL_STEPS)
 

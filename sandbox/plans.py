@@ -154,6 +154,30 @@ def _expected_type(expected: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(kind, "null") for kind in kinds)
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """openbotstack's `RetryPolicy`: retry a failed step up to `max_retries` times (at most
+    `MAX_RETRIES`), waiting `initial_backoff` seconds, doubling up to `max_backoff`; then, if
+    `fallback_tool` names a tool, call it with the step's arguments and use its output as the
+    step's. Configuration of the run (as in openbotstack's harness), not part of the plan JSON."""
+
+    max_retries: int = 0
+    initial_backoff: float = 0.0
+    max_backoff: float = 0.0
+    fallback_tool: str = ""
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before retry number `attempt` (1-based)."""
+        delay = self.initial_backoff
+        for _ in range(1, attempt):
+            delay = min(delay * 2, self.max_backoff)
+        return max(0.0, delay)
+
+
+#: openbotstack's harness never retries a step more often than this, whatever the policy says.
+MAX_RETRIES = 3
+
+
 @dataclass
 class ExecutionPlan:
     assistant_id: str
@@ -164,6 +188,12 @@ class ExecutionPlan:
     id: str = ""
     parent_id: str = ""
     dialect: PlanDialect = "native"
+    #: Retries and fallback: `retry` for every step, `step_retry` by step name (which wins).
+    retry: RetryPolicy | None = field(default=None, compare=False)
+    step_retry: dict[str, RetryPolicy] = field(default_factory=dict, compare=False)
+
+    def retry_policy(self, step: ExecutionStep) -> RetryPolicy | None:
+        return self.step_retry.get(step.name, self.retry)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"assistant_id": self.assistant_id,
@@ -208,7 +238,8 @@ class ExecutionPlan:
             steps = []
         if not isinstance(steps, list):
             raise InvalidPlan(f"steps must be a JSON array, got {_json_type(steps)}")
-        return cls(assistant_id=assistant_id, reasoning=reasoning, dialect=dialect, **ids,
+        return cls(assistant_id=assistant_id, reasoning=reasoning, dialect=dialect,
+                   id=ids["id"], parent_id=ids["parent_id"],
                    steps=[ExecutionStep.from_dict(item, index, dialect)
                           for index, item in enumerate(steps)])
 
@@ -369,6 +400,9 @@ class StepResult:
     execution: ExecutionResult | None = field(default=None, repr=False)
     #: The step's `step_id` (openbotstack dialect; empty in the native one).
     step_id: str = ""
+    #: Retries it took (`RetryPolicy`), and whether the output came from the fallback tool.
+    retries: int = 0
+    fallback: bool = False
 
     @property
     def ok(self) -> bool:

@@ -313,3 +313,66 @@ def test_a_parallel_group_of_skills_runs_under_asyncio(dialect_sandbox: Sandbox)
     assert [result.output for result in results] == [
         {"city": "Paris", "n": 3}, {"value": 8, "type": "int"}, {"text": "hello Paris"},
         {"done": True}]
+
+
+# -- retries and the fallback tool (openbotstack's RetryPolicy) ---------------------------------
+
+
+def flaky_tool(sandbox: Sandbox, name: str, failures: int) -> list[int]:
+    calls: list[int] = []
+
+    def flaky(args: dict[str, Any]) -> dict[str, Any]:
+        calls.append(len(calls))
+        if len(calls) <= failures:
+            raise RuntimeError(f"attempt {len(calls)} failed")
+        return {"attempts": len(calls)}
+
+    sandbox.register_tool(name, flaky)
+    return calls
+
+
+def test_a_failed_step_is_retried_under_the_retry_policy(dialect_sandbox: Sandbox) -> None:
+    from sandbox.plans import RetryPolicy
+
+    calls = flaky_tool(dialect_sandbox, "builtin.flaky", failures=2)
+    plan = obs({"assistant_id": "a", "steps": [{"type": "tool", "name": "builtin.flaky"}]})
+    plan.retry = RetryPolicy(max_retries=2, initial_backoff=0.01, max_backoff=0.02)
+    results = dialect_sandbox.execute_plan(plan, ExecutionContext(timeout=30))
+    assert (results[0].output, results[0].retries, len(calls)) == ({"attempts": 3}, 2, 3)
+
+
+def test_without_a_retry_policy_the_first_failure_stops_the_plan(
+        dialect_sandbox: Sandbox) -> None:
+    calls = flaky_tool(dialect_sandbox, "builtin.flaky", failures=1)
+    plan = obs({"assistant_id": "a", "steps": [{"type": "tool", "name": "builtin.flaky"}]})
+    with pytest.raises(PlanFailed, match="attempt 1 failed"):
+        dialect_sandbox.execute_plan(plan, ExecutionContext(timeout=30))
+    assert len(calls) == 1
+
+
+def test_retries_are_capped_at_three_as_in_openbotstack(dialect_sandbox: Sandbox) -> None:
+    from sandbox.plans import MAX_RETRIES, RetryPolicy
+
+    calls = flaky_tool(dialect_sandbox, "builtin.flaky", failures=100)
+    plan = obs({"assistant_id": "a", "steps": [{"type": "tool", "name": "builtin.flaky"}]})
+    plan.retry = RetryPolicy(max_retries=50)
+    with pytest.raises(PlanFailed):
+        dialect_sandbox.execute_plan(plan, ExecutionContext(timeout=30))
+    assert len(calls) == 1 + MAX_RETRIES
+
+
+def test_the_fallback_tool_replaces_a_step_that_kept_failing(dialect_sandbox: Sandbox) -> None:
+    from sandbox.plans import RetryPolicy
+
+    dialect_sandbox.register_tool("builtin.cached", lambda args: {"cached": args["seconds"]})
+    dialect_sandbox.register_tool("builtin.echo", lambda args: args)
+    plan = obs({"assistant_id": "a", "steps": [
+        {"type": "skill", "name": "t/slow", "arguments": {"seconds": "soon"}},
+        {"type": "tool", "name": "builtin.flaky", "arguments": {"seconds": "later"}},
+        {"type": "tool", "name": "builtin.echo", "arguments": {"v": "{{flaky.cached}}"}}]})
+    flaky_tool(dialect_sandbox, "builtin.flaky", failures=100)
+    plan.retry = RetryPolicy(max_retries=1, fallback_tool="builtin.cached")
+    results = dialect_sandbox.execute_plan(plan, ExecutionContext(timeout=30))
+    assert [(r.step_name, r.output, r.retries, r.fallback) for r in results] == [
+        ("t/slow", {"cached": "soon"}, 1, True), ("builtin.flaky", {"cached": "later"}, 1, True),
+        ("builtin.echo", {"v": "later"}, 0, False)]
