@@ -367,9 +367,10 @@ def test_invalid_plans_are_refused_422_before_any_step(
 
 def test_openbotstack_dialect_plan_runs_over_http_and_the_default_refuses_it(
         http: httpx.Client) -> None:
-    steps = [{"name": "examples/echo", "type": "skill", "arguments": {"n": "4"},
-              "step_id": "s1", "timeout_ms": 10000},
-             {"name": "respond", "type": "llm", "arguments": {"prompt": "hi"}}]
+    steps: list[dict[str, Any]] = [
+        {"name": "examples/echo", "type": "skill", "arguments": {"n": "4"}, "step_id": "s1",
+         "timeout_ms": 10000},
+        {"name": "respond", "type": "llm", "arguments": {"prompt": "hi"}}]
     body = http.post("/v1/plans", json={**_plan(*steps), "dialect": "openbotstack"}).json()
     assert body["status"] == "failed" and "needs an LLM provider" in body["error"]
     assert [(step["type"], step["output"]) for step in body["steps"]] == [
