@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -15,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from benchmarks import baselines, catalogue, daemon, machine, project
+from benchmarks import baselines, catalogue, daemon, machine, project, wasm
 from benchmarks.config import BenchConfig, parse_args
 from benchmarks.progress import Progress
 from benchmarks.report import Check, Figure, Report, render
@@ -55,7 +56,7 @@ def _idle_weight(config: BenchConfig) -> int:
 
 def _planned_work(config: BenchConfig, with_bwrap: bool, with_daemon: bool) -> int:
     spawned = (3 if with_bwrap else 2) * config.spawn_runs * baselines.SPAWN_WEIGHT
-    latency = 7 * config.latency_runs + spawned
+    latency = 8 * config.latency_runs + spawned
     throughput = 2 * config.throughput_runs * len(config.concurrency)
     fib = 2 * config.fib_runs * _fib_weight(config)
     daemon_runs = 2 * config.daemon_runs if with_daemon else 0
@@ -133,6 +134,7 @@ def run(config: BenchConfig) -> Report:
             disabled=frozenset({"pidns"})))
         series: list[Series] = []
         pool = None
+        wasm_tmp = tempfile.TemporaryDirectory(prefix="bench-wasm-")
         try:
             report.extra["isolation"] = _capabilities(sandbox)
             pool = baselines.reused_pool(ECHO_DIR, workers)
@@ -162,10 +164,20 @@ def run(config: BenchConfig) -> Report:
                 config.latency_runs, no_pidns, ECHO_ID, payload, expected,
                 "fork_echo_no_pidns", "echo, fork mode, no PID namespace per execution")
             series += [fork_echo, fork_plain, fork_shared_pids, command, spawn_mode]
+            wasm_series, wasm_cold, wasm_rss = None, 0.0, 0
+            wasm_dir, wasm_problem = wasm.write_skill(Path(wasm_tmp.name))
+            if wasm_dir is not None:
+                progress.phase("WASM echo: cold start")
+                wasm_skill = Skill.from_dir(wasm_dir)
+                wasm_cold, wasm_rss = wasm.cold_start(sandbox, wasm_skill, payload, expected)
+                wasm_series = project.SandboxSeries(config.latency_runs, sandbox, wasm_skill.id,
+                                                    payload, expected, wasm.KEY, wasm.LABEL)
+                series.append(wasm_series)
             interleave(series, config.block, config.warmup, progress)
             _baseline_figures(report, floor, lean, reused, spawn_base, bwrap_series,
                               bwrap_problem)
             _latency_figures(report, fork_echo, command, spawn_mode)
+            wasm.figure(report, wasm_series, wasm_cold, wasm_rss, wasm_problem)
             _seccomp_figures(report, fork_plain)
             _paired_layer_figure(report, fork_shared_pids, "its own PID namespace")
             _idle_latency(report, config, sandbox, payload, expected, progress)
@@ -190,6 +202,7 @@ def run(config: BenchConfig) -> Report:
             sandbox.close()
             no_seccomp.close()
             no_pidns.close()
+            wasm_tmp.cleanup()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
     report.duration_s = time.monotonic() - started

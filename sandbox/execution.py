@@ -58,7 +58,8 @@ CANCELED_ERROR = "runtime: execution canceled"
 WORKER_ERROR = "runtime: worker failure"
 #: Limits only the child itself can see hit (MemoryError under RLIMIT_DATA, EFBIG, a full
 #: workdir, no thread to start, its own output cap): the only `ChildResult.limit` values taken.
-CLAIMABLE_LIMITS = frozenset({"memory", "file size", "disk", "threads", "output"})
+#: "cpu time": a WASM module out of fuel (`worker.wasm`), before RLIMIT_CPU would end it.
+CLAIMABLE_LIMITS = frozenset({"memory", "file size", "disk", "threads", "output", "cpu time"})
 
 #: How long after a kill (or after the child exits) the pipes and the reap report may take.
 KILL_GRACE = 5.0

@@ -2,7 +2,10 @@
 
 `skill` steps go through the host's `execute` (so policy, circuit breaker, limits and the
 execution log apply to each), with the step's rendered arguments as input and the context's
-identities; `tool` steps call the host's registered tools in-process. Each step gets at most the
+identities; `tool` steps call the host's registered tools in-process; `llm` steps send their
+`prompt` argument to the host's LLM provider (`host.generate`, in the supervisor), the reply's
+text being the step's output (`DEFAULT_LLM_TIMEOUT` bounds it when the plan has no deadline).
+Each step gets at most the
 time left before `ec.deadline`. The first step that fails stops the plan and `PlanFailed` is
 raised carrying its `StepResult`; on success the step results are returned.
 
@@ -10,7 +13,7 @@ The host is anything with the `PlanHost` methods (a `Sandbox`): this module neve
 sandbox, so the sandbox can import it without a cycle.
 
 Sync and async run from one source: `_drive` is a generator that makes every decision and
-yields the three things that wait (a logger call, a skill execution, a tool call) as effects;
+yields the things that wait (a logger call, a skill execution, a tool or LLM call) as effects;
 `run_plan` performs them by blocking, `arun_plan` by awaiting. It is the sans-IO shape (as in
 h11, under httpcore): the logic cannot drift between the two because there is one copy of it.
 """
@@ -23,8 +26,9 @@ import contextlib
 import functools
 import logging
 import math
+import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,6 +43,7 @@ from sandbox.execlog.records import (
     StepInfo,
     record_for_step,
 )
+from sandbox.llm import Generation, LLMCanceled, LLMError, LLMTimeout
 from sandbox.plans import (
     MAX_RETRIES,
     ExecutionContext,
@@ -52,9 +57,17 @@ from sandbox.plans import (
 from sandbox.skill import Skill
 from sandbox.templates import TemplateError, coerce_string_numbers, go_results, render, render_go
 from sandbox.tools import ToolContext, ToolRegistry, ToolTimeout
-from worker.protocol import ExecutionRequest, ExecutionResult, ExecutionStatus
+from worker.protocol import (
+    ErrorKind,
+    ExecutionRequest,
+    ExecutionResult,
+    ExecutionStatus,
+    ResourceUsage,
+)
 
 _log = logging.getLogger("sandbox")
+#: Seconds an `llm` step may take when the plan has no deadline (openbotstack's default).
+DEFAULT_LLM_TIMEOUT = 60.0
 
 #: At most this many steps of one openbotstack `parallel_group` run at once.
 MAX_PARALLEL_STEPS = 4
@@ -79,6 +92,9 @@ class PlanHost(PlanTarget, Protocol):
                        step: StepInfo | None = None) -> ExecutionResult: ...
 
     def cancel(self, request_id: str) -> bool: ...
+
+    def generate(self, prompt: str, *, deadline: float, max_tokens: int | None = None,
+                 canceled: Callable[[], bool] = ...) -> Generation: ...
 
 
 @dataclass
@@ -136,9 +152,6 @@ class _Run:
                 arguments = render(step.arguments, self.names, self.outputs)
         except TemplateError as exc:
             return stop(ExecutionStatus.FAILED, f"argument template: {exc}")
-        if step.type is StepType.LLM:
-            return stop(ExecutionStatus.FAILED, "step type 'llm' needs an LLM provider, and "
-                                                "none is configured in this sandbox")
         return _Prepared(arguments=arguments, timeout=timeout)
 
     def skill_request(self, step: ExecutionStep, arguments: dict[str, Any],
@@ -273,7 +286,56 @@ class _Sleep:
     seconds: float
 
 
-_Effect = _Log | _Execute | _CallTool | _Concurrently | _Sleep
+@dataclass(frozen=True)
+class _Generate:
+    """Ask the host's LLM provider; the reply is `(Generation, None)`, or `(None, exception)`."""
+
+    prompt: str
+    max_tokens: int | None
+    deadline: float
+    canceled: Callable[[], bool]
+
+
+_Effect = _Log | _Execute | _CallTool | _Generate | _Concurrently | _Sleep
+
+
+def _llm_prompt(arguments: dict[str, Any]) -> tuple[str, int | None, str]:
+    """An `llm` step's prompt and max_tokens from its rendered arguments, or why not."""
+    prompt = arguments.get("prompt")
+    if prompt is None or prompt == "":
+        return "", None, "an llm step needs a non-empty 'prompt' argument"
+    if not isinstance(prompt, str):  # a whole earlier output: the model reads its JSON text
+        prompt = msgspec.json.encode(prompt).decode()
+    max_tokens = arguments.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or
+                                   isinstance(max_tokens, bool) or max_tokens < 1):
+        return "", None, f"max_tokens must be a positive integer, got {max_tokens!r}"
+    return prompt, max_tokens, ""
+
+
+def llm_step_result(index: int, step: ExecutionStep, started: float, request_id: str,
+                    answer: Generation | None, exc: BaseException | None) -> StepResult:
+    """The step result of an `llm` step; `execution` carries its `tokens_used`."""
+    duration = time.monotonic() - started
+    status, kind, error, output = ExecutionStatus.SUCCESS, ErrorKind.NONE, "", None
+    tokens = 0
+    if answer is not None:
+        output, tokens = answer.text, answer.tokens
+    elif isinstance(exc, LLMTimeout):
+        status, kind = ExecutionStatus.TIMEOUT, ErrorKind.TIMEOUT
+        error = f"{ExecutionTimeout.message}: {exc}"
+    elif isinstance(exc, LLMCanceled):
+        status, kind = ExecutionStatus.CANCELED, ErrorKind.CANCELED
+        error = f"{ExecutionCanceled.message}: {exc}"
+    else:
+        status, kind = ExecutionStatus.FAILED, ErrorKind.WORKER_FAILURE
+        error = str(exc) if isinstance(exc, LLMError) else f"{type(exc).__name__}: {exc}"
+    execution = ExecutionResult(
+        status=status, output=msgspec.json.encode(output) if output is not None else b"",
+        error=error, duration=duration, resource_usage=ResourceUsage(tokens_used=tokens),
+        request_id=request_id, error_kind=kind)
+    return StepResult(step_name=step.name, type="llm", output=output, error=error,
+                      duration=duration, index=index, status=status.value, execution=execution)
 
 
 def _drive(host: PlanHost, plan: ExecutionPlan,
@@ -326,6 +388,17 @@ def _drive_step(run: _Run, index: int,
             result = yield _Execute(request, run.step_info(index))
         return skill_step_result(index, step, result)
     started = time.monotonic()
+    if step.type is StepType.LLM:
+        prompt, max_tokens, problem = _llm_prompt(prepared.arguments)
+        if problem:
+            answer, exc = None, LLMError(problem)
+        else:
+            timeout = DEFAULT_LLM_TIMEOUT if prepared.timeout is None else prepared.timeout
+            answer, exc = yield _Generate(prompt, max_tokens, started + timeout,
+                                          lambda: run.ec.canceled)
+        step_result = llm_step_result(index, step, started, run.ec.request_id, answer, exc)
+        yield _Log("log_step", (run.record(step_result),))
+        return step_result
     output, exc = yield _CallTool(step.name, prepared.arguments,
                                   run.tool_context(index, step, prepared.timeout))
     step_result = tool_step_result(index, step, started, output, exc)
@@ -450,6 +523,8 @@ def _perform(host: PlanHost, effect: _Effect) -> Any:
         return _call_logger(host.logger, effect.method, *effect.args)
     if isinstance(effect, _Execute):
         return host.execute(effect.request, step=effect.step)
+    if isinstance(effect, _Generate):
+        return _generate(host, effect, effect.canceled)
     try:
         return host.tools.call(effect.name, effect.arguments, effect.ctx), None
     except Exception as exc:  # noqa: BLE001 - a tool's failure is its step's result
@@ -493,7 +568,24 @@ async def _aperform(host: PlanHost, effect: _Effect, canceled: bool) -> Any:
         return await asyncio.to_thread(_call_logger, host.logger, effect.method, *effect.args)
     if isinstance(effect, _Execute):
         return await host.aexecute(effect.request, step=effect.step)
+    if isinstance(effect, _Generate):
+        stop = threading.Event()  # the task cancelled: the provider call stops waiting too
+        try:
+            return await asyncio.to_thread(_generate, host, effect,
+                                           lambda: stop.is_set() or effect.canceled())
+        except asyncio.CancelledError:
+            stop.set()
+            raise
     try:
         return await host.tools.acall(effect.name, effect.arguments, effect.ctx), None
     except Exception as exc:  # noqa: BLE001 - a tool's failure is its step's result
+        return None, exc
+
+
+def _generate(host: PlanHost, effect: _Generate,
+              canceled: Callable[[], bool]) -> tuple[Generation | None, BaseException | None]:
+    try:
+        return host.generate(effect.prompt, deadline=effect.deadline,
+                             max_tokens=effect.max_tokens, canceled=canceled), None
+    except Exception as exc:  # noqa: BLE001 - the provider's failure is its step's result
         return None, exc

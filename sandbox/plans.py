@@ -51,7 +51,7 @@ _FORBIDDEN_IN_NAME = frozenset("{}#") | frozenset(" \t\r\n")
 class StepType(enum.StrEnum):
     SKILL = "skill"
     TOOL = "tool"
-    #: openbotstack dialect only: a prompt to the operator's LLM provider.
+    #: A prompt (`arguments.prompt`) sent to the sandbox's LLM provider; the text is the output.
     LLM = "llm"
 
 
@@ -258,8 +258,7 @@ class ExecutionPlan:
         if not self.steps:
             raise InvalidPlan("the plan has no steps")
         openbotstack = self.dialect == "openbotstack"
-        allowed = (StepType.SKILL, StepType.TOOL, StepType.LLM) if openbotstack else (
-            StepType.SKILL, StepType.TOOL)
+        allowed = (StepType.SKILL, StepType.TOOL, StepType.LLM)  # llm: both dialects
         names: list[str] = []
         batches = parallel_batches(self.steps) if openbotstack else []
         batch_of = {index: number for number, batch in enumerate(batches) for index in batch}
@@ -272,9 +271,8 @@ class ExecutionPlan:
                 raise InvalidPlan(f"{where}: name contains {''.join(bad)!r} (not allowed: "
                                   "whitespace, '{', '}', '#')")
             if step.type not in allowed:
-                expected = " or ".join(repr(kind.value) for kind in allowed)
-                raise InvalidPlan(f"{where}: unknown type {str(step.type)!r} (expected "
-                                  f"{expected})")
+                raise InvalidPlan(f"{where}: unknown type {str(step.type)!r} "
+                                  "(expected 'skill', 'tool' or 'llm')")
             if openbotstack and step.name in names:
                 raise InvalidPlan(f"{where}: duplicate step name {step.name!r} at positions "
                                   f"{names.index(step.name)} and {index} (step names are "
@@ -301,6 +299,9 @@ class ExecutionPlan:
                     raise InvalidPlan(f"{where}: skill {step.name!r} is not loaded")
                 if step.type is StepType.TOOL and not target.has_tool(step.name):
                     raise InvalidPlan(f"{where}: tool {step.name!r} is not registered")
+                if step.type is StepType.LLM and getattr(target, "llm", True) is None:
+                    raise InvalidPlan(f"{where}: an llm step needs an LLM provider, and none "
+                                      "is configured (Sandbox(llm=...); daemon: [llm])")
             names.append(step.name)
         if openbotstack:
             self.id = self.id or str(uuid.uuid4())
@@ -330,12 +331,13 @@ def _check_go_references(step: ExecutionStep, where: str, before: list[str],
 def parallel_batches(steps: list[ExecutionStep]) -> list[list[int]]:
     """openbotstack-core's `GroupParallelSteps`, as step positions: consecutive steps that are
     `parallelizable` with the same non-empty `parallel_group` form one batch; every other step
-    is a batch of its own."""
+    (and every `llm` step: the provider is called one prompt at a time) is a batch of its own."""
     batches: list[list[int]] = []
     for index, step in enumerate(steps):
         previous = steps[index - 1] if index else None
         if (step.parallelizable and step.parallel_group and previous is not None
-                and previous.parallelizable and previous.parallel_group == step.parallel_group):
+                and previous.parallelizable and previous.parallel_group == step.parallel_group
+                and StepType.LLM not in (step.type, previous.type)):
             batches[-1].append(index)
         else:
             batches.append([index])
@@ -387,7 +389,8 @@ class StepResult:
 
     `status` uses the execution statuses (`success`, `failed`, `timeout`, `canceled`,
     `rejected`); `index` is the step's position in the plan; `execution` is the full
-    `ExecutionResult` of a skill step (resource usage, stdout/stderr tails), None for tools.
+    `ExecutionResult` of a skill step (resource usage, stdout/stderr tails) or of an `llm` step
+    (its `tokens_used`), None for tools.
     """
 
     step_name: str

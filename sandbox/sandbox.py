@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import psutil
 
+from sandbox import declarative
 from sandbox.capabilities import (
     CapabilityReport,
     IsolationConfig,
@@ -44,6 +45,8 @@ from sandbox.control import admission_error, log_execution, settle
 from sandbox.errors import InvalidInput, SkillCodeInvalid, SkillLoadError, SkillNotLoaded
 from sandbox.execlog.records import ExecutionLogger, StepInfo
 from sandbox.execution import CANCELED_ERROR, TIMEOUT_ERROR, WORKER_ERROR, Execution, ExecutionSpec
+from sandbox.llm import Generation, LLMError, LLMProvider, as_provider
+from sandbox.llm import call as call_llm
 from sandbox.planrun import arun_plan, run_plan
 from sandbox.plans import ExecutionContext, ExecutionPlan, StepResult
 from sandbox.skill import Skill
@@ -128,7 +131,7 @@ def _limits_for(skill: Skill, request: ExecutionRequest) -> Limits:
     configured = skill.manifest.limits
     timeout = configured.timeout if request.timeout is None else request.timeout
     return Limits(
-        timeout=timeout, cpu_time=configured.cpu_time, memory_mb=configured.memory_mb,
+        timeout=timeout, cpu_time=configured.cpu_time, memory_mb=skill.process_memory_mb,
         max_processes=configured.max_processes, max_output_bytes=configured.max_output_bytes,
         max_file_bytes=configured.max_file_bytes, max_open_files=configured.max_open_files,
     )
@@ -180,6 +183,12 @@ class Sandbox:
     `zygote_start_timeout` (30 s): how long a skill's zygote may take to start its interpreter
     and preload its modules before loading the skill fails. Raise it on a much slower host (an
     emulated VM starting many zygotes at once takes longer than that).
+
+    `llm`: the LLM provider declarative skills and plans' `llm` steps call (an
+    `OpenAICompatibleProvider`, any object with `generate`, or a trusted callable
+    `fn(prompt)` / `fn(prompt, call)`; see `sandbox.llm`). The call is made here, in the
+    supervisor; without one, a declarative skill fails naming the missing provider. The sandbox
+    does not close it: its owner does.
     """
 
     def __init__(self, skills: Iterable[Skill | str | os.PathLike[str]] = (), *,
@@ -191,8 +200,10 @@ class Sandbox:
                  on_slot_wait: Callable[[float], None] | None = None,
                  zygote_start_timeout: float = 30.0,
                  warm: bool = False, max_zygotes: int | None = DEFAULT_MAX_ZYGOTES,
-                 zygote_idle_ttl: float | None = DEFAULT_ZYGOTE_IDLE_TTL) -> None:
+                 zygote_idle_ttl: float | None = DEFAULT_ZYGOTE_IDLE_TTL,
+                 llm: LLMProvider | Callable[..., Any] | None = None) -> None:
         self.prefork = prefork
+        self.llm = as_provider(llm)
         self.on_slot_wait = on_slot_wait
         self._queued = 0
         self.zygote_start_timeout = zygote_start_timeout
@@ -274,7 +285,8 @@ class Sandbox:
             # Exactly memory_mb: every page charged to the execution counts (anonymous, shared,
             # memfd, its tmpfs workdir's files); the workdir's size cap is its disk quota.
             limits = skill.manifest.limits
-            tickets = CgroupTickets(self._cgroups, limits.max_processes, limits.memory_mb << 20,
+            tickets = CgroupTickets(self._cgroups, limits.max_processes,
+                                    skill.process_memory_mb << 20,
                                     limits.cpus or 0.0)
         cpus = skill.manifest.limits.cpus
         if cpus and (self._cgroups is None or not self._cgroups.cpu_limits):
@@ -577,7 +589,12 @@ class Sandbox:
             return early(ExecutionStatus.REJECTED, *rejection)
         result: ExecutionResult | None = None
         try:
-            result = self._run_in_slot(request, token, loaded, started, early)
+            if skill.manifest.kind == "declarative":  # no worker: the supervisor asks the LLM
+                limits = _limits_for(skill, request)
+                result = declarative.run(skill, self.llm, request, limits, started,
+                                         started + limits.timeout, lambda: token.canceled)
+            else:
+                result = self._run_in_slot(request, token, loaded, started, early)
             return result
         finally:
             settle(self.policy, self.circuit_breaker, request, skill, result)
@@ -707,6 +724,8 @@ class Sandbox:
         """Start a cold or evicted zygote, restart a dead one; one thread boots it while the
         others for the same skill wait on `restart_lock`. A zygote that cannot boot is
         reported (the error, None when it runs), not retried forever."""
+        if loaded.skill.manifest.kind == "declarative":  # runs in the supervisor: no zygote
+            return None
         if loaded.state == "warm" and loaded.zygote.alive():
             self._touch(loaded)
             return None
@@ -747,6 +766,19 @@ class Sandbox:
                 self._live.move_to_end(loaded.skill.id)
 
     # -- plans and tools ------------------------------------------------------------------
+
+    def generate(self, prompt: str, *, deadline: float, max_tokens: int | None = None,
+                 canceled: Callable[[], bool] = lambda: False) -> Generation:
+        """Ask the configured LLM provider (`llm`) for `prompt`'s completion by `deadline`
+        (monotonic): `(text, tokens)`. Raises `LLMError` naming what failed (no provider, HTTP
+        status and the provider's message, a malformed response), `LLMTimeout` past the
+        deadline, `LLMCanceled` once `canceled()` is true. For plans' `llm` steps and host
+        calls of skills (a WASM skill's `llm_generate`): the key stays in this process."""
+        if self.llm is None:
+            raise LLMError("no LLM provider is configured (Sandbox(llm=...); daemon: the [llm] "
+                           "section)")
+        return call_llm(self.llm, prompt, deadline=deadline, max_tokens=max_tokens,
+                        canceled=canceled)
 
     def register_tool(self, name: str, tool: Callable[..., Any] | ToolRunner) -> None:
         """Make `tool` callable from `tool` steps: a trusted callable `fn(arguments)` or

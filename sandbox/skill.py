@@ -13,6 +13,11 @@ from sandbox.errors import SkillLoadError
 from sandbox.manifest import MANIFEST_FILES, SkillManifest, load_manifest, wasm_module_problem
 from worker.protocol import SkillCode
 
+#: What an execution of a WASM skill may use beyond its module's linear memory: the store,
+#: instance and WASI context, wasmtime's thread, the Python heap the child touches (measured:
+#: 4-6 MB charged above the zygote for openbotstack's Go modules), with room to spare.
+WASM_RUNTIME_MB = 32
+
 if TYPE_CHECKING:  # jsonschema is loaded when a skill has a schema, not with this module
     from sandbox.schema import BoundedSchema
 
@@ -70,8 +75,8 @@ class Skill:
                                      f"{module!r} in {skill_dir}")
         elif (problem := wasm_module_problem(skill_dir, manifest)) is not None:
             raise SkillLoadError(f"{manifest_path}: {problem}")
-        elif manifest.kind in ("wasm", "declarative"):
-            raise SkillLoadError(f"{manifest_path}: {manifest.kind} skills cannot run here yet")
+        elif manifest.wasm is not None:
+            _check_wasm(skill_dir, manifest_path, manifest.wasm)
         elif manifest.command is not None and "/" in manifest.command[0]:
             program = (skill_dir / manifest.command[0]).resolve()
             if not program.is_file() or not os.access(program, os.X_OK):
@@ -123,7 +128,34 @@ class Skill:
             entrypoint=manifest.entrypoint or "",
             command=list(manifest.command or []),
             spawn=manifest.isolation == "spawn",
+            wasm=str((self.path / manifest.wasm).resolve()) if manifest.wasm else "",
+            host=sorted(manifest.permissions.host) if manifest.wasm else [],
+            wasm_memory_mb=manifest.limits.memory_mb if manifest.wasm else 0,
         )
+
+    @property
+    def process_memory_mb(self) -> int:
+        """The memory limit of one execution's process tree (RLIMIT_DATA above the zygote's
+        baseline, the cgroup): the manifest's memory_mb, plus the WASM runtime's own share for
+        a WASM skill, whose memory_mb caps the module's linear memory (openbotstack's meaning:
+        tax-calculator's 8 MB is exactly its linear memory's peak)."""
+        extra = WASM_RUNTIME_MB if self.manifest.wasm is not None else 0
+        return self.manifest.limits.memory_mb + extra
+
+
+def _check_wasm(skill_dir: Path, manifest_path: Path, module: str) -> None:
+    """The module file exists and the runtime is installed: said at load, not at first run.
+    The zygote compiles the module (seconds of CPU for a Go module), so a module that does
+    not compile fails the skill's zygote boot as the skill's own fault."""
+    path = (skill_dir / module).resolve()
+    if not path.is_file():
+        raise SkillLoadError(f"{manifest_path}: field 'wasm': {path} is not a file")
+    from worker.wasm import RUNTIME_PACKAGE, runtime_available
+
+    if not runtime_available():
+        raise SkillLoadError(f"{manifest_path}: field 'wasm': WASM skills need the Python "
+                             f"package {RUNTIME_PACKAGE!r}, which is not installed "
+                             "(pip install 'skill-sandbox[wasm]')")
 
 
 def _skill_dirs(root: Path) -> Iterator[Path]:

@@ -17,7 +17,8 @@ from benchmarks.stats import percentile, summarize
 ROOT = Path(__file__).resolve().parent.parent
 
 LATENCY_FIGURES = ("floor", "floor_lean", "reused_worker", "spawn_baseline", "fork_echo",
-                   "fork_echo_after_idle", "command_echo", "spawn_echo", "fib_in_process",
+                   "fork_echo_after_idle", "command_echo", "spawn_echo", "wasm_echo",
+                   "fib_in_process",
                    "fib_sandbox")
 LEVELS = (1, 2, 4, 8)
 #: Every target of the performance issue (the daemon's only once the daemon exists).

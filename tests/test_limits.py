@@ -112,7 +112,7 @@ def test_cpu_is_limited_across_the_whole_tree(run_skill: Run) -> None:
             "        if os.fork() == 0:\n"
             "            while True:\n                pass\n"
             "    while True:\n        pass\n")
-    result = run_skill(code, manifest_extra="[limits]\ncpu_time = 1\ntimeout = 10")
+    result = run_skill(code, manifest_extra=f"[limits]\ncpu_time = 1\ntimeout = {slow(10)}")
     assert_exhausted(result, "cpu time")
 
 

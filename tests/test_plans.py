@@ -127,7 +127,7 @@ def _plan(*steps: tuple[str, str, Any]) -> ExecutionPlan:
     (ExecutionPlan("a", []), "the plan has no steps"),
     (_plan(("s", "skill", {}), ("", "tool", {})), "steps[1]: name is empty"),
     (_plan(("s", "skill", {}), ("s", "script", {})),
-     "steps[1] 's': unknown type 'script' (expected 'skill' or 'tool')"),
+     "steps[1] 's': unknown type 'script' (expected 'skill', 'tool' or 'llm')"),
     (_plan(("s", "skill", [1, 2])), "steps[0] 's': arguments must be a JSON object, got an array"),
     (_plan(("s", "skill", {"a": {1, 2}})), "steps[0] 's': arguments.a is a Python set"),
     (_plan(("s", "skill", {"a": float("nan")})), "steps[0] 's': arguments.a is nan"),

@@ -6,10 +6,11 @@ import json
 import subprocess
 import sys
 
-HEAVY = ["sandbox", "pydantic", "httpx", "psutil", "click", "jsonschema", "yaml"]
+#: wasmtime: only a WASM skill's zygote imports it (worker.wasm.prepare), lazily.
+HEAVY = ["sandbox", "pydantic", "httpx", "psutil", "click", "jsonschema", "yaml", "wasmtime"]
 WORKER_MODULES = ["worker.zygote", "worker.child", "worker.spare", "worker.runtime",
                   "worker.spawn", "worker.isolation", "worker.seccomp", "worker.landlock",
-                  "worker.namespaces", "worker.protocol"]
+                  "worker.namespaces", "worker.protocol", "worker.wasm"]
 
 
 def test_the_worker_modules_load_nothing_heavy_in_a_fresh_isolated_interpreter() -> None:

@@ -152,7 +152,7 @@ def apply_zygote_layers(config: ZygoteSettings, code: SkillCode | None = None) -
         # serves the zygote and its children: a zygote serves one skill, so nothing is
         # stacked per execution but the child filter.
         allow_mount = config.mount_ns
-        profile = "command" if code.kind == "command" else "python"
+        profile = code.kind if code.kind in seccomp.PROFILES else "python"
         seccomp.Filter(seccomp.build_filter(config.seccomp_network, allow_mount=allow_mount,
                                             profile=profile, audit=config.seccomp_audit,
                                             allow_userns=config.execution_user_ns,

@@ -153,10 +153,15 @@ class SkillCode(msgspec.Struct, frozen=True, kw_only=True):
     """How to run a skill: a Python entrypoint in-process, or an executable speaking JSON."""
 
     skill_dir: str
-    kind: str  # "python" | "command"
+    kind: str  # "python" | "command" | "wasm"
     entrypoint: str = ""  # "module:function" for python skills
     command: list[str] = []
     spawn: bool = False  # python only: a fresh interpreter per execution instead of a fork
+    wasm: str = ""  # wasm only: the module's absolute path (read once, by the zygote)
+    host: list[str] = []  # wasm only: the openbotstack host capabilities granted
+    #: wasm only: the module's linear memory cap (the manifest's memory_mb; the process's own
+    #: limit, `Limits.memory_mb`, adds the runtime's share on top)
+    wasm_memory_mb: int = 0
 
 
 class ZygoteSettings(msgspec.Struct, frozen=True, kw_only=True):

@@ -172,6 +172,10 @@ def _encode_hook(value: Any) -> Any:
 
 def call_skill(code: SkillCode, command: ForkCommand, precompiled: CodeType | None,
                request: ExecutionInput) -> ChildResult:
+    if code.kind == "wasm":
+        from worker import wasm  # imported by the zygote already: no import cost here
+
+        return wasm.call(code, command, request)
     ctx = SkillContext(command, request)
     try:
         function = load_entrypoint(code, precompiled)

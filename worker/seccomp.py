@@ -155,7 +155,15 @@ sendmmsg recvmmsg landlock_create_ruleset landlock_add_rule landlock_restrict_se
 COMMAND_PROFILE = PYTHON_PROFILE | _names("""
 sync syncfs mlock munlock mlock2 mlockall munlockall ioprio_get ioprio_set
 """)
-PROFILES = {"python": PYTHON_PROFILE, "command": COMMAND_PROFILE}
+#: WASM skills: wasmtime inside the worker interpreter. Compiled code is mapped in the zygote
+#: (mmap/mprotect with PROT_EXEC are on the python list already, and stay: instantiation maps
+#: linear memory and wasmtime's trap handlers use signals and sigaltstack); WASI's tokio pool
+#: starts a thread (clone, checked). Nothing in it ever execs a program or serves a socket:
+#: those calls are off, so a module that escaped wasmtime could still not start a shell.
+WASM_PROFILE = PYTHON_PROFILE - _names("""
+execve execveat fork vfork bind listen accept accept4
+""")
+PROFILES = {"python": PYTHON_PROFILE, "command": COMMAND_PROFILE, "wasm": WASM_PROFILE}
 #: Allowed with their arguments checked: clone without namespace flags; socket, socketpair and
 #: connect (and bind, on the list) as the network permission says (see the module docstring);
 #: and the calls below that would otherwise be channels between executions.

@@ -113,6 +113,13 @@ class Zygote:
                 self.precompiled = child.compile_entrypoint(code)
             except (SyntaxError, ValueError, OSError) as exc:
                 raise SkillCodeFailed(f"{type(exc).__name__}: {exc}") from exc
+        elif code.kind == "wasm":  # compiled once here, before the layers; never per execution
+            from worker import wasm
+
+            try:
+                wasm.prepare(code)
+            except wasm.WasmModuleError as exc:
+                raise SkillCodeFailed(str(exc)) from exc
         isolation.apply_zygote_layers(self.config.settings, code)
         isolation.become_subreaper()
         # Objects alive now are shared copy-on-write with every child: keep the collector from

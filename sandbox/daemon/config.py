@@ -142,6 +142,46 @@ def parse_tcp(value: str) -> TcpAddress:
     return TcpAddress(host, int(port_text))
 
 
+class LLMSettings(_Strict):
+    """The LLM provider declarative skills and plans' `llm` steps call (an OpenAI-compatible
+    chat-completions endpoint); unset base_url: none, and such skills fail naming it."""
+
+    base_url: str | None = Field(default=None, description="OpenAI-compatible API base URL "
+                                 "(POST {base_url}/chat/completions), e.g. "
+                                 "https://api.openai.com/v1")
+    model: str | None = Field(default=None, description="model name sent with every request")
+    api_key_env: str = Field(default="OPENAI_API_KEY",
+                             description="environment variable holding the API key ('' = send "
+                             "none); the key itself is never a config value")
+    max_tokens: int | None = Field(default=None, gt=0,
+                                   description="max_tokens sent with every request")
+    temperature: float | None = Field(default=None, ge=0, le=2,
+                                      description="sampling temperature sent with every request")
+    max_response_bytes: int = Field(default=4 << 20, gt=0,
+                                    description="largest provider response read")
+
+    @model_validator(mode="after")
+    def _complete(self) -> LLMSettings:
+        if (self.base_url is None) != (self.model is None):
+            raise ValueError("give both base_url and model (or neither)")
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url {self.base_url!r} is not an http(s) URL")
+        return self
+
+    def to_provider(self) -> Any:
+        """A `sandbox.llm.OpenAICompatibleProvider`, or None when none is configured; raises
+        `ValueError` naming the variable when api_key_env is set but missing."""
+        if self.base_url is None or self.model is None:
+            return None
+        from sandbox.llm import OpenAICompatibleProvider
+
+        return OpenAICompatibleProvider(self.base_url, self.model,
+                                        api_key_env=self.api_key_env or None,
+                                        max_tokens=self.max_tokens,
+                                        temperature=self.temperature,
+                                        max_response_bytes=self.max_response_bytes)
+
+
 class DaemonConfig(_Strict):
     """Everything `skill-sandbox serve` reads. See the README's config reference."""
 
@@ -202,6 +242,7 @@ class DaemonConfig(_Strict):
     limits: LimitsDefaults = LimitsDefaults()
     circuit: CircuitConfig = CircuitConfig()
     isolation: IsolationSettings = IsolationSettings()
+    llm: LLMSettings = LLMSettings()
 
     @field_validator("tcp")
     @classmethod

@@ -110,7 +110,13 @@ class Service:
         self.swept = sweep.sweep_workdirs(config.workdir_root)
         self.metrics = Metrics(self.snapshot, loaded=self._loaded)
         try:
-            self.sandbox = Sandbox(max_concurrency=config.max_concurrency,
+            self.llm = config.llm.to_provider()
+        except ValueError as exc:
+            if self.execution_log is not None:
+                self.execution_log.close()
+            raise ConfigError(f"field 'llm': {exc}") from None
+        try:
+            self.sandbox = Sandbox(llm=self.llm,max_concurrency=config.max_concurrency,
                                    workdir_root=str(config.workdir_root)
                                    if config.workdir_root else None,
                                    policy=self.policy,
@@ -123,6 +129,8 @@ class Service:
         except BaseException as exc:
             if self.execution_log is not None:
                 self.execution_log.close()
+            if self.llm is not None:
+                self.llm.close()
             if isinstance(exc, IsolationUnavailable):
                 raise ConfigError(f"field 'isolation.required': {exc}") from None
             raise
@@ -136,6 +144,8 @@ class Service:
             self.sandbox.close()
             if self.execution_log is not None:
                 self.execution_log.close()
+            if self.llm is not None:
+                self.llm.close()
             raise ConfigError(f"field 'tools': {exc}") from None
         self.started_at = time.time()
         self.draining = False
@@ -195,6 +205,8 @@ class Service:
                           inflight=sorted(self.inflight))
         if self.execution_log is not None:
             self.execution_log.close()
+        if self.llm is not None:
+            self.llm.close()
         if self.swept.lock_fd is not None:
             os.close(self.swept.lock_fd)
             self.swept.lock_fd = None

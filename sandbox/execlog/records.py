@@ -184,6 +184,7 @@ def record_for_step(ec: ExecutionContext, result: StepResult,
         output=output, output_truncated=truncated, error=result.error,
         duration_ms=result.duration * 1000.0, tenant_id=ec.tenant_id, user_id=ec.user_id,
         session_id=ec.session_id, step_index=result.index,
+        tokens=result.execution.resource_usage.tokens_used if result.execution else 0,
     )
 
 

@@ -190,7 +190,11 @@ def test_300_mb_under_a_100_mb_limit_reports_the_real_peak(
     assert 90 <= result.resource_usage.memory_mb <= 110, result.resource_usage
     calm = attack.run(mb=30)
     assert calm.status is ExecutionStatus.SUCCESS, calm
-    assert 30 <= calm.resource_usage.memory_mb < 60, calm.resource_usage
+    # Sampled (no memory.peak), the figure is the larger of the samples and wait4's maxrss
+    # above the zygote's RSS, which counts the zygote's file pages the child never touched
+    # again: a few MB short of the truth at most; the kernel's own peak is never short.
+    low = 27 if "without" in kernel else 30
+    assert low <= calm.resource_usage.memory_mb < 60, calm.resource_usage
     attack.assert_still_serving()
 
 

@@ -96,10 +96,13 @@ def run(input):
 """
 
 
+#: Where this run writes its skills; removed when the script exits, however it exits.
+_ROOT = tempfile.TemporaryDirectory(prefix="user-supervisor-")
+os.chmod(_ROOT.name, 0o755)
+
+
 def _write_skill(name: str, code: str, limits: str = "") -> Skill:
-    root = tempfile.mkdtemp(prefix="user-supervisor-")
-    os.chmod(root, 0o755)
-    directory = os.path.join(root, name)
+    directory = os.path.join(_ROOT.name, name)
     os.mkdir(directory, 0o755)
     with open(os.path.join(directory, "main.py"), "w") as main:
         main.write(code)

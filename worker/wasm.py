@@ -1,0 +1,447 @@
+"""WASM skills: a WebAssembly module run by wasmtime inside the execution child.
+
+The WASM sandbox sits on top of the OS layers, not instead of them: the module is compiled once
+in the skill's zygote (compiling a Go module costs ~2-6 s of CPU; openbotstack recompiled it on
+every call), before the zygote's seccomp filter and Landlock ruleset are installed, and every
+execution child — forked with the compiled code in its copy-on-write memory — builds a fresh
+`Store` and instance, so no global, linear memory or key-value entry survives an execution. The
+rlimits, cgroups, namespaces, seccomp and Landlock of the child apply beneath wasmtime exactly
+as they do beneath a Python skill.
+
+Two shapes of module, as openbotstack runs them (`execute` preferred over `_start`):
+- a WASI *command* (`_start`; e.g. Go's wasip1): the JSON input on stdin, the answer on stdout;
+- a *reactor* exporting `execute` (e.g. TinyGo with `_initialize`): the input through the host
+  module `env` (`get_input_len`, `get_input`), the answer through `set_output`.
+
+The host module `env` follows openbotstack-runtime's `sandbox/wasm/hostapi.go`: same names,
+signatures and error values (0xFFFFFFFF or 0). `log`, `kv_get`/`kv_set`, `llm_generate` and
+`http_fetch` each need their openbotstack permission (`log:write`, `kv:read`, `kv:write`,
+`llm:generate`, `http:fetch`); a call without it gets the error value and one line on the
+execution's stderr saying why. The key-value store lives and dies with the execution (nothing
+persists between executions). `llm_generate` and `http_fetch` have no provider inside the
+child: with the permission they fail with "no provider configured" (`LLM_PROVIDER`/`HTTP_FETCHER`
+are the hooks a supervisor-side bridge would fill); the child never opens a connection.
+
+WASI gets no preopened directory, no environment variable, only `argv[0]`: the module sees no
+file of the host. Its stdout is collected in memory up to `max_output_bytes`; its stderr is the
+execution's stderr (capped by the supervisor).
+
+CPU: fuel (`cpu_time` times `FUEL_PER_CPU_SECOND`, deterministic: an infinite loop ends as
+"resource exhausted: cpu time" in the child itself) beneath RLIMIT_CPU and the wall deadline.
+Memory: the store's limit on linear memory is the manifest's `memory_mb` (openbotstack's
+`max_memory_mb` is a linear-memory figure: tax-calculator needs exactly 8 MiB); RLIMIT_DATA and
+the cgroup still cap the whole process above the zygote's baseline.
+
+wasmtime is imported here only, and only in a WASM skill's zygote (`prepare`): no other worker
+process loads it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from worker.protocol import ChildResult, ExecutionInput, ForkCommand, SkillCode
+
+#: The Python package that runs WASM skills (the `wasm` extra).
+RUNTIME_PACKAGE = "wasmtime"
+_MIB = 1 << 20
+_PAGE = 1 << 16
+#: Fuel per second of the manifest's cpu_time: roughly what a tight WASM loop burns per CPU
+#: second on the development machine (measured: ~1.3e9/s), so fuel and RLIMIT_CPU end a
+#: runaway module at about the same point, fuel first and deterministically.
+FUEL_PER_CPU_SECOND = 1_000_000_000
+#: openbotstack's error value for calls returning a length or pointer.
+ERROR_U32 = -1  # 0xFFFFFFFF as wasm sees an i32
+HOST_PERMISSIONS = {
+    "log": "log:write", "kv_get": "kv:read", "kv_set": "kv:write",
+    "llm_generate": "llm:generate", "http_fetch": "http:fetch",
+}
+#: http_fetch's response body cap (openbotstack's).
+MAX_FETCH_BODY = 1 << 20
+
+#: Hooks for a provider bridge (none exists in the child yet): prompt -> text, and
+#: (url, method, body) -> (status, body). Left None, the calls fail with a clear error.
+LLM_PROVIDER: Callable[[str], str] | None = None
+HTTP_FETCHER: Callable[[str, str, bytes], tuple[int, bytes]] | None = None
+
+
+class WasmModuleError(ValueError):
+    """The module cannot run as a skill (does not compile, no entry, unknown imports)."""
+
+
+class HostCallError(Exception):
+    """A host function the module may not, or cannot, use: the reason goes to stderr."""
+
+
+class _Compiled:
+    """What the zygote prepared once: engine, compiled module, linker with the host module."""
+
+    def __init__(self, engine: Any, module: Any, linker: Any, reactor: bool,
+                 initialize: bool) -> None:
+        self.engine = engine
+        self.module = module
+        self.linker = linker
+        self.reactor = reactor
+        self.initialize = initialize
+
+
+class _Execution:
+    """Per-execution host state: input, output, the key-value store, what was refused."""
+
+    def __init__(self, code: SkillCode, command: ForkCommand, data: bytes) -> None:
+        self.input = data
+        self.output: bytes | None = None
+        self.stdout = bytearray()
+        self.overflow = 0  # bytes the module tried to answer beyond max_output_bytes
+        self.max_output = command.limits.max_output_bytes
+        self.permissions = frozenset(code.host)
+        self.kv: dict[bytes, bytes] = {}
+        self.kv_bytes = 0
+        self.kv_cap = (code.wasm_memory_mb or command.limits.memory_mb) * _MIB
+        self.noted: set[str] = set()
+
+    def note(self, text: str) -> None:
+        """One stderr line per distinct refusal (a module calling in a loop floods nothing)."""
+        if text not in self.noted and len(self.noted) < 64:
+            self.noted.add(text)
+            os.write(2, f"skill-sandbox: wasm: {text}\n".encode())
+
+    def allowed(self, function: str) -> bool:
+        permission = HOST_PERMISSIONS[function]
+        if permission in self.permissions:
+            return True
+        self.note(f"{function} refused: the manifest does not grant permission "
+                  f"{permission!r} (permissions.host)")
+        return False
+
+    def collect_stdout(self, data: bytes) -> int:
+        room = self.max_output - len(self.stdout)
+        if len(data) > room:
+            self.stdout += data[:max(room, 0)]
+            self.overflow += len(data) - max(room, 0)
+            return -errno.EFBIG  # the write fails: the module learns it said too much
+        self.stdout += data
+        return len(data)
+
+
+_compiled: _Compiled | None = None
+_current: _Execution | None = None
+
+
+def runtime_available() -> bool:
+    """Whether the WASM runtime package is installed (checked at skill load)."""
+    import importlib.util
+
+    return importlib.util.find_spec(RUNTIME_PACKAGE) is not None
+
+
+def prepare(code: SkillCode) -> None:
+    """In the zygote, before its layers: compile the module once and link the host module.
+
+    No thread is started (serial compilation): the zygote forks afterwards, and a user
+    namespace can only be entered by a single-threaded process.
+    """
+    global _compiled
+    try:
+        import wasmtime
+    except ImportError as exc:
+        raise WasmModuleError(f"WASM skills need the Python package {RUNTIME_PACKAGE!r} "
+                              "(pip install 'skill-sandbox[wasm]')") from exc
+    config = wasmtime.Config()
+    config.consume_fuel = True
+    config.parallel_compilation = False
+    # No shared memory (the default; said here because a shared memory is the one kind a
+    # store's memory limit would not bound in the same way).
+    config.wasm_threads = False
+    config.shared_memory = False
+    engine = wasmtime.Engine(config)
+    try:
+        module = wasmtime.Module.from_file(engine, code.wasm)
+    except (wasmtime.WasmtimeError, OSError) as exc:
+        raise WasmModuleError(f"{code.wasm}: {str(exc).splitlines()[0]}") from None
+    exports = {export.name for export in module.exports}
+    if "execute" not in exports and "_start" not in exports:
+        raise WasmModuleError(f"{code.wasm}: exports neither 'execute' (reactor) nor '_start' "
+                              "(WASI command)")
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    _define_env(wasmtime, linker)
+    known = {(item.module, item.name) for item in module.imports
+             if item.module == "wasi_snapshot_preview1" or (item.module == "env"
+                                                            and item.name in _ENV_NAMES)}
+    unknown = [f"{item.module}.{item.name}" for item in module.imports
+               if (item.module, item.name) not in known]
+    if unknown:
+        raise WasmModuleError(f"{code.wasm}: imports what this host does not provide: "
+                              f"{', '.join(unknown[:8])}")
+    _compiled = _Compiled(engine, module, linker, reactor="execute" in exports,
+                          initialize="_initialize" in exports)
+
+
+# -- the host module `env` ------------------------------------------------------------------
+
+def _state() -> _Execution:
+    if _current is None:  # only reachable if a module ran outside `call`
+        raise HostCallError("no execution")
+    return _current
+
+
+def _memory(caller: Any) -> Any:
+    memory = caller.get("memory")
+    if memory is None:
+        raise HostCallError("the module exports no 'memory'")
+    return memory
+
+
+def _read(caller: Any, ptr: int, length: int) -> bytes | None:
+    """Guest bytes [ptr, ptr+length), or None when out of bounds (wasm's i32s are unsigned)."""
+    ptr, length = ptr & 0xFFFFFFFF, length & 0xFFFFFFFF
+    memory = _memory(caller)
+    if ptr + length > memory.data_len(caller):
+        return None
+    return bytes(memory.read(caller, ptr, ptr + length))
+
+
+def _write(caller: Any, ptr: int, data: bytes) -> bool:
+    ptr = ptr & 0xFFFFFFFF
+    memory = _memory(caller)
+    if ptr + len(data) > memory.data_len(caller):
+        return False
+    memory.write(caller, data, ptr)
+    return True
+
+
+def _get_input_len() -> int:
+    return len(_state().input)
+
+
+def _get_input(caller: Any, ptr: int) -> int:
+    data = _state().input
+    if not data:
+        return 0
+    return len(data) if _write(caller, ptr, data) else ERROR_U32
+
+
+def _set_output(caller: Any, ptr: int, length: int) -> None:
+    state = _state()
+    if (length & 0xFFFFFFFF) > state.max_output:
+        state.overflow = max(state.overflow, (length & 0xFFFFFFFF) - state.max_output)
+        return
+    data = _read(caller, ptr, length)
+    if data is not None:
+        state.output = data
+
+
+def _log(caller: Any, level_ptr: int, level_len: int, msg_ptr: int, msg_len: int) -> None:
+    state = _state()
+    if not state.allowed("log"):
+        return
+    level = _read(caller, level_ptr, min(level_len & 0xFFFFFFFF, 32)) or b""
+    message = _read(caller, msg_ptr, min(msg_len & 0xFFFFFFFF, 1 << 16)) or b""
+    os.write(2, b"[" + level.replace(b"\n", b" ") + b"] " + message.replace(b"\n", b" ")
+             + b"\n")
+
+
+def _kv_get(caller: Any, key_ptr: int, key_len: int, value_ptr: int) -> int:
+    state = _state()
+    key = _read(caller, key_ptr, key_len)
+    if key is None or not state.allowed("kv_get"):
+        return 0
+    value = state.kv.get(key)
+    if value is None:
+        return 0
+    return len(value) if _write(caller, value_ptr, value) else ERROR_U32
+
+
+def _kv_set(caller: Any, key_ptr: int, key_len: int, value_ptr: int, value_len: int) -> int:
+    state = _state()
+    key = _read(caller, key_ptr, key_len)
+    value = _read(caller, value_ptr, value_len)
+    if key is None or value is None or not state.allowed("kv_set"):
+        return 0
+    grown = len(key) + len(value) - (len(key) + len(state.kv[key]) if key in state.kv else 0)
+    if state.kv_bytes + grown > state.kv_cap:
+        state.note(f"kv_set refused: the store would exceed {state.kv_cap} bytes")
+        return 0
+    state.kv[key] = value
+    state.kv_bytes += grown
+    return 1
+
+
+def _llm_generate(caller: Any, prompt_ptr: int, prompt_len: int, result_ptr: int) -> int:
+    state = _state()
+    prompt = _read(caller, prompt_ptr, prompt_len)
+    if prompt is None or not state.allowed("llm_generate"):
+        return ERROR_U32
+    if LLM_PROVIDER is None:
+        state.note("llm_generate failed: no LLM provider is configured for WASM skills")
+        return ERROR_U32
+    try:
+        text = LLM_PROVIDER(prompt.decode("utf-8", "replace")).encode()
+    except Exception as exc:  # noqa: BLE001 - the provider's failure is the call's error
+        state.note(f"llm_generate failed: {type(exc).__name__}")
+        return ERROR_U32
+    return len(text) if _write(caller, result_ptr, text) else ERROR_U32
+
+
+def _http_fetch(caller: Any, url_ptr: int, url_len: int, method_ptr: int, method_len: int,
+                body_ptr: int, body_len: int, resp_ptr: int) -> int:
+    state = _state()
+    if not state.allowed("http_fetch"):
+        return 0
+    if HTTP_FETCHER is None:
+        state.note("http_fetch failed: no HTTP tool is configured for WASM skills")
+        return 0
+    url = _read(caller, url_ptr, url_len)
+    method = _read(caller, method_ptr, method_len)
+    body = _read(caller, body_ptr, body_len) if body_len else b""
+    if url is None or method is None or body is None:
+        return 0
+    try:
+        status, answer = HTTP_FETCHER(url.decode("utf-8", "replace"),
+                                      method.decode("utf-8", "replace"), body)
+    except Exception as exc:  # noqa: BLE001 - the fetcher's failure is the call's error
+        state.note(f"http_fetch failed: {type(exc).__name__}")
+        return 0
+    answer = answer[:MAX_FETCH_BODY]
+    if not _write(caller, resp_ptr, (status & 0xFFFFFFFF).to_bytes(4, "little") + answer):
+        return ERROR_U32
+    return ((status & 0xFFFF) << 16) | (len(answer) & 0xFFFF)
+
+
+#: name -> (parameter count, returns an i32, function, takes the caller)
+_ENV: dict[str, tuple[int, bool, Callable[..., Any], bool]] = {
+    "get_input_len": (0, True, _get_input_len, False),
+    "get_input": (1, True, _get_input, True),
+    "set_output": (2, False, _set_output, True),
+    "log": (4, False, _log, True),
+    "kv_get": (3, True, _kv_get, True),
+    "kv_set": (4, True, _kv_set, True),
+    "llm_generate": (3, True, _llm_generate, True),
+    "http_fetch": (7, True, _http_fetch, True),
+}
+_ENV_NAMES = frozenset(_ENV)
+
+
+def _define_env(wasmtime: Any, linker: Any) -> None:
+    i32 = wasmtime.ValType.i32()
+    for name, (params, returns, function, caller) in _ENV.items():
+        kind = wasmtime.FuncType([i32] * params, [i32] if returns else [])
+        linker.define_func("env", name, kind, function, access_caller=caller)
+
+
+# -- one execution --------------------------------------------------------------------------
+
+def _stdin_from(data: bytes) -> None:
+    """The input as fd 0, from memory (no file, no path for Landlock to allow)."""
+    memory = os.memfd_create("stdin", os.MFD_CLOEXEC)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(memory, view):]
+    os.lseek(memory, 0, os.SEEK_SET)
+    os.dup2(memory, 0)
+    os.close(memory)
+
+
+def _at_memory_limit(store: Any, instance: Any, limit: int) -> bool:
+    """Whether a failed module's linear memory had reached its limit (within an eighth of
+    it, at least 1 MiB: runtimes grow in chunks). wasmtime's Python API does not report a
+    refused memory.grow; a runtime that asks for a big chunk far below the limit (TinyGo
+    doubles its heap) fails as the module's own error, with its own words on stderr."""
+    memory = instance.exports(store).get("memory") if instance is not None else None
+    try:
+        return memory is not None and (memory.data_len(store)
+                                       + max(_MIB, limit // 8) > limit)
+    except Exception:  # noqa: BLE001 - no usable memory: not a memory verdict
+        return False
+
+
+def _trap_message(exc: Exception) -> str:
+    """The trap's own message (`unreachable`, out of bounds...), without the backtrace."""
+    text = str(getattr(exc, "message", None) or exc)
+    cause = text.rpartition("Caused by:")[2] if "Caused by:" in text else text
+    lines = [line.strip() for line in cause.splitlines() if line.strip()]
+    message = lines[0][:500] if lines else type(exc).__name__
+    return message if message.startswith("wasm trap") else f"wasm trap: {message}"
+
+
+def _output_exhausted(limits: Any, state: _Execution) -> ChildResult:
+    return ChildResult(ok=False, limit="output",
+                       error=f"output is more than {limits.max_output_bytes} bytes "
+                             f"({state.overflow} bytes past the limit)")
+
+
+def call(code: SkillCode, command: ForkCommand, request: ExecutionInput) -> ChildResult:
+    """Run the prepared module once on `request` in a fresh store; never raises."""
+    global _current
+    import wasmtime
+
+    compiled = _compiled
+    if compiled is None:
+        return ChildResult(ok=False, error="the WASM module was not prepared in the zygote")
+    limits = command.limits
+    memory_mb = code.wasm_memory_mb or limits.memory_mb
+    memory_limit = memory_mb * _MIB
+    state = _current = _Execution(code, command, request.input)
+    # wasmtime's WASI runs on a tokio pool of one worker per CPU: one is plenty, and more
+    # would count against max_processes on a many-core host.
+    os.environ["TOKIO_WORKER_THREADS"] = "1"
+    store = wasmtime.Store(compiled.engine)
+    store.set_limits(memory_size=memory_limit, table_elements=max(memory_limit // 16, 10_000),
+                     instances=1, tables=4, memories=1)
+    fuel = max(int(limits.cpu_time * FUEL_PER_CPU_SECOND), 1)
+    store.set_fuel(fuel)
+    wasi = wasmtime.WasiConfig()
+    wasi.argv = ["main.wasm"]  # no env, no preopened directory: no host file is visible
+    if not compiled.reactor:
+        _stdin_from(request.input)
+        wasi.inherit_stdin()
+    wasi.stdout_custom = state.collect_stdout
+    wasi.inherit_stderr()
+    store.set_wasi(wasi)
+    instance = None
+    exit_code = 0
+    try:
+        instance = compiled.linker.instantiate(store, compiled.module)
+        exports = instance.exports(store)
+        if compiled.reactor:
+            if compiled.initialize:
+                exports["_initialize"](store)
+            exports["execute"](store)
+        else:
+            exports["_start"](store)
+    except wasmtime.ExitTrap as exc:
+        exit_code = exc.code
+    except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+        message = _trap_message(exc)
+        if state.overflow:  # it kept writing past the cap until its fuel ran out
+            return _output_exhausted(limits, state)
+        if store.get_fuel() == 0:
+            return ChildResult(ok=False, limit="cpu time",
+                               error=f"the module used all its fuel ({fuel}: "
+                                     f"{limits.cpu_time:g}s of CPU)")
+        if _at_memory_limit(store, instance, memory_limit) or "memory minimum" in message:
+            return ChildResult(ok=False, limit="memory", error=f"linear memory at its limit of "
+                                                              f"{memory_mb} MiB: {message}")
+        return ChildResult(ok=False, error=message)
+    finally:
+        sys.stdout.flush()
+    if state.overflow:
+        return _output_exhausted(limits, state)
+    if exit_code != 0:
+        if _at_memory_limit(store, instance, memory_limit):
+            return ChildResult(ok=False, limit="memory",
+                               error=f"linear memory at its limit of {memory_mb} MiB; "
+                                     f"the module exited with status {exit_code}")
+        return ChildResult(ok=False, error=f"the module exited with status {exit_code}")
+    stdout = bytes(state.stdout)
+    if compiled.reactor:
+        output = state.output if state.output is not None else stdout
+    else:
+        output = stdout or (state.output or b"")
+    output = output.strip() or b"null"
+    return ChildResult(ok=True, output=output)
