@@ -471,7 +471,8 @@ def skills_validate(paths: tuple[Path, ...], as_json: bool) -> None:
     valid = [{"id": skill_id, "path": str(item.skill.path)}
              for skill_id, item in found.skills.items()]
     if not valid and not found.errors:
-        found.errors.append(f"no skill.toml or manifest.yaml under {', '.join(map(str, paths))}")
+        found.errors.append("no skill.toml, manifest.yaml or SKILL.md under "
+                            f"{', '.join(map(str, paths))}")
     if as_json:
         emit_json({"valid": valid, "errors": found.errors})
     else:

@@ -196,7 +196,10 @@ def _plan_body(plan: ExecutionPlan, ec: ExecutionContext) -> bytes:
     left = ec.time_left()
     if left is not None:
         context["timeout"] = max(left, 0.001)
-    return msgspec.json.encode({"plan": plan.to_dict(), "context": context})
+    body: dict[str, Any] = {"plan": plan.to_dict(), "context": context}
+    if plan.dialect != "native":
+        body["dialect"] = plan.dialect
+    return msgspec.json.encode(body)
 
 
 def _plan_outcome(data: Mapping[str, Any], ec: ExecutionContext) -> list[StepResult]:

@@ -1,4 +1,5 @@
-"""Skill manifests: `skill.toml` (native) and openbotstack's `manifest.yaml`, as one pydantic model.
+"""Skill manifests: `skill.toml` (native) and openbotstack's `manifest.yaml` / `SKILL.md`, as one
+pydantic model.
 
 Both formats load into `SkillManifest`; every error names the file and the field, so the person
 who wrote the manifest can fix it without reading this code.
@@ -6,6 +7,7 @@ who wrote the manifest can fix it without reading this code.
 
 from __future__ import annotations
 
+import logging
 import re
 import tomllib
 from pathlib import Path
@@ -18,12 +20,16 @@ from sandbox.validation import describe
 
 NATIVE_MANIFEST = "skill.toml"
 OPENBOTSTACK_MANIFEST = "manifest.yaml"
+#: openbotstack's current skill file: YAML front matter (name, description) and a prompt body.
+SKILL_MD = "SKILL.md"
+#: A directory holding any of these is a skill directory.
+MANIFEST_FILES = (NATIVE_MANIFEST, OPENBOTSTACK_MANIFEST, SKILL_MD)
+
+logger = logging.getLogger(__name__)
 
 #: openbotstack skill ids: `namespace/name` or a bare name.
 SKILL_ID_PATTERN = re.compile(r"^[a-z0-9_.-]+(/[a-z0-9_.-]+)?$")
 _ENTRYPOINT_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-_DURATION_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
 #: How a skill runs: a Python entrypoint or an executable in a forked child, a WebAssembly
@@ -84,6 +90,10 @@ class SkillManifest(_Strict):
     preload: list[str] = Field(default_factory=list)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     permissions: Permissions = Field(default_factory=Permissions)
+    #: What describes the skill without changing how it runs (openbotstack's `triggers`,
+    #: `requires`, `risk_level`, `tags`, … and keys openbotstack itself ignores): kept, shown,
+    #: never acted on.
+    metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("id")
     @classmethod
@@ -157,84 +167,347 @@ def load_native(path: Path) -> SkillManifest:
     return _validate(path, data)
 
 
+# -- openbotstack: manifest.yaml (v1.1.0 and current) and SKILL.md ------------------------------
+#
+# openbotstack reads manifest.yaml with Go's yaml.v3 into a struct: keys it does not know are
+# ignored, `timeout` is a Go duration, `resources` holds `max_memory_mb`/`max_cpu_ms`. The current
+# runtime reads SKILL.md first (front matter `name`/`description`, the body is the prompt), takes
+# the id from the directory, and `execution.mode` (declarative or wasm) from manifest.yaml. The
+# v1.1.0 examples say `type:` instead (code, wasm, deterministic, llm, declarative) with a
+# `prompt:`; the wasip1 example says `entrypoint: main.wasm` and `limits.max_memory: 64MB`.
+
+_GO_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
+                      "m": 60.0, "h": 3600.0}
+_GO_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+#: openbotstack's host capabilities (what a WASM or declarative skill may ask the host for).
+HOST_PERMISSIONS = frozenset({"llm:generate", "http:fetch", "kv:read", "kv:write", "log:write"})
+#: This project's earlier names for network access in a manifest.yaml permission list.
+_NETWORK_PERMISSIONS = frozenset({"network", "net", "http", "internet"})
+#: openbotstack-core's `ValidRiskLevels`.
+RISK_LEVELS = frozenset({"info", "sensitive", "clinical", "critical"})
+
+#: Every spelling of "how this skill runs" in openbotstack manifests (and this project's earlier
+#: `runtime:`), mapped onto a kind. `llm` is decided by whether there is a prompt: with one it
+#: is declarative; without one it is code that calls the LLM (v1.1.0's meeting-summarize).
+_MODES: dict[str, SkillKind | Literal["llm"]] = {
+    "wasm": "wasm", "deterministic": "wasm", "code": "wasm",
+    "declarative": "declarative", "llm": "llm",
+    "python": "python", "py": "python", "native": "python", "command": "command",
+}
+_MODE_KEYS = ("type", "runtime", "execution_mode", "mode")
+
+#: Keys mapped onto the model (everything else is kept in `metadata`).
+_MAPPED_KEYS = frozenset({
+    "id", "version", "name", "description", "input_schema", "output_schema", "entrypoint",
+    "command", "isolation", "preload", "wasm", "prompt", "timeout", "resources", "limits",
+    "permissions", "execution", *_MODE_KEYS,
+})
+#: Keys openbotstack defines (or its examples use) that describe the skill without changing how
+#: it runs here: kept in `metadata`, not an error, no warning.
+INFORMATIONAL_KEYS = frozenset({"requires", "risk_level", "triggers", "tags", "author",
+                                "license", "homepage", "examples", "category"})
+
+
 def parse_duration(value: Any, path: Path, field: str) -> float:
-    """openbotstack durations: `"60s"`, `"500ms"`, `"2m"`, or a number of seconds."""
+    """Seconds in a Go duration (`"1m30s"`, `"500ms"`, `"1.5h"`), or a YAML number of seconds.
+
+    Go's `time.ParseDuration` grammar, positive only: a duration string without a unit, such as
+    `"45"`, is refused as Go refuses it (a bare YAML number is seconds, as before).
+    """
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
         return float(value)
-    match = _DURATION_PATTERN.match(str(value)) if isinstance(value, str) else None
-    if not match or float(match.group(1)) <= 0:
+    seconds = _go_duration(value.strip()) if isinstance(value, str) else None
+    if seconds is None or seconds <= 0:
         raise SkillLoadError(f"{path}: field '{field}': {value!r} is not a positive duration "
-                             "such as '60s', '500ms' or '2m'")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+                             "such as '60s', '500ms', '1m30s' or '1.5h'")
+    return seconds
 
 
-_SUPPORTED_RUNTIMES = {None, "python", "py", "command", "native"}
+def _go_duration(text: str) -> float | None:
+    text = text.removeprefix("+")
+    position, total = 0, 0.0
+    for match in _GO_DURATION_PART.finditer(text):
+        if match.start() != position:
+            return None
+        total += float(match.group(1)) * _GO_DURATION_UNITS[match.group(2)]
+        position = match.end()
+    return total if text and position == len(text) else None
 
 
-def load_openbotstack(path: Path) -> SkillManifest:
-    """Map openbotstack's `manifest.yaml` onto the native model."""
-    import yaml  # only openbotstack's manifest.yaml needs it
+def parse_size_mb(value: Any, path: Path, field: str) -> int:
+    """Whole MiB (rounded up) in a size such as `"64MB"`, `"512KiB"` or `"1G"`.
+
+    KB/MB/GB count in 1024s like KiB/MiB/GiB (as Docker's and most Go tools' size parsers do);
+    a bare number is refused because nothing says whether it is bytes or megabytes.
+    """
+    match = _SIZE_PATTERN.match(value) if isinstance(value, str) else None
+    if match:
+        size = float(match.group(1)) * _SIZE_UNITS[match.group(2)[0].lower()]
+        if size > 0:
+            return max(1, -(-int(size) // (1 << 20)))
+    raise SkillLoadError(f"{path}: field '{field}': {value!r} is not a positive size with a "
+                         "unit, such as '64MB', '512KiB' or '1GiB'")
+
+
+def _positive_number(value: Any, path: Path, field: str, what: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        raise SkillLoadError(f"{path}: field '{field}': {value!r} is not a positive {what}")
+    return float(value)
+
+
+def _mapping(value: Any, path: Path, field: str, known: set[str]) -> dict[str, Any]:
+    """A nested mapping this loader interprets: any key it does not interpret is an error."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SkillLoadError(f"{path}: field '{field}': must be a mapping")
+    for key in value:
+        if key not in known:
+            raise SkillLoadError(f"{path}: field '{field}.{key}': unknown field (known: "
+                                 f"{', '.join(sorted(known))})")
+    return value
+
+
+def _read_yaml(path: Path, text: str | None = None) -> Any:
+    """YAML from `text`, or from the file at `path`; errors name `path`."""
+    import yaml  # only openbotstack's formats need it
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8") if text is None else text)
     except yaml.YAMLError as exc:
         raise SkillLoadError(f"{path}: not valid YAML: {exc}") from None
     except RecursionError:  # the parser recurses per nesting level
         raise SkillLoadError(f"{path}: nested too deeply to parse") from None
     except OSError as exc:
         raise SkillLoadError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def read_skill_md(path: Path) -> tuple[dict[str, Any], str]:
+    """SKILL.md's front matter (a mapping, maybe empty) and its body, as openbotstack-core's
+    `ParseSkillMDContent` splits them: front matter only when the file opens with exactly
+    `---`, up to the next line that is `---`; both parts stripped."""
+    try:
+        content = path.read_text(encoding="utf-8").replace("\r\n", "\n").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SkillLoadError(f"{path}: cannot read: {exc}") from None
+    if not content:
+        raise SkillLoadError(f"{path}: SKILL.md is empty")
+    if not content.startswith("---") or content[3:4] == "-":
+        return {}, content
+    lines = content[3:].split("\n")
+    for index, line in enumerate(lines[1:], start=1):
+        if line.strip() == "---":
+            front = _read_yaml(path, "\n".join(lines[:index]).strip() or "{}")
+            if not isinstance(front, dict):
+                raise SkillLoadError(f"{path}: the front matter must be a mapping")
+            return front, "\n".join(lines[index + 1:]).strip()
+    raise SkillLoadError(f"{path}: unclosed front matter (no closing '---' line)")
+
+
+def load_openbotstack(path: Path) -> SkillManifest:
+    """Map an openbotstack skill directory (`path` is its manifest.yaml or SKILL.md) onto the
+    native model; see docs/skills.md for the table. Nothing is dropped: what does not change how
+    the skill runs lands in `metadata`, and what cannot be honoured is a load error naming it."""
+    skill_dir = path.parent
+    manifest_path = skill_dir / OPENBOTSTACK_MANIFEST
+    data: Any = _read_yaml(manifest_path) if manifest_path.is_file() else {}
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise SkillLoadError(f"{path}: the manifest must be a mapping")
-    for key in ("runtime", "type", "execution_mode", "mode"):
-        mode = data.get(key)
-        if isinstance(mode, str) and mode.lower() not in _SUPPORTED_RUNTIMES:
-            raise SkillLoadError(
-                f"{path}: field '{key}': execution mode {mode!r} is not supported here; this "
-                "sandbox runs Python entrypoints and executables ('command')"
-            )
+        raise SkillLoadError(f"{manifest_path}: the manifest must be a mapping")
+    where = manifest_path if manifest_path.is_file() else path
+    skill_md = skill_dir / SKILL_MD
+    front, body = read_skill_md(skill_md) if skill_md.is_file() else ({}, "")
+    for key in front:
+        if key not in ("id", "name", "description", "version"):
+            raise SkillLoadError(f"{skill_md}: front matter field '{key}': unknown field "
+                                 "(known: description, id, name, version)")
+
     native: dict[str, Any] = {
         key: data[key]
-        for key in ("id", "version", "name", "description", "input_schema", "output_schema",
-                    "entrypoint", "command", "isolation", "preload")
+        for key in ("version", "description", "input_schema", "output_schema", "command",
+                    "isolation", "preload")
         if data.get(key) is not None
     }
+    for key in ("id", "name", "description", "version"):
+        if front.get(key) not in (None, ""):
+            native[key] = front[key]
+    native.setdefault("id", data.get("id") or skill_dir.name)
+    native.setdefault("name", data.get("name") or skill_dir.name)
     if "version" in native:
         native["version"] = str(native["version"])
-    if native.get("entrypoint") is None and native.get("command") is None:
-        default = path.parent / "main.py"
-        if not default.is_file():
+
+    metadata = {key: value for key, value in data.items() if key not in _MAPPED_KEYS}
+    unknown = sorted(str(key) for key in metadata if key not in INFORMATIONAL_KEYS)
+    if unknown:  # openbotstack ignores them too; say so rather than drop them unseen
+        logger.warning("%s: openbotstack ignores unknown field(s) %s, and so does this loader "
+                       "(kept in the manifest's metadata)", where, ", ".join(unknown))
+    risk = data.get("risk_level")
+    if risk not in (None, "") and risk not in RISK_LEVELS:
+        raise SkillLoadError(f"{where}: field 'risk_level': {risk!r} is not one of "
+                             f"{', '.join(sorted(RISK_LEVELS))}")
+    if "requires" in data and not isinstance(data["requires"], list | type(None)):
+        raise SkillLoadError(f"{where}: field 'requires': must be a list")
+
+    permissions = _openbotstack_permissions(data.get("permissions"), where)
+    _run_as(native, data, body, permissions, metadata, where)
+    native["limits"] = _openbotstack_limits(data, where)
+    native["permissions"] = permissions
+    native["metadata"] = metadata
+    return _validate(where, native)
+
+
+def _mode(data: dict[str, Any], path: Path) -> tuple[str, str] | None:
+    """(field, mode) from whichever of openbotstack's spellings the manifest uses."""
+    found: list[tuple[str, str]] = []
+    execution = _mapping(data.get("execution"), path, "execution", {"mode"})
+    if execution.get("mode") not in (None, ""):
+        found.append(("execution.mode", execution["mode"]))
+    found += [(key, data[key]) for key in _MODE_KEYS if data.get(key) not in (None, "")]
+    for field, mode in found:
+        if not isinstance(mode, str) or mode.lower() not in _MODES:
+            raise SkillLoadError(
+                f"{path}: field '{field}': execution mode {mode!r} is not supported here (known: "
+                f"{', '.join(sorted(_MODES))})")
+    kinds = {_MODES[mode.lower()] for _, mode in found}
+    if len(kinds) > 1:
+        raise SkillLoadError(f"{path}: fields {', '.join(repr(f) for f, _ in found)} disagree "
+                             "on how the skill runs")
+    return (found[0][0], found[0][1].lower()) if found else None
+
+
+def _run_as(native: dict[str, Any], data: dict[str, Any], body: str, permissions: dict[str, Any],
+            metadata: dict[str, Any], path: Path) -> None:
+    """Set exactly one of entrypoint / command / wasm / instructions in `native`."""
+    prompt = data.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise SkillLoadError(f"{path}: field 'prompt': must be a string")
+    if prompt and body and prompt.strip() != body:
+        raise SkillLoadError(f"{path}: field 'prompt': SKILL.md's body is a prompt too; keep one")
+    prompt = body or (prompt.strip() if prompt else "")
+    entrypoint = data.get("entrypoint")
+    wasm = data.get("wasm")
+    if isinstance(entrypoint, str) and entrypoint.endswith(".wasm"):
+        if wasm is not None and wasm != entrypoint:
+            raise SkillLoadError(f"{path}: fields 'entrypoint' and 'wasm' name different modules")
+        wasm, entrypoint = entrypoint, None
+    mode = _mode(data, path)
+    skill_dir = path.parent
+    if mode is None:  # say nothing, get what the files suggest, as openbotstack does
+        if entrypoint is not None or data.get("command") is not None:
+            kind: str = "python" if entrypoint is not None else "command"
+        elif wasm is not None or (skill_dir / "main.wasm").is_file():
+            kind = "wasm"
+        elif (skill_dir / "main.py").is_file():
+            kind = "python"
+        elif prompt:
+            kind = "declarative"  # current openbotstack's default mode
+        else:
+            raise SkillLoadError(f"{path}: field 'entrypoint': missing, and there is no main.py "
+                                 "('main:run'), main.wasm or SKILL.md prompt to default to")
+    else:
+        kind = _MODES[mode[1]]
+        if kind == "llm":
+            if prompt:
+                kind = "declarative"
+            else:  # code that asks the host's LLM (v1.1.0 `type: llm` without a prompt)
+                kind = "wasm"
+                permissions["host"] = sorted({*permissions.get("host", ()), "llm:generate"})
+    if kind == "python":
+        native["entrypoint"] = entrypoint if entrypoint is not None else "main:run"
+        if entrypoint is None and not (skill_dir / "main.py").is_file():
             raise SkillLoadError(f"{path}: field 'entrypoint': missing, and there is no main.py "
                                  "to default to ('main:run')")
-        native["entrypoint"] = "main:run"
+    elif kind == "command":
+        if data.get("command") is None:
+            raise SkillLoadError(f"{path}: field 'command': mode 'command' needs one")
+    elif kind == "wasm":
+        if entrypoint is not None:
+            raise SkillLoadError(f"{path}: field 'entrypoint': {entrypoint!r} is not a .wasm "
+                                 "module, and the skill runs as WebAssembly")
+        native["wasm"] = wasm if wasm is not None else "main.wasm"
+    elif not prompt:
+        raise SkillLoadError(f"{path}: a declarative skill needs a prompt: SKILL.md's body or "
+                             "'prompt'")
+    else:
+        native["instructions"] = prompt
+    if kind != "declarative" and prompt:
+        metadata["prompt"] = prompt  # openbotstack's LLM fallback for a failed wasm run
+
+
+def _openbotstack_limits(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`timeout`, `resources.max_memory_mb/max_cpu_ms` (v1.1.0 and current) and the wasip1
+    example's `limits.max_memory/max_execution`, as the native `limits` table."""
     limits: dict[str, Any] = {}
-    if "timeout" in data:
+    resources = _mapping(data.get("resources"), path, "resources",
+                         {"max_memory_mb", "max_cpu_ms"})
+    older = _mapping(data.get("limits"), path, "limits",
+                     {"max_memory", "max_execution", "max_memory_mb", "max_cpu_ms"})
+    if "timeout" in data and "max_execution" in older:
+        raise SkillLoadError(f"{path}: fields 'timeout' and 'limits.max_execution' both set "
+                             "the time limit; keep one")
+    if data.get("timeout") is not None:
         limits["timeout"] = parse_duration(data["timeout"], path, "timeout")
-    resources = data.get("resources") or {}
-    if not isinstance(resources, dict):
-        raise SkillLoadError(f"{path}: field 'resources': must be a mapping")
-    if "max_memory_mb" in resources:
-        limits["memory_mb"] = resources["max_memory_mb"]
-    if "max_cpu_ms" in resources:
-        cpu_ms = resources["max_cpu_ms"]
-        if not isinstance(cpu_ms, int | float) or isinstance(cpu_ms, bool) or cpu_ms <= 0:
-            raise SkillLoadError(f"{path}: field 'resources.max_cpu_ms': {cpu_ms!r} is not a "
-                                 "positive number of milliseconds")
-        limits["cpu_time"] = cpu_ms / 1000.0
-    native["limits"] = limits
-    native["permissions"] = _openbotstack_permissions(data.get("permissions"), path)
-    return _validate(path, native)
+    if older.get("max_execution") is not None:
+        limits["timeout"] = parse_duration(older["max_execution"], path, "limits.max_execution")
+    for table, name in ((resources, "resources"), (older, "limits")):
+        if table.get("max_memory_mb") is not None:
+            limits["memory_mb"] = table["max_memory_mb"]  # the model names a bad value
+        if table.get("max_cpu_ms") is not None:
+            cpu_ms = _positive_number(table["max_cpu_ms"], path, f"{name}.max_cpu_ms",
+                                      "number of milliseconds")
+            limits["cpu_time"] = cpu_ms / 1000.0
+    if older.get("max_memory") is not None:
+        limits["memory_mb"] = parse_size_mb(older["max_memory"], path, "limits.max_memory")
+    return limits
 
 
 def _openbotstack_permissions(value: Any, path: Path) -> dict[str, Any]:
-    """openbotstack lists permissions as names (`[network]`) or maps them (`network: true`)."""
+    """openbotstack lists permissions by name (`[llm:generate, log:write]`); this project's
+    earlier manifests also said `[network]` or `{network: true, env: {...}}`. An unknown name is
+    an error: a skill that needs a capability it cannot get should not load as if it had it."""
     if value is None:
         return {}
     if isinstance(value, dict):
-        return {"network": bool(value.get("network", False)), "env": value.get("env") or {}}
+        table = _mapping(value, path, "permissions", {"network", "env", "host"})
+        names = table.get("host") or []
+        if not isinstance(names, list):
+            raise SkillLoadError(f"{path}: field 'permissions.host': must be a list")
+        result = _permission_names(names, path, "permissions.host")
+        if table.get("network") is not None:
+            if not isinstance(table["network"], bool):
+                raise SkillLoadError(f"{path}: field 'permissions.network': must be true or "
+                                     "false")
+            result["network"] = table["network"] or result.get("network", False)
+        if table.get("env") is not None:
+            result["env"] = table["env"]
+        return result
     if isinstance(value, list):
-        names = {str(item).lower() for item in value}
-        return {"network": bool(names & {"network", "net", "http", "internet"})}
+        return _permission_names(value, path, "permissions")
     raise SkillLoadError(f"{path}: field 'permissions': must be a list or a mapping")
+
+
+def _permission_names(names: list[Any], path: Path, field: str) -> dict[str, Any]:
+    host: set[str] = set()
+    network = False
+    for item in names:
+        name = item.lower() if isinstance(item, str) else item
+        if name in HOST_PERMISSIONS:
+            host.add(name)
+            network = network or name == "http:fetch"
+        elif name in _NETWORK_PERMISSIONS:
+            network = True
+        else:
+            raise SkillLoadError(
+                f"{path}: field '{field}': unknown permission {item!r} (known: "
+                f"{', '.join(sorted(HOST_PERMISSIONS | _NETWORK_PERMISSIONS))})")
+    result: dict[str, Any] = {"host": sorted(host)}
+    if network:
+        result["network"] = True
+    return result
 
 
 def load_manifest(skill_dir: Path) -> tuple[Path, SkillManifest]:
@@ -242,7 +515,26 @@ def load_manifest(skill_dir: Path) -> tuple[Path, SkillManifest]:
     native = skill_dir / NATIVE_MANIFEST
     if native.is_file():
         return native, load_native(native)
-    legacy = skill_dir / OPENBOTSTACK_MANIFEST
-    if legacy.is_file():
-        return legacy, load_openbotstack(legacy)
-    raise SkillLoadError(f"{skill_dir}: no {NATIVE_MANIFEST} or {OPENBOTSTACK_MANIFEST} found")
+    for name in (OPENBOTSTACK_MANIFEST, SKILL_MD):
+        if (skill_dir / name).is_file():
+            return skill_dir / name, load_openbotstack(skill_dir / name)
+    raise SkillLoadError(f"{skill_dir}: no {NATIVE_MANIFEST}, {OPENBOTSTACK_MANIFEST} or "
+                         f"{SKILL_MD} found")
+
+
+def wasm_module_problem(skill_dir: Path, manifest: SkillManifest) -> str | None:
+    """Why a WebAssembly skill's module is not there to run, or None.
+
+    openbotstack v1.1.0 loads a directory with Go sources and no compiled module (math-add,
+    wordcount, meeting-summarize) and then answers its executions without running any code.
+    Here its manifest loads, but the skill does not: the error says what is missing and why.
+    """
+    if manifest.wasm is None:
+        return None
+    if (skill_dir / manifest.wasm).is_file():
+        return None  # the rest of the module's checks are the WASM runtime's (Skill.from_dir)
+    sources = sorted(p.name for p in skill_dir.glob("*.go") if not p.name.endswith("_test.go"))
+    why = (f": the directory holds Go sources only ({', '.join(sources)}); build a WebAssembly "
+           "module from them (a WASI command reading JSON on stdin, or a reactor exporting "
+           "'execute')" if sources else "")
+    return f"field 'wasm': no compiled module {manifest.wasm!r} in {skill_dir}{why}"

@@ -21,9 +21,11 @@ h11, under httpcore): the logic cannot drift between the two because there is on
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -43,15 +45,17 @@ from sandbox.execlog.records import (
 )
 from sandbox.llm import Generation, LLMCanceled, LLMError, LLMTimeout
 from sandbox.plans import (
+    MAX_RETRIES,
     ExecutionContext,
     ExecutionPlan,
     ExecutionStep,
     PlanTarget,
     StepResult,
     StepType,
+    parallel_batches,
 )
 from sandbox.skill import Skill
-from sandbox.templates import TemplateError, render
+from sandbox.templates import TemplateError, coerce_string_numbers, go_results, render, render_go
 from sandbox.tools import ToolContext, ToolRegistry, ToolTimeout
 from worker.protocol import (
     ErrorKind,
@@ -64,6 +68,9 @@ from worker.protocol import (
 _log = logging.getLogger("sandbox")
 #: Seconds an `llm` step may take when the plan has no deadline (openbotstack's default).
 DEFAULT_LLM_TIMEOUT = 60.0
+
+#: At most this many steps of one openbotstack `parallel_group` run at once.
+MAX_PARALLEL_STEPS = 4
 
 
 class PlanHost(PlanTarget, Protocol):
@@ -135,8 +142,14 @@ class _Run:
         if timeout is not None and timeout <= 0:
             return stop(ExecutionStatus.TIMEOUT, f"{ExecutionTimeout.message}: the plan's "
                                                  "deadline passed before this step started")
+        if step.timeout_ms > 0:  # openbotstack's per-step limit, within the plan's
+            timeout = min(step.timeout_ms / 1000.0, timeout if timeout is not None else math.inf)
         try:
-            arguments = render(step.arguments, self.names, self.outputs)
+            if self.plan.dialect == "openbotstack":  # coerce the plan's own values, then resolve
+                arguments = render_go(coerce_string_numbers(step.arguments),
+                                      go_results(self.names, self.outputs))
+            else:
+                arguments = render(step.arguments, self.names, self.outputs)
         except TemplateError as exc:
             return stop(ExecutionStatus.FAILED, f"argument template: {exc}")
         return _Prepared(arguments=arguments, timeout=timeout)
@@ -168,6 +181,7 @@ class _Run:
 
     def finish(self, step: ExecutionStep, result: StepResult) -> None:
         """Record a step's result; raise `PlanFailed` if it failed."""
+        result.step_id = step.step_id
         self.ec.add_result(result)
         self.results.append(result)
         if not result.ok:
@@ -258,6 +272,21 @@ class _CallTool:
 
 
 @dataclass(frozen=True)
+class _Concurrently:
+    """Perform `effects` (skill executions and tool calls) at the same time, at most
+    `MAX_PARALLEL_STEPS` at once; the reply is their replies, in order."""
+
+    effects: tuple[_Execute | _CallTool, ...]
+
+
+@dataclass(frozen=True)
+class _Sleep:
+    """Wait `seconds` (a retry's backoff); the reply is None."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
 class _Generate:
     """Ask the host's LLM provider; the reply is `(Generation, None)`, or `(None, exception)`."""
 
@@ -267,7 +296,7 @@ class _Generate:
     canceled: Callable[[], bool]
 
 
-_Effect = _Log | _Execute | _CallTool | _Generate
+_Effect = _Log | _Execute | _CallTool | _Generate | _Concurrently | _Sleep
 
 
 def _llm_prompt(arguments: dict[str, Any]) -> tuple[str, int | None, str]:
@@ -316,8 +345,15 @@ def _drive(host: PlanHost, plan: ExecutionPlan,
     yield _Log("log_plan_start", (ec, plan))
     try:
         plan.validate(host)
-        for index, step in enumerate(plan.steps):
-            run.finish(step, (yield from _drive_step(run, index, step)))
+        batches = (parallel_batches(plan.steps) if plan.dialect == "openbotstack"
+                   else [[index] for index in range(len(plan.steps))])
+        for batch in batches:
+            if len(batch) == 1:
+                step = plan.steps[batch[0]]
+                run.finish(step, (yield from _drive_retrying(run, batch[0], step)))
+            else:
+                for index, result in (yield from _drive_batch(run, batch)):
+                    run.finish(plan.steps[index], result)
     except GeneratorExit:  # the shell let go of the driver: nothing left to log through it
         raise
     except BaseException as exc:
@@ -370,6 +406,75 @@ def _drive_step(run: _Run, index: int,
     return step_result
 
 
+def _drive_retrying(run: _Run, index: int,
+                    step: ExecutionStep) -> Generator[_Effect, Any, StepResult]:
+    """A step under the plan's `RetryPolicy`: retried after a failure (not after a cancel or
+    the plan's deadline), then replaced by the fallback tool's result if there is one."""
+    result = yield from _drive_step(run, index, step)
+    policy = run.plan.retry_policy(step)
+    if result.ok or policy is None:
+        return result
+    retries = min(max(policy.max_retries, 0), MAX_RETRIES)
+    for attempt in range(1, retries + 1):
+        left = run.ec.time_left()
+        if run.ec.canceled or (left is not None and left <= 0):
+            return result
+        delay = policy.backoff(attempt)
+        if delay > 0:
+            yield _Sleep(delay if left is None else min(delay, left))
+        result = yield from _drive_step(run, index, step)
+        result.retries = attempt
+        if result.ok:
+            return result
+    if policy.fallback_tool and not run.ec.canceled:
+        fallback = ExecutionStep(name=policy.fallback_tool, type=StepType.TOOL,
+                                 arguments=step.arguments)
+        replaced = yield from _drive_step(run, index, fallback)
+        if replaced.ok:
+            replaced.step_name, replaced.retries, replaced.fallback = step.name, retries, True
+            return replaced
+    return result
+
+
+def _drive_batch(run: _Run,
+                 batch: list[int]) -> Generator[_Effect, Any, list[tuple[int, StepResult]]]:
+    """One openbotstack parallel group: every step prepared from the outputs before the group,
+    run concurrently, results returned in plan order (the first failure then stops the plan)."""
+    steps = run.plan.steps
+    prepared = {index: run.prepare(index, steps[index]) for index in batch}
+    running = [index for index in batch if prepared[index].stopped is None]
+    effects: list[_Execute | _CallTool] = []
+    starts: dict[int, float] = {}
+    with contextlib.ExitStack() as cancels:
+        for index in running:
+            step, ready = steps[index], prepared[index]
+            assert ready.arguments is not None
+            if step.type is StepType.SKILL:
+                request = run.skill_request(step, ready.arguments, ready.timeout)
+                cancels.enter_context(run.canceled_with_plan(request))
+                effects.append(_Execute(request, run.step_info(index)))
+            else:
+                starts[index] = time.monotonic()
+                effects.append(_CallTool(step.name, ready.arguments,
+                                         run.tool_context(index, step, ready.timeout)))
+        replies = (yield _Concurrently(tuple(effects))) if effects else []
+    results: list[tuple[int, StepResult]] = []
+    by_index = dict(zip(running, replies, strict=True))
+    for index in batch:
+        step, stopped = steps[index], prepared[index].stopped
+        if stopped is not None:
+            yield _Log("log_step", (run.record(stopped),))
+            results.append((index, stopped))
+        elif step.type is StepType.SKILL:
+            results.append((index, skill_step_result(index, step, by_index[index])))
+        else:
+            output, exc = by_index[index]
+            step_result = tool_step_result(index, step, starts[index], output, exc)
+            yield _Log("log_step", (run.record(step_result),))
+            results.append((index, step_result))
+    return results
+
+
 class _Driver:
     """Steps `_drive` for a shell: `next()` is the next effect (None when the plan is done,
     its step results then in `results`); the shell sets `reply` or `failure` after each."""
@@ -407,6 +512,13 @@ def run_plan(host: PlanHost, plan: ExecutionPlan, ec: ExecutionContext) -> list[
 
 
 def _perform(host: PlanHost, effect: _Effect) -> Any:
+    if isinstance(effect, _Sleep):
+        return time.sleep(effect.seconds)
+    if isinstance(effect, _Concurrently):
+        workers = min(MAX_PARALLEL_STEPS, len(effect.effects))
+        with concurrent.futures.ThreadPoolExecutor(workers, "sandbox-plan") as pool:
+            futures = [pool.submit(_perform, host, item) for item in effect.effects]
+            return [future.result() for future in futures]  # the first error, after all ended
     if isinstance(effect, _Log):
         return _call_logger(host.logger, effect.method, *effect.args)
     if isinstance(effect, _Execute):
@@ -435,6 +547,21 @@ async def arun_plan(host: PlanHost, plan: ExecutionPlan,
 
 
 async def _aperform(host: PlanHost, effect: _Effect, canceled: bool) -> Any:
+    if isinstance(effect, _Sleep):
+        return await asyncio.sleep(effect.seconds)
+    if isinstance(effect, _Concurrently):
+        bound = asyncio.Semaphore(MAX_PARALLEL_STEPS)
+
+        async def one(item: _Execute | _CallTool) -> Any:
+            async with bound:
+                return await _aperform(host, item, canceled)
+
+        replies = await asyncio.gather(*(one(item) for item in effect.effects),
+                                       return_exceptions=True)
+        for reply in replies:  # as the blocking shell: the first error, after all ended
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
     if isinstance(effect, _Log):
         if canceled:  # the task is being cancelled: log at once rather than await again
             return _call_logger(host.logger, effect.method, *effect.args)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sandbox import jsonbounds
 from sandbox.errors import SkillLoadError
-from sandbox.manifest import NATIVE_MANIFEST, OPENBOTSTACK_MANIFEST, SkillManifest, load_manifest
+from sandbox.manifest import MANIFEST_FILES, SkillManifest, load_manifest, wasm_module_problem
 from worker.protocol import SkillCode
 
 #: What an execution of a WASM skill may use beyond its module's linear memory: the store,
@@ -73,6 +73,8 @@ class Skill:
             if not ((skill_dir / f"{module}.py").is_file() or (skill_dir / module).is_dir()):
                 raise SkillLoadError(f"{manifest_path}: field 'entrypoint': no module "
                                      f"{module!r} in {skill_dir}")
+        elif (problem := wasm_module_problem(skill_dir, manifest)) is not None:
+            raise SkillLoadError(f"{manifest_path}: {problem}")
         elif manifest.wasm is not None:
             _check_wasm(skill_dir, manifest_path, manifest.wasm)
         elif manifest.command is not None and "/" in manifest.command[0]:
@@ -161,6 +163,6 @@ def _skill_dirs(root: Path) -> Iterator[Path]:
         raise SkillLoadError(f"{root}: not a directory")
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
-        if NATIVE_MANIFEST in filenames or OPENBOTSTACK_MANIFEST in filenames:
+        if any(name in filenames for name in MANIFEST_FILES):
             dirnames[:] = []  # a skill's own subfolders are its business
             yield Path(dirpath)

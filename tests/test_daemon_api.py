@@ -365,6 +365,19 @@ def test_invalid_plans_are_refused_422_before_any_step(
     assert message in response.json()["error"]
 
 
+def test_openbotstack_dialect_plan_runs_over_http_and_the_default_refuses_it(
+        http: httpx.Client) -> None:
+    steps: list[dict[str, Any]] = [
+        {"name": "examples/echo", "type": "skill", "arguments": {"n": "4"}, "step_id": "s1",
+         "timeout_ms": 10000},
+        {"name": "test/typed", "type": "skill", "arguments": {"n": "{{examples/echo.n}}"}}]
+    body = http.post("/v1/plans", json={**_plan(steps[0]), "dialect": "openbotstack"}).json()
+    assert body["status"] == "success"
+    assert [step["output"] for step in body["steps"]] == [{"n": 4}]  # "4" coerced, as in Go
+    refused = http.post("/v1/plans", json=_plan(*steps))
+    assert refused.status_code == 422 and "unknown field(s) step_id" in refused.json()["error"]
+
+
 def test_plan_body_is_validated(http: httpx.Client) -> None:
     response = http.post("/v1/plans", json={"plan": {"steps": []}, "context": {"timeout": -5}})
     assert response.status_code == 422

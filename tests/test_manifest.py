@@ -165,7 +165,7 @@ def test_bad_environment_variable_name_is_named(tmp_path: Path) -> None:
 def test_directory_without_manifest_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     message = load_error(tmp_path / "empty")
-    assert "no skill.toml or manifest.yaml" in message
+    assert "no skill.toml, manifest.yaml or SKILL.md" in message
 
 
 def test_missing_directory_is_an_error(tmp_path: Path) -> None:
@@ -234,11 +234,11 @@ def test_openbotstack_bad_memory_names_the_limit_field(tmp_path: Path) -> None:
     assert "field 'limits.memory_mb'" in load_error(directory)
 
 
-def test_openbotstack_wasm_runtime_is_a_clear_load_error(tmp_path: Path) -> None:
-    directory = write_skill(tmp_path / "s", "id: x\nruntime: wasm\n", name="manifest.yaml")
+def test_openbotstack_unknown_runtime_is_a_clear_load_error(tmp_path: Path) -> None:
+    directory = write_skill(tmp_path / "s", "id: x\nruntime: jvm\n", name="manifest.yaml")
     message = load_error(directory)
     assert str(directory / "manifest.yaml") in message
-    assert "field 'runtime'" in message and "'wasm' is not supported" in message
+    assert "field 'runtime'" in message and "'jvm' is not supported" in message
 
 
 def test_openbotstack_without_entrypoint_or_main_py_is_an_error(tmp_path: Path) -> None:

@@ -55,8 +55,8 @@ def valid_plans(draw: st.DrawFn) -> ExecutionPlan:
                 args["ref"] = f"value: {{{{ {target} }}}}!"
             else:
                 args["ref"] = [{"deep": f"{{{{{target}}}}}"}]
-        steps.append(ExecutionStep(name=draw(step_names), type=draw(st.sampled_from(StepType)),
-                                   arguments=args))
+        kind = draw(st.sampled_from([StepType.SKILL, StepType.TOOL]))  # the native dialect's
+        steps.append(ExecutionStep(name=draw(step_names), type=kind, arguments=args))
     return ExecutionPlan(assistant_id=draw(st.text(max_size=10)), steps=steps,
                          reasoning=draw(st.text(max_size=20)))
 

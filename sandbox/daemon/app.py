@@ -186,7 +186,7 @@ class Api:
         service = self.service
         try:
             body = parse_body(await self.body(request), PlanBody)
-            plan = ExecutionPlan.from_dict(body.plan)
+            plan = ExecutionPlan.from_dict(body.plan, body.dialect)
         except ClientGone as exc:
             return client_gone(request, exc)
         except Refused as refused:

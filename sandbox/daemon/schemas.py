@@ -164,12 +164,16 @@ class PlanBody(_Body):
 
     plan: dict[str, Any] = Field(description="{assistant_id, steps: [{name, type, arguments}], "
                                  "reasoning}")
+    dialect: Literal["native", "openbotstack"] = Field(
+        default="native", description="'openbotstack': the plan as openbotstack-core's planner "
+                                      "writes it (llm steps, step_id, timeout_ms, parallel "
+                                      "groups, Go template typing); see docs/plans.md")
     context: PlanContextBody = Field(default_factory=PlanContextBody)
 
 
 class StepResultModel(_Body):
     step_name: str
-    type: Literal["skill", "tool"]
+    type: Literal["skill", "tool", "llm"]
     status: str
     output: Any
     error: str

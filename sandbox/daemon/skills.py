@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sandbox.daemon.config import LimitsDefaults
 from sandbox.errors import SkillLoadError
-from sandbox.manifest import NATIVE_MANIFEST, OPENBOTSTACK_MANIFEST
+from sandbox.manifest import MANIFEST_FILES
 from sandbox.skill import Skill
 
 #: Files hashed per skill before giving up on detail (a huge tree is re-loaded on every reload).
@@ -37,7 +37,7 @@ def skill_dirs(root: Path) -> Iterator[Path]:
     """Directories under `root` holding a manifest; a skill's own subfolders are not searched."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "__")))
-        if NATIVE_MANIFEST in filenames or OPENBOTSTACK_MANIFEST in filenames:
+        if any(name in filenames for name in MANIFEST_FILES):
             dirnames[:] = []
             yield Path(dirpath)
 
