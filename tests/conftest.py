@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "skills_examples"
+#: openbotstack's real skills and WASM host: ../shared/reference/openbotstack/ beside the
+#: checkout (read-only test data, never copied into the project).
+OPENBOTSTACK = ROOT.parent / "shared" / "reference" / "openbotstack"
 #: How much slower than this machine the host running the tests is (an emulated VM: 10-20):
 #: every test timeout, the hostile suite's wall and CPU limits and the waits for processes to
 #: go are multiplied by it. Tests never assert on wall time, so nothing else changes.

@@ -36,11 +36,12 @@ from sandbox import (
 from sandbox.errors import WorkerFailure
 from sandbox.execlog.records import ExecutionLogRecord
 from sandbox.llm import LLMCall
+from tests.conftest import OPENBOTSTACK
 from worker.protocol import ErrorKind, ExecutionStatus
 
 pytestmark = pytest.mark.timeout(30)
 
-REFERENCE = Path("/work/shared/reference/openbotstack")
+REFERENCE = OPENBOTSTACK
 KEY_ENV = "SKILL_SANDBOX_TEST_LLM_KEY"
 KEY = "sk-test-0f9e8d7c6b5a4321-never-to-be-seen"
 SUMMARY_SCHEMA = {"type": "object", "required": ["summary"],
@@ -179,6 +180,36 @@ def test_openbotstack_summarize_prompt_runs_as_written(
     rejected = sandbox.execute(request("summarize", {"focus": "numbers"}))
     assert rejected.status is ExecutionStatus.REJECTED
     assert rejected.error_kind is ErrorKind.INVALID_INPUT
+    assert len(stub.received) == 1
+
+
+@pytest.mark.skipif(not OPENBOTSTACK.is_dir(), reason=f"openbotstack's skills are not at "
+                                                      f"{OPENBOTSTACK}")
+@pytest.mark.parametrize(("directory", "data", "reply"), [
+    ("runtime-head/summarize", {"text": "Revenue grew 12% this quarter."},
+     {"summary": ["Revenue grew 12%."]}),
+    ("runtime-head/classify", {"text": "The invoice is overdue.", "categories": ["billing", "bug"]},
+     {"classifications": [{"category": "billing", "confidence": 0.93}], "explanation": "invoice"}),
+])
+def test_openbotstack_declarative_directories_run_as_they_are(
+        make_sandbox: Callable[..., Sandbox], stub: StubLLMServer,
+        provider: OpenAICompatibleProvider, directory: str, data: Any, reply: Any) -> None:
+    """The SKILL.md-first directories, loaded from openbotstack's own files: with a provider
+    they answer its JSON; without one they fail naming the missing provider."""
+    skill = Skill.from_dir(OPENBOTSTACK / directory)
+    stub.reply = Reply(completion(json.dumps(reply), total_tokens=77))
+    with_provider = make_sandbox(skill, llm=provider)
+
+    result = with_provider.execute(request(skill.id, data))
+
+    assert result.ok, result.error
+    assert result.json() == reply
+    assert result.resource_usage.tokens_used == 77
+    prompt = stub.received[0].body["messages"][0]["content"]
+    assert json.dumps(data) in prompt and "{{.Input}}" not in prompt
+    without = make_sandbox(skill).execute(request(skill.id, data))
+    assert without.status is ExecutionStatus.FAILED
+    assert "needs an LLM provider, but none is configured" in without.error, without.error
     assert len(stub.received) == 1
 
 

@@ -13,9 +13,9 @@ import pytest
 
 from sandbox import Skill, SkillLoadError
 from sandbox.manifest import load_manifest
+from tests.conftest import OPENBOTSTACK
 
-#: ../shared/reference/openbotstack/ beside the checkout (read-only test data, not copied here).
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "openbotstack"
+REFERENCE = OPENBOTSTACK
 
 needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(),
                                      reason=f"openbotstack's skills are not at {REFERENCE}")

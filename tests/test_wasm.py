@@ -12,10 +12,11 @@ import pytest
 
 from sandbox import ErrorKind, ExecutionRequest, ExecutionStatus, Sandbox, Skill, SkillLoadError
 from sandbox.execution import EXHAUSTED_ERROR
+from tests.conftest import OPENBOTSTACK
 
 wasmtime = pytest.importorskip("wasmtime")
 
-REFERENCE = Path("/work/shared/reference/openbotstack")
+REFERENCE = OPENBOTSTACK
 HELLO = REFERENCE / "runtime-wasip1" / "hello-world" / "main.wasm"
 TAX = REFERENCE / "runtime-v1.1.0" / "tax-calculator" / "main.wasm"
 needs_reference = pytest.mark.skipif(not (HELLO.is_file() and TAX.is_file()),
