@@ -148,6 +148,11 @@ def _check_wasm(skill_dir: Path, manifest_path: Path, module: str) -> None:
     The zygote compiles the module (seconds of CPU for a Go module), so a module that does
     not compile fails the skill's zygote boot as the skill's own fault."""
     path = (skill_dir / module).resolve()
+    if not path.is_relative_to(skill_dir):
+        # The zygote reads it before its layers, as the supervisor's user: a manifest (the
+        # skill author's) must not make it open host files, devices or FIFOs.
+        raise SkillLoadError(f"{manifest_path}: field 'wasm': {module!r} resolves to {path}, "
+                             f"outside the skill's directory {skill_dir}")
     if not path.is_file():
         raise SkillLoadError(f"{manifest_path}: field 'wasm': {path} is not a file")
     from worker.wasm import RUNTIME_PACKAGE, runtime_available

@@ -4,6 +4,7 @@ WAT text here, run by wasmtime inside the sandboxed execution child."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ MakeWasm = Callable[..., Skill]
 @pytest.fixture
 def wasm_skill(tmp_path: Path) -> MakeWasm:
     """`wasm_skill(wat=... | module=path, manifest_extra="")` → a loaded skill whose skill.toml
-    points at a module built from WAT in its directory, or at `module` (an absolute path: the
-    shared reference modules are read where they are, by the zygote, before its layers)."""
+    points at `main.wasm` in its directory: built from WAT, or a copy of `module` (a module
+    must lie inside its skill's directory)."""
     counter = iter(range(1_000_000))
 
     def make(wat: str | None = None, module: Path | None = None,
@@ -39,12 +40,11 @@ def wasm_skill(tmp_path: Path) -> MakeWasm:
         directory.mkdir()
         if wat is not None:
             (directory / "main.wasm").write_bytes(wasmtime.wat2wasm(wat))
-            path = "main.wasm"
         else:
             assert module is not None
-            path = str(module)
+            shutil.copyfile(module, directory / "main.wasm")
         (directory / "skill.toml").write_text(
-            f'id = "test/wasm{index}"\nwasm = "{path}"\n{manifest_extra}\n')
+            f'id = "test/wasm{index}"\nwasm = "main.wasm"\n{manifest_extra}\n')
         return Skill.from_dir(directory)
 
     return make
@@ -302,6 +302,24 @@ def test_llm_and_http_with_permission_but_no_provider_fail_clearly(
     assert "no LLM provider is configured" in result.stderr
     assert "no HTTP tool is configured" in result.stderr
     assert "[info] hi" in result.stderr  # log:write granted
+
+
+@pytest.mark.parametrize("module", ["/etc/passwd", "../outside.wasm", "link.wasm"])
+def test_a_module_outside_the_skill_directory_is_a_load_error(tmp_path: Path,
+                                                              module: str) -> None:
+    """The zygote reads the module before its layers: a manifest must not point it at host
+    files (absolute, `..`, or a symlink out). Control: the same module inside loads."""
+    directory = tmp_path / "skill"
+    directory.mkdir()
+    outside = tmp_path / "outside.wasm"
+    outside.write_bytes(wasmtime.wat2wasm("(module)"))
+    (directory / "link.wasm").symlink_to(outside)
+    (directory / "skill.toml").write_text(f'id = "test/out"\nwasm = "{module}"\n')
+    with pytest.raises(SkillLoadError, match="outside the skill's directory"):
+        Skill.from_dir(directory)
+    shutil.copyfile(outside, directory / "inside.wasm")
+    (directory / "skill.toml").write_text('id = "test/out"\nwasm = "inside.wasm"\n')
+    assert Skill.from_dir(directory).manifest.wasm == "inside.wasm"
 
 
 def test_missing_module_file_is_a_load_error_naming_the_field(tmp_path: Path) -> None:
