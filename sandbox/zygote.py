@@ -190,13 +190,7 @@ class BaseZygote:
         """EOF on its control socket ends it; it has no child to wait for."""
         control, process = self._control, self._process
         self._control = self._process = None
-        if control is not None:
-            control.close()
-        if process is not None:
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                _kill_and_reap(process)
+        _close_and_reap(control, process, timeout)
 
 
 #: After a base failed to start, zygotes are exec'd for this long before it is tried again.
@@ -414,15 +408,21 @@ class ZygoteProcess:
         with self._lock:
             control, process = self._control, self._process
             self._control = self._process = None
-        if control is not None:
-            control.close()
-        if process is not None:
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                _kill_and_reap(process)
+        _close_and_reap(control, process, timeout)
         if self.cgroups is not None:  # its spare is gone with it (parent-death signal)
             self.cgroups.release_all()
+
+
+def _close_and_reap(control: socket.socket | None, process: _Child | None,
+                    timeout: float) -> None:
+    """EOF on its control socket is a worker's signal to exit; past `timeout`, SIGKILL."""
+    if control is not None:
+        control.close()
+    if process is not None:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_and_reap(process)
 
 
 def _kill_and_reap(process: _Child) -> None:

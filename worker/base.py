@@ -47,23 +47,13 @@ COMMON_MODULES = ("json", "re", "collections", "dataclasses", "datetime", "typin
                   "importlib", "traceback", "decimal")
 
 
-def _keep_only(keep: set[int]) -> None:
-    """Close every fd but `keep` (the base's own control socket must never reach a skill)."""
-    low = 0
-    for fd in sorted(keep):
-        if fd > low:
-            os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, isolation.max_fd())
-
-
 def _become_zygote(control: socket.socket, fd: int, name: bytes) -> None:
     """In the forked child: shed the base, then boot and serve as the skill's zygote."""
     code = 0
     try:
         control.detach()  # closed below with the rest; never through this object
         os.setsid()  # its own session, as an exec'd zygote started with start_new_session
-        _keep_only({0, 1, 2, fd})
+        isolation.close_fds_except({0, 1, 2, fd})  # the base's socket never reaches a skill
         isolation.set_process_name(name)
         sys.argv = sys.argv[:1]
         zygote.run_forked(socket.socket(fileno=fd))

@@ -53,6 +53,18 @@ def max_fd() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 16
 
 
+def close_fds_except(keep: set[int]) -> None:
+    """Close every descriptor but `keep`: what a forked process inherited from its parent (a
+    zygote's control socket, other executions' sockets and pidfds, the base's own socket)
+    must never reach the code that runs next."""
+    low = 0
+    for fd in sorted(keep):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, max_fd())
+
+
 def become_subreaper() -> None:
     """Orphans of an execution reparent to the zygote, which kills them, instead of to init."""
     _prctl(PR_SET_CHILD_SUBREAPER, 1)

@@ -109,17 +109,6 @@ def fork_spare(code: SkillCode, preload: list[str], precompiled: CodeType | None
     return Spare(pid, pidfd, ours, cgroups, rss_kb)
 
 
-def _close_inherited(keep: set[int]) -> None:
-    """Close every descriptor but `keep`: the zygote's control socket and selector, and the
-    report sockets and pidfds of executions running now, must never reach a request."""
-    low = 0
-    for fd in sorted(keep):
-        if fd > low:
-            os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, isolation.max_fd())
-
-
 def _serve(code: SkillCode, preload: list[str], precompiled: CodeType | None,
            cgroups: list[str], sock: socket.socket, zygote_pid: int, name: bytes) -> None:
     """The spare's life: set up, join the cgroups, say ready, wait for one request, run it."""
@@ -127,7 +116,7 @@ def _serve(code: SkillCode, preload: list[str], precompiled: CodeType | None,
         child.become_execution_process(zygote_pid)
         # 0-2: the zygote's /dev/null and its stderr (the operator's log) until the request's
         # pipes replace them; the Landlock plan's fds are needed to confine the request.
-        _close_inherited({0, 1, 2, sock.fileno(), *isolation.kept_fds()})
+        isolation.close_fds_except({0, 1, 2, sock.fileno(), *isolation.kept_fds()})
         isolation.join_cgroups(cgroups, os.getpid())
         isolation.enter_own_user_namespace()
         sock.send(READY)
