@@ -50,12 +50,18 @@ class LimitsConfig(_Strict):
                            description="wall-clock seconds")
     cpu_time: float = Field(default=5.0, gt=0, allow_inf_nan=False,
                             description="CPU seconds, whole process tree")
-    memory_mb: int = Field(default=128, gt=0, description="memory above the worker's baseline")
-    max_processes: int = Field(default=32, gt=0, description="processes and threads in the tree")
-    max_output_bytes: int = Field(default=1 << 20, gt=0, description="result, stdout, stderr each")
-    max_file_bytes: int = Field(default=16 << 20, gt=0,
+    # Upper bounds the kernel takes (cgroup files and rlimits hold 64-bit counts, pid_max is
+    # at most 2**22, nr_open 2**20): past them a write fails with EINVAL at execution time,
+    # and that OSError escaped `execute` instead of a load error naming the field.
+    memory_mb: int = Field(default=128, gt=0, le=1 << 40,
+                           description="memory above the worker's baseline")
+    max_processes: int = Field(default=32, gt=0, le=1 << 22,
+                               description="processes and threads in the tree")
+    max_output_bytes: int = Field(default=1 << 20, gt=0, le=1 << 40,
+                                  description="result, stdout, stderr each")
+    max_file_bytes: int = Field(default=16 << 20, gt=0, le=1 << 50,
                                 description="largest file the skill may write")
-    max_open_files: int = Field(default=256, ge=16)
+    max_open_files: int = Field(default=256, ge=16, le=1 << 20)
     cpus: float | None = Field(default=None, gt=0, le=4096,
                                description="CPU share of the whole tree, in CPUs (1.5: one and "
                                            "a half); cgroup v2 `cpu.max`, not enforced on v1")

@@ -4,12 +4,13 @@ something other than a `SkillLoadError` naming the file."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
-from sandbox import Skill
+from sandbox import ExecutionRequest, ExecutionStatus, Sandbox, Skill
 from sandbox.errors import SkillLoadError
 from sandbox.manifest import MAX_YAML_NODES
 
@@ -108,3 +109,31 @@ def test_an_infinite_native_limit_is_refused_naming_the_field(tmp_path: Path, fi
                                           f"[limits]\n{field} = inf\n")
     with pytest.raises(SkillLoadError, match=field):
         Skill.from_dir(directory)
+
+
+@pytest.mark.parametrize("field", ["memory_mb", "max_processes", "max_output_bytes",
+                                   "max_file_bytes", "max_open_files"])
+def test_a_limit_past_what_the_kernel_takes_is_refused_at_load(tmp_path: Path,
+                                                                field: str) -> None:
+    # Before: memory_mb = 10**23 loaded, and the execution's cgroup write raised
+    # OSError(EINVAL) out of Sandbox.execute.
+    directory = tmp_path / "huge"
+    directory.mkdir(mode=0o755)
+    (directory / "main.py").write_text(MAIN)
+    (directory / "skill.toml").write_text(f'id = "t/huge"\nentrypoint = "main:run"\n'
+                                          f"[limits]\n{field} = {10 ** 23}\n")
+    with pytest.raises(SkillLoadError, match=field):
+        Skill.from_dir(directory)
+
+
+def test_the_largest_memory_limit_allowed_still_executes(
+        tmp_path: Path, make_sandbox: Callable[..., Sandbox]) -> None:
+    # CONTROL for the bound: at the bound itself the cgroup write and rlimits are accepted.
+    directory = tmp_path / "big"
+    directory.mkdir(mode=0o755)
+    (directory / "main.py").write_text(MAIN)
+    (directory / "skill.toml").write_text(f'id = "t/big"\nentrypoint = "main:run"\n'
+                                          f"[limits]\nmemory_mb = {1 << 40}\n")
+    sandbox = make_sandbox(directory)
+    result = sandbox.execute(ExecutionRequest(skill_id="t/big", input=b"{}"))
+    assert result.status is ExecutionStatus.SUCCESS, result.error
