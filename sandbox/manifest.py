@@ -8,6 +8,7 @@ who wrote the manifest can fix it without reading this code.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -44,14 +45,23 @@ class _Strict(BaseModel):
 class LimitsConfig(_Strict):
     """Per-skill ceilings. Defaults follow openbotstack: 30 s wall, 5 s CPU, 128 MB."""
 
-    timeout: float = Field(default=30.0, gt=0, description="wall-clock seconds")
-    cpu_time: float = Field(default=5.0, gt=0, description="CPU seconds, whole process tree")
-    memory_mb: int = Field(default=128, gt=0, description="memory above the worker's baseline")
-    max_processes: int = Field(default=32, gt=0, description="processes and threads in the tree")
-    max_output_bytes: int = Field(default=1 << 20, gt=0, description="result, stdout, stderr each")
-    max_file_bytes: int = Field(default=16 << 20, gt=0,
+    #: Finite only: TOML's `inf` and YAML's `.inf` are floats too, and no deadline is infinite.
+    timeout: float = Field(default=30.0, gt=0, allow_inf_nan=False,
+                           description="wall-clock seconds")
+    cpu_time: float = Field(default=5.0, gt=0, allow_inf_nan=False,
+                            description="CPU seconds, whole process tree")
+    # Upper bounds the kernel takes (cgroup files and rlimits hold 64-bit counts, pid_max is
+    # at most 2**22, nr_open 2**20): past them a write fails with EINVAL at execution time,
+    # and that OSError escaped `execute` instead of a load error naming the field.
+    memory_mb: int = Field(default=128, gt=0, le=1 << 40,
+                           description="memory above the worker's baseline")
+    max_processes: int = Field(default=32, gt=0, le=1 << 22,
+                               description="processes and threads in the tree")
+    max_output_bytes: int = Field(default=1 << 20, gt=0, le=1 << 40,
+                                  description="result, stdout, stderr each")
+    max_file_bytes: int = Field(default=16 << 20, gt=0, le=1 << 50,
                                 description="largest file the skill may write")
-    max_open_files: int = Field(default=256, ge=16)
+    max_open_files: int = Field(default=256, ge=16, le=1 << 20)
     cpus: float | None = Field(default=None, gt=0, le=4096,
                                description="CPU share of the whole tree, in CPUs (1.5: one and "
                                            "a half); cgroup v2 `cpu.max`, not enforced on v1")
@@ -217,10 +227,11 @@ def parse_duration(value: Any, path: Path, field: str) -> float:
     Go's `time.ParseDuration` grammar, positive only: a duration string without a unit, such as
     `"45"`, is refused as Go refuses it (a bare YAML number is seconds, as before).
     """
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+    if (isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+            and math.isfinite(value)):
         return float(value)
     seconds = _go_duration(value.strip()) if isinstance(value, str) else None
-    if seconds is None or seconds <= 0:
+    if seconds is None or seconds <= 0 or not math.isfinite(seconds):  # Go: "invalid duration"
         raise SkillLoadError(f"{path}: field '{field}': {value!r} is not a positive duration "
                              "such as '60s', '500ms', '1m30s' or '1.5h'")
     return seconds
@@ -246,14 +257,15 @@ def parse_size_mb(value: Any, path: Path, field: str) -> int:
     match = _SIZE_PATTERN.match(value) if isinstance(value, str) else None
     if match:
         size = float(match.group(1)) * _SIZE_UNITS[match.group(2)[0].lower()]
-        if size > 0:
+        if 0 < size < float("inf"):  # digits past a float are no size either
             return max(1, -(-int(size) // (1 << 20)))
     raise SkillLoadError(f"{path}: field '{field}': {value!r} is not a positive size with a "
                          "unit, such as '64MB', '512KiB' or '1GiB'")
 
 
 def _positive_number(value: Any, path: Path, field: str, what: str) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+    if (not isinstance(value, int | float) or isinstance(value, bool) or value <= 0
+            or not math.isfinite(value)):
         raise SkillLoadError(f"{path}: field '{field}': {value!r} is not a positive {what}")
     return float(value)
 
@@ -271,18 +283,49 @@ def _mapping(value: Any, path: Path, field: str, known: set[str]) -> dict[str, A
     return value
 
 
+#: Most nodes a YAML manifest may stand for once its aliases are expanded. A document of a few
+#: hundred bytes whose anchors alias each other level by level ("billion laughs") stands for
+#: billions; loading shares them, but anything walking the result (the schema checks, a JSON
+#: encoder) would not finish. yaml.v3, openbotstack's reader, refuses such aliasing too.
+MAX_YAML_NODES = 100_000
+
+
 def _read_yaml(path: Path, text: str | None = None) -> Any:
     """YAML from `text`, or from the file at `path`; errors name `path`."""
     import yaml  # only openbotstack's formats need it
 
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8") if text is None else text)
+        loader = yaml.SafeLoader(path.read_text(encoding="utf-8") if text is None else text)
+        try:  # yaml.safe_load, with the expanded size checked between composing and building
+            node = loader.get_single_node()
+            if node is not None and _expanded_nodes(node) > MAX_YAML_NODES:
+                raise SkillLoadError(f"{path}: its YAML aliases expand to more than "
+                                     f"{MAX_YAML_NODES} nodes")
+            return None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise SkillLoadError(f"{path}: not valid YAML: {exc}") from None
     except RecursionError:  # the parser recurses per nesting level
         raise SkillLoadError(f"{path}: nested too deeply to parse") from None
     except OSError as exc:
         raise SkillLoadError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _expanded_nodes(root: Any) -> int:
+    """How many nodes `root` stands for with every alias expanded, counting no further than
+    just past `MAX_YAML_NODES` (an alias is the same node object, visited once per use)."""
+    import yaml
+
+    count, stack = 0, [root]
+    while stack and count <= MAX_YAML_NODES:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(child for pair in node.value for child in pair)
+    return count
 
 
 def read_skill_md(path: Path) -> tuple[dict[str, Any], str]:

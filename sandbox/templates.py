@@ -42,6 +42,12 @@ class Reference:
     path: tuple[str, ...]
 
 
+#: Most characters a step's rendered arguments may hold (all strings together): a reference
+#: repeats an earlier output, so without a bound a short argument such as `{{big}}` times
+#: 20 000 would make gigabytes of text in the supervisor from a 1 MB output.
+MAX_RENDERED_CHARS = 16 << 20
+
+
 def references_in(value: Any) -> list[str]:
     """Every `{{...}}` occurrence (the whole braces text) in a JSON value, depth-first."""
     found: list[str] = []
@@ -129,27 +135,55 @@ def as_text(value: Any) -> str:
     return value if isinstance(value, str) else msgspec.json.encode(value).decode()
 
 
-def render(value: Any, earlier: Sequence[str], outputs: Sequence[Any]) -> Any:
-    """`value` with every reference replaced, given the names and outputs of earlier steps."""
+class _Budget:
+    """What a step's substituted references may still add (`MAX_RENDERED_CHARS` in all)."""
+
+    def __init__(self) -> None:
+        self.left = MAX_RENDERED_CHARS
+
+    def spend(self, size: int) -> None:
+        self.left -= size
+        if self.left < 0:
+            raise TemplateError(f"the rendered arguments would exceed {MAX_RENDERED_CHARS} "
+                                "characters (references repeat earlier outputs)")
+
+
+def render(value: Any, earlier: Sequence[str], outputs: Sequence[Any],
+           budget: _Budget | None = None) -> Any:
+    """`value` with every reference replaced, given the names and outputs of earlier steps.
+
+    Every substituted value counts against one `MAX_RENDERED_CHARS` budget (a whole-string
+    reference to an object by its JSON size, since the request carries it encoded once per
+    reference)."""
+    budget = _Budget() if budget is None else budget
     if isinstance(value, str):
-        return _render_string(value, earlier, outputs)
+        return _render_string(value, earlier, outputs, budget)
     if isinstance(value, dict):
-        return {key: render(item, earlier, outputs) for key, item in value.items()}
+        return {key: render(item, earlier, outputs, budget) for key, item in value.items()}
     if isinstance(value, list):
-        return [render(item, earlier, outputs) for item in value]
+        return [render(item, earlier, outputs, budget) for item in value]
     return value
 
 
-def _render_string(text: str, earlier: Sequence[str], outputs: Sequence[Any]) -> Any:
+def _render_string(text: str, earlier: Sequence[str], outputs: Sequence[Any],
+                   budget: _Budget) -> Any:
     def resolve(reference_text: str) -> Any:
         reference = resolve_reference(reference_text, earlier)
         return lookup(reference, outputs[reference.step_index], earlier[reference.step_index])
 
+    def substitute(reference_text: str) -> str:
+        text = as_text(resolve(reference_text))
+        budget.spend(len(text))
+        return text
+
     if REFERENCE.fullmatch(text):
-        return resolve(text)
+        value = resolve(text)
+        budget.spend(len(value) if isinstance(value, str) else
+                     len(as_text(value)) if isinstance(value, dict | list) else 1)
+        return value
     if "{{" not in text:
         return text
-    return REFERENCE.sub(lambda match: as_text(resolve(match.group(0))), text)
+    return REFERENCE.sub(lambda match: substitute(match.group(0)), text)
 
 
 # -- openbotstack's dialect: execution/template in openbotstack-core, as it behaves ---------------
@@ -214,11 +248,12 @@ def go_split(content: str, known: Collection[str]) -> tuple[str, str]:
 
 def render_go(arguments: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     """`arguments` with openbotstack's template resolution applied (see above)."""
-    return {key: _render_go_string(key, value, results) if isinstance(value, str) else value
-            for key, value in arguments.items()}
+    budget = _Budget()
+    return {key: _render_go_string(key, value, results, budget) if isinstance(value, str)
+            else value for key, value in arguments.items()}
 
 
-def _render_go_string(key: str, text: str, results: dict[str, Any]) -> str:
+def _render_go_string(key: str, text: str, results: dict[str, Any], budget: _Budget) -> str:
     def resolve(content: str) -> Any:
         name, field = go_split(content, results)
         if name not in results:
@@ -239,7 +274,15 @@ def _render_go_string(key: str, text: str, results: dict[str, Any]) -> str:
             walked.append(part)
         return value
 
-    return GO_REFERENCE.sub(lambda match: go_text(resolve(match.group(1))), text)
+    def substitute(content: str) -> str:
+        try:
+            text = go_text(resolve(content))
+        except TemplateError as exc:
+            raise TemplateError(f"argument {key!r}: {{{{{content}}}}}: {exc}") from None
+        budget.spend(len(text))
+        return text
+
+    return GO_REFERENCE.sub(lambda match: substitute(match.group(1)), text)
 
 
 def _go_type(value: Any) -> str:
@@ -258,8 +301,19 @@ def go_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
-        return _go_float(float(value), exponent_at=6, short_exponent=False)
+        return _go_float(_float64(value), exponent_at=6, short_exponent=False)
     return str(value)
+
+
+def _float64(value: int | float) -> float:
+    """`value` as the float64 Go decodes a JSON number into; an integer past float64's range
+    (which a skill's JSON output may hold) is what Go's decoder refuses, so the reference fails
+    instead of raising OverflowError out of the plan."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise TemplateError(f"an integer of {int(value).bit_length()} bits does not fit a "
+                            "float64, as Go would read it") from None
 
 
 def _go_json(value: Any) -> str:
@@ -281,7 +335,7 @@ def _go_json(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
-        return _go_float(float(value), exponent_at=21, short_exponent=True, small=-6)
+        return _go_float(_float64(value), exponent_at=21, short_exponent=True, small=-6)
     raise TypeError(f"not a JSON value: {type(value).__name__}")
 
 
@@ -320,10 +374,15 @@ def coerce_string_numbers(arguments: dict[str, Any]) -> dict[str, Any]:
     for key, value in arguments.items():
         if not isinstance(value, str):
             continue
-        if _GO_INT.match(value) and int(value) in _INT64:
-            coerced[key] = int(value)
+        if _GO_INT.match(value):
+            # ParseInt's "out of range" keeps the string; the length test comes first, since
+            # int() refuses text past 4300 digits with ValueError
+            if len(value.lstrip("-")) <= 19 and int(value) in _INT64:
+                coerced[key] = int(value)
         elif _GO_FLOAT.match(value):
-            coerced[key] = float(value)
+            number = float(value)
+            if math.isfinite(number):  # ParseFloat's ErrRange keeps the string too
+                coerced[key] = number
         elif value in ("true", "false"):
             coerced[key] = value == "true"
     return coerced
