@@ -102,11 +102,8 @@ def test_an_infinite_native_limit_is_refused_naming_the_field(tmp_path: Path, fi
     # CONTROL: TOML reads `inf` as a float, which passes a plain "greater than 0" check.
     import tomllib
     assert tomllib.loads(f"{field} = inf")[field] > 0
-    directory = tmp_path / "inf"
-    directory.mkdir(mode=0o755)
-    (directory / "main.py").write_text(MAIN)
-    (directory / "skill.toml").write_text(f'id = "t/inf"\nentrypoint = "main:run"\n'
-                                          f"[limits]\n{field} = inf\n")
+    directory = write(tmp_path / "inf", "skill.toml", f'id = "t/inf"\nentrypoint = "main:run"\n'
+                                                     f"[limits]\n{field} = inf\n")
     with pytest.raises(SkillLoadError, match=field):
         Skill.from_dir(directory)
 
@@ -117,11 +114,8 @@ def test_a_limit_past_what_the_kernel_takes_is_refused_at_load(tmp_path: Path,
                                                                 field: str) -> None:
     # Before: memory_mb = 10**23 loaded, and the execution's cgroup write raised
     # OSError(EINVAL) out of Sandbox.execute.
-    directory = tmp_path / "huge"
-    directory.mkdir(mode=0o755)
-    (directory / "main.py").write_text(MAIN)
-    (directory / "skill.toml").write_text(f'id = "t/huge"\nentrypoint = "main:run"\n'
-                                          f"[limits]\n{field} = {10 ** 23}\n")
+    directory = write(tmp_path / "huge", "skill.toml", f'id = "t/huge"\nentrypoint = "main:run"\n'
+                                                      f"[limits]\n{field} = {10 ** 23}\n")
     with pytest.raises(SkillLoadError, match=field):
         Skill.from_dir(directory)
 

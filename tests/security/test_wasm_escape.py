@@ -17,6 +17,7 @@ import pytest
 from sandbox import ErrorKind, ExecutionRequest, ExecutionStatus, Sandbox, Skill
 from sandbox.execution import EXHAUSTED_ERROR
 from tests.security.hostile import requires
+from tests.test_wasm import ECHO_REACTOR
 
 wasmtime = pytest.importorskip("wasmtime")
 
@@ -241,15 +242,7 @@ def test_wasm_skill_runs_under_every_layer_of_this_host(make_sandbox: Callable[.
                                                         tmp_path: Path) -> None:
     """wasmtime works beneath the child's seccomp profile and Landlock ruleset (nothing it
     needs is refused): the echo answers, on a host where `doctor` reports those active."""
-    wat = """(module
-      (import "env" "get_input_len" (func $len (result i32)))
-      (import "env" "get_input" (func $get (param i32) (result i32)))
-      (import "env" "set_output" (func $set (param i32 i32)))
-      (memory (export "memory") 1)
-      (func (export "execute")
-        (drop (call $get (i32.const 0)))
-        (call $set (i32.const 0) (call $len))))"""
-    skill = load(tmp_path, wat)
+    skill = load(tmp_path, ECHO_REACTOR)
     sandbox = make_sandbox(skill, warm=True)
     report = {layer.name: layer.status for layer in sandbox.capabilities().layers}
     result = sandbox.execute(ExecutionRequest(skill_id=skill.id, input=json.dumps([1]).encode()))
