@@ -154,6 +154,8 @@ def test_a_declarative_skill_loaded_warm_starts_no_worker_process(
     assert len(zygotes_below() - before) == 1
 
 
+@pytest.mark.skipif(not OPENBOTSTACK.is_dir(), reason=f"openbotstack's skills are not at "
+                                                      f"{OPENBOTSTACK}")
 def test_openbotstack_summarize_prompt_runs_as_written(
         tmp_path: Path, make_sandbox: Callable[..., Sandbox], stub: StubLLMServer,
         provider: OpenAICompatibleProvider) -> None:
