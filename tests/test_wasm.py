@@ -192,6 +192,22 @@ def test_infinite_loop_ends_as_cpu_exhaustion(make_sandbox: Callable[..., Sandbo
     assert result.error.startswith(f"{EXHAUSTED_ERROR}: cpu time")
 
 
+@pytest.mark.timeout(60)
+def test_unbounded_recursion_is_a_stack_trap_and_the_process_survives_to_report_it(
+        make_sandbox: Callable[..., Sandbox], wasm_skill: MakeWasm) -> None:
+    """wasmtime's own stack limit stops the recursion (a trap the module caused: its failure),
+    long before the process's stack rlimit would kill the child without a word."""
+    wat = """(module (memory (export "memory") 1)
+      (func $down (param i64) (result i64)
+        (i64.add (call $down (i64.add (local.get 0) (i64.const 1))) (i64.const 1)))
+      (func (export "execute") (drop (call $down (i64.const 0)))))"""
+    [result, again] = run(make_sandbox, wasm_skill(wat), times=2)
+    assert result.status is ExecutionStatus.FAILED
+    assert result.error_kind is ErrorKind.SKILL_FAILED
+    assert "wasm trap" in result.error and "stack" in result.error, result.error
+    assert (again.status, again.error_kind) == (result.status, result.error_kind)
+
+
 GROW = """(module
   (memory (export "memory") 1)
   (func (export "execute")
