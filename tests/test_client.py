@@ -282,5 +282,5 @@ def test_a_step_retry_naming_no_step_or_a_missing_fallback_is_refused(
         client.execute_plan(plan)
     plan.step_retry = {}
     plan.retry = RetryPolicy(max_retries=1, fallback_tool="builtin.nowhere")
-    with pytest.raises(InvalidPlan, match="fallback tool 'builtin.nowhere' is not registered"):
+    with pytest.raises(InvalidPlan, match=r"fallback tool 'builtin\.nowhere' is not registered"):
         client.execute_plan(plan)

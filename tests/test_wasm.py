@@ -208,6 +208,26 @@ def test_unbounded_recursion_is_a_stack_trap_and_the_process_survives_to_report_
     assert (again.status, again.error_kind) == (result.status, result.error_kind)
 
 
+@pytest.mark.timeout(60)
+def test_a_module_that_burns_no_fuel_is_stopped_by_the_wall_timeout_beneath(
+        make_sandbox: Callable[..., Sandbox], wasm_skill: MakeWasm) -> None:
+    """Fuel only counts instructions: a module asleep in a WASI call for a minute spends none,
+    so the layer beneath, the supervisor's wall timeout on the whole process, ends it."""
+    wat = """(module
+      (import "wasi_snapshot_preview1" "poll_oneoff"
+        (func $poll (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (func (export "_start")
+        (i32.store8 (i32.const 8) (i32.const 0))                 ;; tag: clock
+        (i32.store (i32.const 16) (i32.const 1))                 ;; monotonic clock
+        (i64.store (i32.const 24) (i64.const 60000000000))       ;; 60 s, relative
+        (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"""
+    skill = wasm_skill(wat, manifest_extra="[limits]\ncpu_time = 0.5\ntimeout = 1.0\n")
+    [result] = run(make_sandbox, skill)
+    assert result.status is ExecutionStatus.TIMEOUT, result.error
+    assert result.resource_usage.cpu_time_ms < 500
+
+
 GROW = """(module
   (memory (export "memory") 1)
   (func (export "execute")
