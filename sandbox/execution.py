@@ -160,13 +160,18 @@ class Execution:
 
     def run(self) -> ExecutionResult:
         spec = self.spec
-        workdir = _make_workdir(spec.workdir_root, spec.exec_id)
+        # With a tmpfs workdir (the zygote's mount namespace) the zygote makes and removes the
+        # directory, on a tmpfs of its own over the root: nothing per execution on the host's
+        # filesystem, where an rmdir waits for the disk's journal (milliseconds when busy).
+        host_dir = not spec.isolation.disk_bytes
+        workdir = (_make_workdir(spec.workdir_root, spec.exec_id) if host_dir
+                   else _workdir_path(spec.workdir_root, spec.exec_id))
         fds: list[int] = []
         report: socket.socket | None = None
         request_r = -1
         try:
             isolation = spec.isolation
-            if isolation.uid >= 0 and not isolation.disk_bytes:
+            if isolation.uid >= 0 and host_dir:
                 os.chown(workdir, isolation.uid, isolation.gid)  # no tmpfs: the uid owns it
             request_r, request_w = os.pipe2(os.O_CLOEXEC)
             result_r, result_w = os.pipe2(os.O_CLOEXEC)
@@ -215,7 +220,8 @@ class Execution:
                 report.close()
             for fd in fds:
                 os.close(fd)
-            _remove_workdir(workdir)
+            if host_dir:
+                _remove_workdir(workdir)
         return self._judge()
 
     # -- the poll loop --------------------------------------------------------------------
@@ -627,9 +633,14 @@ class Execution:
     _exited_at: float = 0.0
 
 
+def _workdir_path(root: str, exec_id: str) -> str:
+    """Where an execution's workdir is: named after its (random) id, under the root."""
+    return os.path.join(root, f"exec-{exec_id}")
+
+
 def _make_workdir(root: str, exec_id: str) -> str:
     """A fresh, private directory named after the (random) execution id."""
-    path = os.path.join(root, f"exec-{exec_id}")
+    path = _workdir_path(root, exec_id)
     try:
         os.mkdir(path, 0o700)
     except FileNotFoundError:  # the root went away (or was never made): make it once more
