@@ -344,6 +344,12 @@ def set_process_name(name: bytes) -> None:
         raise OSError(err, f"prctl(PR_SET_NAME): {os.strerror(err)}")
 
 
+def own_ruleset() -> None:
+    """In a spare, before it says ready: a Landlock ruleset of its own (`Plan.own_spare`)."""
+    if _Zygote.plan is not None:
+        _Zygote.plan.own_spare()
+
+
 def prepare_next() -> None:
     """In the zygote, once the fork is reported: build the next child's Landlock ruleset."""
     if _Zygote.plan is not None:

@@ -284,7 +284,8 @@ class Zygote:
             else:
                 self.spare = new
                 self.selector.register(new.sock, selectors.EVENT_READ, _SPARE)
-                isolation.prepare_next()  # the spare took the Landlock ruleset
+                # The spare builds a Landlock ruleset of its own (`isolation.own_ruleset`): the
+                # zygote's stays untouched, for the next child forked on request.
         while len(self.tickets) > (0 if self.spare is not None else 1):
             extra = self.tickets.pop()
             if extra:
