@@ -209,6 +209,12 @@ class Execution:
             _set_nonblocking(request_w, result_r, stdout_r, stderr_r)
             self._loop(report, request_w, result_r, stdout_r, stderr_r, fds)
         finally:
+            if report is not None and self.state.started is None:
+                # A start report the loop left unread (it reads the socket late): the pid,
+                # for the kill just below, and the cgroup pair, for the clean-up after it.
+                report.setblocking(False)
+                while self.state.exited is None and self._receive_report(report):
+                    pass
             self._kill()
             if request_r >= 0:
                 self.request_unread = _unread_bytes(request_r) > 0
@@ -235,7 +241,12 @@ class Execution:
         readers = {result_r: "result", stdout_r: "stdout", stderr_r: "stderr"}
         for fd in readers:
             poller.register(fd, select.POLLIN)
-        poller.register(report.fileno(), select.POLLIN)
+        # The report socket is first read once the pipes are done with (the child exited),
+        # at the first tree sample, or when the execution must be killed (its pid is in the
+        # start report): a quick execution's start report waits in the socket and is read
+        # with its exit report, one wake-up fewer while the child runs.
+        report_from = self.start + FIRST_SAMPLE_AFTER
+        report_polled = False
         poller.register(spec.cancel_fd, select.POLLIN)
         # An empty pipe takes a small input at once: no poll round for the common case.
         try:
@@ -255,6 +266,9 @@ class Execution:
 
         while True:
             now = time.monotonic()
+            if not report_polled and (now >= report_from or not readers or state.killed_kind):
+                poller.register(report.fileno(), select.POLLIN)
+                report_polled = True
             for fd, until in list(resting.items()):
                 if until <= now or state.exited is not None or state.killed_kind:
                     poller.register(fd, select.POLLIN)
@@ -275,7 +289,8 @@ class Execution:
                     self._check_tree()
                     next_sample = now + SAMPLE_INTERVAL
                     continue
-            wake = min(self._next_wake(now, next_sample), *resting.values(), math.inf)
+            wake = min(self._next_wake(now, next_sample), *resting.values(),
+                       math.inf if report_polled else report_from)
             for fd, events in poller.poll(max(0.0, wake - now) * 1000):
                 if fd == request_w:
                     if events & (select.POLLERR | select.POLLHUP):
