@@ -250,6 +250,14 @@ class ZygoteReady(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
     python: str
 
 
+class ZygoteForked(msgspec.Struct, frozen=True, kw_only=True, tag="hello"):
+    """A zygote forked by the shared base, first thing on its control socket, before it reads
+    its config: its pid, so the supervisor can reap it even if the base died before it could
+    reply (the zygote then exits on EOF, a child of the supervisor that nobody else names)."""
+
+    pid: int
+
+
 class ZygoteFailed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
     error: str
     #: The skill's own code failed (its entrypoint does not compile): the skill's fault, not
@@ -314,7 +322,7 @@ class BaseForked(msgspec.Struct, frozen=True, kw_only=True, tag="forked"):
 
 
 BaseMessage = BaseReady | BaseForked
-ZygoteMessage = ZygoteReady | ZygoteFailed
+ZygoteMessage = ZygoteReady | ZygoteFailed | ZygoteForked
 ControlMessage = ForkCommand | SpareCgroups
 ReportMessage = ChildStarted | ChildExited
 

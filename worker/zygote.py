@@ -41,6 +41,7 @@ from worker.protocol import (
     SpareCgroups,
     ZygoteConfig,
     ZygoteFailed,
+    ZygoteForked,
     ZygoteReady,
 )
 
@@ -428,6 +429,7 @@ def run_forked(control: socket.socket) -> None:
     its own control socket, so the base never receives anything of the skill."""
     _install_signals()
     try:
+        control.send(msgspec.msgpack.encode(ZygoteForked(pid=os.getpid())))
         config = control.recv(MAX_CONFIG)
     except OSError:
         config = b""
