@@ -1,0 +1,279 @@
+"""The fleet: Celery workers on a real redis-server (127.0.0.1, a free port, started here), two
+worker processes standing for two hosts, and `FleetClient` as the caller.
+
+"Never run twice" is proven from the workers' own execution logs (one record per execution
+the supervisor ran, stamped with the node): a request id appears in at most one record across
+both nodes, and a request answered as lost with its worker appears in none.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import msgspec
+import psutil
+import pytest
+
+from tests.conftest import slow, wait_until_gone
+from tests.fleet_util import REDIS_SERVER, RedisServer, Worker
+
+pytest.importorskip("celery", reason="the fleet extra (celery) is not installed")
+pytest.importorskip("redis", reason="the fleet extra (redis) is not installed")
+
+from sandbox.fleet import FleetClient
+from sandbox.fleet.protocol import TASK_NAME, Envelope, Keys, encode, queue_name, text
+from worker.protocol import ErrorKind, ExecutionRequest, ExecutionStatus
+
+pytestmark = pytest.mark.skipif(
+    REDIS_SERVER is None,
+    reason="redis-server is not installed (Debian package redis-server; `make test` installs it "
+           "as root)")
+
+SKILLS = {
+    "echo": ("def run(input):\n    return input\n", ""),
+    "slow": ("import time\n\ndef run(input):\n    time.sleep(input['seconds'])\n"
+             "    return {'slept': input['seconds']}\n", "[limits]\ntimeout = 30\n"),
+    "idem": ("import time\n\ndef run(input):\n    time.sleep(input['seconds'])\n"
+             "    return {'slept': input['seconds']}\n",
+             "idempotent = true\n[limits]\ntimeout = 30\n"),
+    "fail": ("def run(input):\n    raise ValueError('always')\n", ""),
+}
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet_skills(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fleet-skills")
+    for name, (code, extra) in SKILLS.items():
+        directory = root / name
+        directory.mkdir()
+        (directory / "main.py").write_text(code)
+        (directory / "skill.toml").write_text(
+            f'id = "fleet/{name}"\nentrypoint = "main:run"\n{extra}')
+    return root
+
+
+@pytest.fixture
+def prefix() -> str:
+    """Each test its own fleet (key prefix) on the shared server."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def start_worker(redis_server: RedisServer, fleet_skills: Path, tmp_path: Path,
+                 prefix: str) -> Iterator[Callable[..., Worker]]:
+    started: list[Worker] = []
+
+    def start(node: str, **options: object) -> Worker:
+        worker = Worker(redis_server.url, fleet_skills, node, tmp_path, prefix,
+                        **options)  # type: ignore[arg-type]
+        started.append(worker)
+        return worker
+
+    yield start
+    pids: set[int] = set()
+    for worker in started:
+        pids |= worker.tree()
+        if worker.proc.poll() is None:
+            worker.terminate()
+    for pid in wait_until_gone(pids, timeout=10):  # left by a killed one: ours to end
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def client(redis_server: RedisServer, prefix: str) -> Iterator[FleetClient]:
+    with FleetClient(redis_server.url, prefix=prefix, poll=0.2, answer_grace=3.0) as fleet:
+        yield fleet
+
+
+def request(skill: str, payload: object, timeout: float | None = 20.0) -> ExecutionRequest:
+    return ExecutionRequest(skill_id=f"fleet/{skill}", input=msgspec.json.encode(payload),
+                            timeout=timeout)
+
+
+def executions(*workers: Worker) -> collections.Counter[str]:
+    """How many times each request id was run, from the nodes' own execution logs."""
+    return collections.Counter(str(record["request_id"]) for worker in workers
+                               for record in worker.records())
+
+
+@pytest.mark.timeout(180)
+def test_many_executions_spread_over_two_workers_each_run_and_answered_once(
+        start_worker: Callable[..., Worker], client: FleetClient) -> None:
+    a, b = start_worker("host-a"), start_worker("host-b")
+    requests = [request("echo", {"n": n}) for n in range(500)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(client.execute, requests))
+    assert [r.status for r in results] == [ExecutionStatus.SUCCESS] * 500, \
+        [r.error for r in results if not r.ok][:3]
+    assert [r.json() for r in results] == [{"n": n} for n in range(500)]
+    assert [r.request_id for r in results] == [r.request_id for r in requests]
+    assert {r.node for r in results} == {"host-a", "host-b"}  # both hosts took work
+    counts = executions(a, b)
+    assert set(counts) == {r.request_id for r in requests}
+    assert max(counts.values()) == 1
+    by_node = {str(rec["request_id"]): rec["node"] for w in (a, b) for rec in w.records()}
+    assert all(by_node[r.request_id] == r.node for r in results)  # log and result agree
+
+
+@pytest.mark.timeout(120)
+def test_kill_9_of_a_worker_mid_run_answers_every_request_once_and_runs_none_twice(
+        start_worker: Callable[..., Worker], client: FleetClient, redis_server: RedisServer,
+        prefix: str) -> None:
+    a, b = start_worker("host-a"), start_worker("host-b")
+    requests = [request("slow", {"seconds": 1.0}, timeout=40) for _ in range(12)]
+    answers: dict[str, list[object]] = collections.defaultdict(list)
+    lock = threading.Lock()
+
+    def run(req: ExecutionRequest) -> None:
+        result = client.execute(req)
+        with lock:
+            answers[req.request_id].append(result)
+
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        futures = [pool.submit(run, req) for req in requests]
+        # wait until host-a is running some of them, then the host dies
+        keys, deadline = Keys(prefix), time.monotonic() + slow(30)
+        while time.monotonic() < deadline:
+            holders = [client.redis.get(key) for key in client.redis.scan_iter(keys.claim("*"))]
+            if sum(1 for h in holders if text(h) == a.worker_id) >= 2:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("host-a never claimed two requests")
+        tree = a.tree()
+        a.kill()
+        for future in futures:
+            future.result(timeout=slow(60))
+    assert not wait_until_gone(tree, timeout=10), "the dead host's zygotes outlived it"
+
+    assert set(answers) == {req.request_id for req in requests}
+    assert all(len(got) == 1 for got in answers.values())  # exactly one answer each
+    results = {rid: got[0] for rid, got in answers.items()}
+    lost = {rid for rid, r in results.items() if not r.ok}  # type: ignore[attr-defined]
+    assert lost, "no request was in flight on the killed host: the test proved nothing"
+    for rid in lost:
+        result = results[rid]
+        assert result.status is ExecutionStatus.FAILED, result  # type: ignore[attr-defined]
+        assert result.error_kind is ErrorKind.WORKER_FAILURE  # type: ignore[attr-defined]
+        assert "died while running it" in result.error  # type: ignore[attr-defined]
+        assert result.node == "host-a"  # type: ignore[attr-defined]
+    counts = executions(a, b)
+    assert max(counts.values(), default=0) <= 1  # none ran twice
+    assert not lost & set(executions(b)), "a request lost with host-a ran again on host-b"
+    for rid, result in results.items():
+        if result.ok:  # type: ignore[attr-defined]
+            assert counts[rid] == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_delivery_sent_twice_runs_once(start_worker: Callable[..., Worker],
+                                         client: FleetClient) -> None:
+    """Celery may deliver a message twice (a restored unacknowledged message); the claim key
+    makes the second delivery a no-op. The duplicate is sent by hand here."""
+    a = start_worker("host-a")
+    req = request("echo", {"twice": True})
+    envelope = Envelope(request=req, delivery=uuid.uuid4().hex, expires=time.time() + 20)
+    for _ in range(2):
+        client.app.send_task(TASK_NAME, args=[encode(envelope)], queue=queue_name("default"))
+    key = client.keys.result(envelope.delivery)
+    item = client.redis.blpop([key], timeout=slow(20))
+    assert item is not None
+    deadline = time.monotonic() + slow(20)
+    while time.monotonic() < deadline:  # both deliveries consumed (one ran, one dropped)
+        status = client.status()
+        if status["workers"] and status["workers"][0]["dropped"] >= 1 \
+                and not status["queues"].get(queue_name("default")):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the duplicate was never consumed: {client.status()}")
+    assert executions(a)[req.request_id] == 1
+    assert client.redis.llen(key) == 0  # one answer only
+
+
+@pytest.mark.timeout(60)
+def test_a_request_that_expires_in_the_queue_is_answered_timeout_and_never_runs(
+        start_worker: Callable[..., Worker], client: FleetClient) -> None:
+    a = start_worker("host-a", concurrency=1)
+    blocker = threading.Thread(target=client.execute, args=(request("slow", {"seconds": 3}),))
+    blocker.start()
+    time.sleep(0.5)  # the only thread is busy for 3 s
+    queued = request("echo", {"late": True}, timeout=1.0)
+    result = client.execute(queued)
+    blocker.join(timeout=slow(30))
+    assert result.status is ExecutionStatus.TIMEOUT
+    assert result.error_kind is ErrorKind.TIMEOUT
+    time.sleep(1.0)  # the worker takes the expired message now, and must drop it
+    assert executions(a)[queued.request_id] == 0
+
+
+@pytest.mark.timeout(60)
+def test_unknown_skill_is_rejected_without_a_worker(client: FleetClient) -> None:
+    result = client.execute(request("nope", {}))
+    assert result.status is ExecutionStatus.REJECTED
+    assert result.error_kind is ErrorKind.SKILL_NOT_LOADED
+
+
+@pytest.mark.timeout(90)
+def test_idempotent_skill_is_sent_again_when_its_worker_dies(
+        start_worker: Callable[..., Worker], client: FleetClient) -> None:
+    a = start_worker("host-a", concurrency=1)
+    req = request("idem", {"seconds": 2.0}, timeout=40)
+    outcome: list[object] = []
+    thread = threading.Thread(target=lambda: outcome.append(client.execute(req)))
+    thread.start()
+    deadline = time.monotonic() + slow(20)
+    while time.monotonic() < deadline and not any(
+            client.redis.get(k) == a.worker_id.encode()
+            for k in client.redis.scan_iter(client.keys.claim("*"))):
+        time.sleep(0.05)
+    a.kill()
+    b = start_worker("host-b", concurrency=1)
+    thread.join(timeout=slow(60))
+    result = outcome[0]
+    assert result.ok, result  # type: ignore[attr-defined]
+    assert result.node == "host-b"  # type: ignore[attr-defined]
+    assert executions(b)[req.request_id] == 1
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_drains_the_running_execution_then_leaves_the_fleet(
+        start_worker: Callable[..., Worker], client: FleetClient) -> None:
+    a = start_worker("host-a")
+    outcome: list[object] = []
+    thread = threading.Thread(
+        target=lambda: outcome.append(client.execute(request("slow", {"seconds": 1.5}))))
+    thread.start()
+    deadline = time.monotonic() + slow(20)
+    while time.monotonic() < deadline and not client.status()["workers"][0]["inflight"]:
+        time.sleep(0.05)
+    assert a.terminate() == 0
+    thread.join(timeout=slow(20))
+    assert outcome[0].ok, outcome[0]  # type: ignore[attr-defined]
+    assert client.status()["workers"] == []
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                   for p in map(_process, a.tree()) if p is not None)
+
+
+def _process(pid: int) -> psutil.Process | None:
+    try:
+        return psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
