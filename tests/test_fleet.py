@@ -277,3 +277,102 @@ def _process(pid: int) -> psutil.Process | None:
         return psutil.Process(pid)
     except psutil.NoSuchProcess:
         return None
+
+
+@pytest.fixture
+def control_config(tmp_path: Path) -> Path:
+    """A worker config: a circuit that opens after 3 failures and stays open, and a tenant
+    whose token bucket holds 3 executions and refills about never."""
+    (tmp_path / "policy.toml").write_text(
+        '[tenants.acme]\nrate_limit = { rate = 0.001, burst = 3 }\n')
+    config = tmp_path / "worker.toml"
+    config.write_text('policy = "policy.toml"\n[circuit]\nfailure_threshold = 3\n'
+                      'cooldown = 600\n')
+    return config
+
+
+def _run_on(start_worker: Callable[..., Worker], node: str, config: Path,
+            client: FleetClient, requests: list[ExecutionRequest],
+            state: str = "--shared-state") -> list[object]:
+    """Start one worker (a host, or the same host restarted), run `requests` on it in order,
+    and stop it: each phase runs on exactly one worker, so the test knows who decided."""
+    worker = start_worker(node, extra=["--config", str(config), state])
+    try:
+        return [client.execute(req) for req in requests]
+    finally:
+        assert worker.terminate() == 0
+
+
+def _tenant(req: ExecutionRequest, tenant: str) -> ExecutionRequest:
+    return msgspec.structs.replace(req, tenant_id=tenant)
+
+
+@pytest.mark.timeout(120)
+def test_circuit_opened_on_one_worker_holds_on_another_and_after_a_restart(
+        start_worker: Callable[..., Worker], client: FleetClient, control_config: Path) -> None:
+    failures = _run_on(start_worker, "host-a", control_config, client,
+                       [request("fail", {}) for _ in range(3)])
+    assert [r.error_kind for r in failures] == [ErrorKind.SKILL_FAILED] * 3  # type: ignore[attr-defined]
+    on_b = _run_on(start_worker, "host-b", control_config, client, [request("fail", {})])
+    again_a = _run_on(start_worker, "host-a", control_config, client, [request("fail", {})])
+    for result in (*on_b, *again_a):
+        assert result.status is ExecutionStatus.REJECTED, result  # type: ignore[attr-defined]
+        assert result.error_kind is ErrorKind.CIRCUIT_OPEN  # type: ignore[attr-defined]
+    assert on_b[0].node == "host-b" and again_a[0].node == "host-a"  # type: ignore[attr-defined]
+    # other skills are not affected
+    ok = _run_on(start_worker, "host-b", control_config, client, [request("echo", {})])
+    assert ok[0].ok  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(120)
+def test_tenant_rate_limit_holds_across_workers_and_restarts(
+        start_worker: Callable[..., Worker], client: FleetClient, control_config: Path) -> None:
+    first = _run_on(start_worker, "host-a", control_config, client,
+                    [_tenant(request("echo", {"n": n}), "acme") for n in range(2)])
+    second = _run_on(start_worker, "host-b", control_config, client,
+                     [_tenant(request("echo", {"n": n}), "acme") for n in range(2, 4)])
+    third = _run_on(start_worker, "host-a", control_config, client,
+                    [_tenant(request("echo", {"n": 4}), "acme"),
+                     _tenant(request("echo", {"n": 5}), "other")])
+    statuses = [r.status for r in (*first, *second, *third)]  # type: ignore[attr-defined]
+    assert statuses == [ExecutionStatus.SUCCESS] * 3 + [ExecutionStatus.REJECTED] * 2 + \
+        [ExecutionStatus.SUCCESS]  # burst 3 across both hosts; another tenant unaffected
+    assert second[1].error_kind is ErrorKind.POLICY_REJECTED  # type: ignore[attr-defined]
+    assert "rate limit" in second[1].error  # type: ignore[attr-defined]
+    assert third[0].error_kind is ErrorKind.POLICY_REJECTED  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(120)
+def test_control_without_shared_state_each_worker_restarts_its_tenant_budget(
+        start_worker: Callable[..., Worker], client: FleetClient, control_config: Path) -> None:
+    """The same phases with the in-memory state: the limit does not hold across hosts — the
+    failure the shared state exists to prevent, shown so the test above cannot pass
+    vacuously."""
+    first = _run_on(start_worker, "host-a", control_config, client,
+                    [_tenant(request("echo", {"n": n}), "acme") for n in range(3)],
+                    state="--local-state")
+    second = _run_on(start_worker, "host-b", control_config, client,
+                     [_tenant(request("echo", {"n": 3}), "acme")], state="--local-state")
+    assert all(r.ok for r in (*first, *second))  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(60)
+def test_fleet_status_shows_workers_their_skills_and_queue_depths(
+        start_worker: Callable[..., Worker], redis_server: RedisServer, prefix: str) -> None:
+    from click.testing import CliRunner
+
+    from sandbox.cli import main
+
+    a = start_worker("host-a")
+    result = CliRunner().invoke(main, ["fleet", "status", "--json", "--broker", redis_server.url,
+                                       "--prefix", prefix])
+    assert result.exit_code == 0, result.output
+    data = msgspec.json.decode(result.output)
+    assert [(w["node"], w["worker_id"]) for w in data["workers"]] == [("host-a", a.worker_id)]
+    assert "fleet/echo" in data["workers"][0]["skills"]
+    assert data["skills"]["fleet/idem"] == {"queue": queue_name("default"), "idempotent": True,
+                                            "workers": 1}
+    assert data["queues"] == {queue_name("default"): 0}
+    text_out = CliRunner().invoke(main, ["fleet", "status", "--broker", redis_server.url,
+                                         "--prefix", prefix])
+    assert text_out.exit_code == 0 and "host-a" in text_out.output
