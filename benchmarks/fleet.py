@@ -130,7 +130,9 @@ def measure(sandbox: Any, skill_dir: Path, skill_id: str, payload: bytes, expect
                 for _ in range(5):  # warm: the zygote boots on first use
                     client.execute(request())
                     sandbox.execute(request())
-                local, remote, errors = [], [], 0
+                local: list[float] = []
+                remote: list[float] = []
+                errors = 0
                 first_error = ""
                 before = _commands(client.redis)
                 for _ in range(runs):  # interleaved, one at a time
