@@ -376,3 +376,24 @@ def test_fleet_status_shows_workers_their_skills_and_queue_depths(
     text_out = CliRunner().invoke(main, ["fleet", "status", "--broker", redis_server.url,
                                          "--prefix", prefix])
     assert text_out.exit_code == 0 and "host-a" in text_out.output
+
+
+@pytest.mark.timeout(60)
+def test_plan_and_async_execute_run_on_the_fleet_as_in_process(
+        start_worker: Callable[..., Worker], client: FleetClient) -> None:
+    import asyncio
+
+    from sandbox.plans import ExecutionContext, ExecutionPlan, ExecutionStep
+
+    start_worker("host-a")
+    plan = ExecutionPlan("asst", [
+        ExecutionStep("fleet/echo", "skill", {"word": "hello"}),
+        ExecutionStep("fleet/echo", "skill", {"again": "{{fleet/echo.word}}"}),
+    ])
+    ec = ExecutionContext(assistant_id="asst", timeout=30)
+    steps = client.execute_plan(plan, ec)
+    assert [step.output for step in steps] == [{"word": "hello"}, {"again": "hello"}]
+    assert all(step.execution is not None and step.execution.node == "host-a"
+               for step in steps)
+    result = asyncio.run(client.aexecute(request("echo", {"async": 1})))
+    assert result.ok and result.json() == {"async": 1} and result.node == "host-a"
