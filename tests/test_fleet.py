@@ -397,3 +397,20 @@ def test_plan_and_async_execute_run_on_the_fleet_as_in_process(
                for step in steps)
     result = asyncio.run(client.aexecute(request("echo", {"async": 1})))
     assert result.ok and result.json() == {"async": 1} and result.node == "host-a"
+
+
+@pytest.mark.timeout(60)
+def test_worker_serves_prometheus_metrics_on_loopback(
+        start_worker: Callable[..., Worker], client: FleetClient) -> None:
+    import urllib.request
+
+    from tests.fleet_util import free_port
+
+    port = free_port()
+    start_worker("host-a", extra=["--metrics-port", str(port)])
+    assert client.execute(request("echo", {"m": 1})).ok
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        body = response.read().decode()
+    assert 'skill_sandbox_fleet_executions_total{skill_id="fleet/echo",status="success"} 1.0' \
+        in body
+    assert 'skill_sandbox_fleet_worker_info{node="host-a"} 1.0' in body

@@ -58,6 +58,8 @@ def _missing_extra(exc: ModuleNotFoundError) -> None:
               help="circuit breaker and policy counters in Redis (fleet-wide) or in memory")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--metrics-port", type=int, default=None,
+              help="serve Prometheus metrics on 127.0.0.1:PORT (needs the daemon extra)")
 @click.option("--json", "as_json", is_flag=True,
               help="log one JSON object per line (as the daemon does) instead of text")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -65,7 +67,8 @@ def _missing_extra(exc: ModuleNotFoundError) -> None:
 def worker(broker: str, redis_url: str | None, prefix: str, config_path: Path | None,
            skills: tuple[Path, ...], execution_log: str | None, max_concurrency: int | None,
            group: str, node: str | None, pool: str, heartbeat_ttl: float, shared_state: bool,
-           log_level: str, as_json: bool, ready_file: Path | None) -> None:
+           log_level: str, metrics_port: int | None, as_json: bool,
+           ready_file: Path | None) -> None:
     """Run a fleet worker: a Celery worker owning one Sandbox with the config's skills.
 
     SIGTERM/SIGINT drain: stop taking requests, finish the running ones, then leave.
@@ -89,7 +92,8 @@ def worker(broker: str, redis_url: str | None, prefix: str, config_path: Path | 
         code = run_worker(config, broker=broker, redis_url=redis_url, node=node, group=group,
                           prefix=prefix, pool=pool,  # type: ignore[arg-type]
                           heartbeat_ttl=heartbeat_ttl, shared_state=shared_state,
-                          loglevel=log_level.upper(), ready_file=ready_file)
+                          loglevel=log_level.upper(), ready_file=ready_file,
+                          metrics_port=metrics_port)
     except ConfigError as exc:
         click.echo(f"skill-sandbox: {exc}", err=True)
         sys.exit(2)

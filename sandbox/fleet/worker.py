@@ -109,6 +109,46 @@ class NodeLogger:
         self.inner.log_plan_end(ec, error, status)
 
 
+class WorkerMetrics:
+    """Prometheus metrics of one worker, served on 127.0.0.1 only (`--metrics-port`): scrape
+    each host's worker locally (a node exporter's proxy, or an agent on the host). Needs
+    prometheus-client (the `daemon` extra)."""
+
+    def __init__(self, node: str, port: int) -> None:
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            start_http_server,
+        )
+
+        self.registry = CollectorRegistry()
+        self.executions = Counter(
+            "skill_sandbox_fleet_executions", "executions answered by this worker",
+            ["skill_id", "status"], registry=self.registry).labels
+        self.dropped = Counter("skill_sandbox_fleet_dropped_deliveries",
+                               "deliveries dropped unrun: already claimed (duplicate or "
+                               "abandoned by their client)", registry=self.registry)
+        self.expired = Counter("skill_sandbox_fleet_expired_in_queue",
+                               "requests answered timeout unrun: their deadline passed in "
+                               "the queue", registry=self.registry)
+        self.inflight = Gauge("skill_sandbox_fleet_inflight", "executions running now",
+                              registry=self.registry)
+        self.seconds = Histogram("skill_sandbox_fleet_execution_seconds",
+                                 "time from claim to answer", registry=self.registry)
+        self.info = Gauge("skill_sandbox_fleet_worker_info", "this worker (value 1)",
+                          ["node"], registry=self.registry)
+        self.info.labels(node).set(1)
+        self.server, self.thread = start_http_server(port, addr="127.0.0.1",
+                                                     registry=self.registry)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5.0)
+
+
 class FleetWorker:
     """The part of a worker that is not Celery: claims, answers, heartbeat, registration.
 
@@ -118,8 +158,10 @@ class FleetWorker:
 
     def __init__(self, sandbox: Sandbox, client: redis.Redis, *, node: str | None = None,
                  group: str = DEFAULT_GROUP, prefix: str = DEFAULT_PREFIX,
-                 heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL) -> None:
+                 heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.sandbox = sandbox
+        self.metrics = metrics
         self.redis = client
         self.node = node or default_node()
         self.group = group
@@ -198,12 +240,17 @@ class FleetWorker:
             # Delivered twice, or its client gave up: whoever holds the claim answers it.
             with self._lock:
                 self.info.dropped += 1
+            if self.metrics is not None:
+                self.metrics.dropped.inc()
             _log.info("dropped delivery %s of request %s: already claimed by %s",
                       envelope.delivery, envelope.request.request_id,
                       self.redis.get(claim))
             return
         with self._lock:
             self.info.inflight += 1
+        claimed = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.inflight.inc()
         try:
             result = self._run(envelope.request, envelope.expires)
         except Exception as exc:  # noqa: BLE001 - the claim promised an answer: give one
@@ -216,7 +263,12 @@ class FleetWorker:
             with self._lock:
                 self.info.inflight -= 1
                 self.info.executed += 1
+            if self.metrics is not None:
+                self.metrics.inflight.dec()
         result = msgspec.structs.replace(result, node=self.node)
+        if self.metrics is not None:
+            self.metrics.executions(result.skill_id, result.status.value).inc()
+            self.metrics.seconds.observe(time.monotonic() - claimed)
         key = self.keys.result(envelope.delivery)
         pipe = self.redis.pipeline()
         pipe.rpush(key, encode(result))
@@ -228,6 +280,8 @@ class FleetWorker:
         A request without a timeout runs with its skill's own, capped by the deadline."""
         left = expires - time.time()
         if left <= 0:
+            if self.metrics is not None:
+                self.metrics.expired.inc()
             return ExecutionResult(
                 status=ExecutionStatus.TIMEOUT, error_kind=ErrorKind.TIMEOUT,
                 error=f"{TIMEOUT_ERROR}: its deadline passed while it waited in the queue; "
@@ -283,7 +337,7 @@ def run_worker(config: DaemonConfig, *, broker: str, redis_url: str | None = Non
                heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL,
                visibility_timeout: float = DEFAULT_VISIBILITY_TIMEOUT,
                shared_state: bool = True, loglevel: str = "INFO",
-               ready_file: Path | None = None) -> int:
+               ready_file: Path | None = None, metrics_port: int | None = None) -> int:
     """Run a worker until SIGTERM/SIGINT (Celery's warm shutdown: stop taking messages, let
     the running ones finish, give unstarted prefetched ones back to the queue); then leave
     the fleet and close the sandbox. Returns the exit code."""
@@ -303,8 +357,9 @@ def run_worker(config: DaemonConfig, *, broker: str, redis_url: str | None = Non
     sandbox, errors, log = build_sandbox(config, node, breaker=breaker, policy=policy)
     for error in errors:
         _log.error("skill not loaded: %s", error)
+    metrics = WorkerMetrics(node, metrics_port) if metrics_port is not None else None
     fleet = FleetWorker(sandbox, client, node=node, group=group, prefix=prefix,
-                        heartbeat_ttl=heartbeat_ttl)
+                        heartbeat_ttl=heartbeat_ttl, metrics=metrics)
     app = make_celery(broker, visibility_timeout=visibility_timeout)
 
     @app.task(name=TASK_NAME, ignore_result=True, acks_late=False)  # type: ignore[untyped-decorator,unused-ignore]
@@ -333,6 +388,8 @@ def run_worker(config: DaemonConfig, *, broker: str, redis_url: str | None = Non
         return int(getattr(worker, "exitcode", 0) or 0)
     finally:
         fleet.stop()
+        if metrics is not None:
+            metrics.close()
         sandbox.close()
         if log is not None:
             log.close()
