@@ -746,5 +746,16 @@ def bench(args: tuple[str, ...], as_json: bool) -> None:
     sys.exit(code)
 
 
+def _add_fleet_commands() -> None:
+    """`worker` and `fleet` live with the fleet; they import Celery only when run."""
+    from sandbox.fleet.cli import fleet, worker
+
+    main.add_command(worker)
+    main.add_command(fleet)
+
+
+_add_fleet_commands()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

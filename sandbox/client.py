@@ -177,7 +177,7 @@ def result_from_json(data: Mapping[str, Any]) -> ExecutionResult:
                                      tokens_used=int(usage.get("tokens_used", 0))),
         stdout=data.get("stdout", ""), stderr=data.get("stderr", ""),
         request_id=data.get("request_id", ""), skill_id=data.get("skill_id", ""),
-        error_kind=_error_kind(data.get("error_kind")),
+        error_kind=_error_kind(data.get("error_kind")), node=str(data.get("node") or ""),
     )
 
 

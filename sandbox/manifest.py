@@ -97,6 +97,9 @@ class SkillManifest(_Strict):
     #: A declarative skill's prompt template (SKILL.md's body; `{{.Input}}` is the input).
     instructions: str | None = None
     isolation: Literal["fork", "spawn"] = "fork"
+    #: Running it twice with the same input does no harm: a fleet client may then resend a
+    #: request whose worker died mid-run (`sandbox.fleet`); otherwise it is answered as failed.
+    idempotent: bool = False
     preload: list[str] = Field(default_factory=list)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     permissions: Permissions = Field(default_factory=Permissions)

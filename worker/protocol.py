@@ -114,6 +114,8 @@ class ExecutionResult(msgspec.Struct, frozen=True, kw_only=True):
     request_id: str = ""
     skill_id: str = ""
     error_kind: ErrorKind = ErrorKind.NONE
+    #: The host (node name) that ran it, set by a fleet worker (`sandbox.fleet`); "" in-process.
+    node: str = ""
 
     @property
     def ok(self) -> bool:
