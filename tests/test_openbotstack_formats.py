@@ -166,7 +166,7 @@ def test_missing_module_without_go_sources_is_still_a_load_error(tmp_path: Path)
     """Nothing to build it from: a broken manifest, not a skill waiting for its build.
     Control: the same directory with a Go source loads (not runnable)."""
     directory = write(tmp_path / "s", {"manifest.yaml": "id: t/nomodule\ntype: wasm\n"})
-    with pytest.raises(SkillLoadError, match="no compiled module 'main.wasm'"):
+    with pytest.raises(SkillLoadError, match=r"no compiled module 'main\.wasm'"):
         Skill.from_dir(directory)
     (directory / "main.go").write_text("package main\n\nfunc main() {}\n")
     assert "Go sources only (main.go)" in Skill.from_dir(directory).not_runnable
