@@ -174,13 +174,12 @@ class Execution:
         self.cgroup_cpu = 0.0  # the cgroup's final CPU figure (cpuacct), seconds
         #: The child exited with its request unread: it never got as far as any skill code.
         self.request_unread = False
+        #: The child wrote on its result pipe: it read its request (the runtime reads it before
+        #: anything else), so bytes left in the request pipe (an unread host-call reply) do not
+        #: mean that no skill code ran.
+        self.result_seen = False
         #: Serves the skill's host calls (`llm_generate`, `http_fetch`) if it is granted any.
         self.channel: HostChannel | None = None
-        kinds = granted(spec.skill.manifest.permissions.host)
-        if spec.host is not None and kinds and spec.skill.manifest.kind != "command":
-            self.channel = HostChannel(spec.host, kinds, skill_id=spec.skill.id,
-                                       request_id=spec.request_id, tenant_id=spec.tenant_id,
-                                       user_id=spec.user_id, deadline=spec.deadline)
 
     # -- the whole life of one execution ---------------------------------------------------
 
@@ -191,6 +190,11 @@ class Execution:
         report: socket.socket | None = None
         request_r = -1
         try:
+            kinds = granted(spec.skill.manifest.permissions.host)
+            if spec.host is not None and kinds and spec.skill.manifest.kind != "command":
+                self.channel = HostChannel(spec.host, kinds, skill_id=spec.skill.id,
+                                           request_id=spec.request_id, tenant_id=spec.tenant_id,
+                                           user_id=spec.user_id, deadline=spec.deadline)
             isolation = spec.isolation
             if isolation.uid >= 0 and not isolation.disk_bytes:
                 os.chown(workdir, isolation.uid, isolation.gid)  # no tmpfs: the uid owns it
@@ -231,8 +235,10 @@ class Execution:
             self._loop(report, request_w, result_r, stdout_r, stderr_r, fds)
         finally:
             self._kill()
+            if self.channel is not None:  # a late answer is dropped; its thread ends alone
+                self.channel.close()
             if request_r >= 0:
-                self.request_unread = _unread_bytes(request_r) > 0
+                self.request_unread = _unread_bytes(request_r) > 0 and not self.result_seen
             if self.cgroup is not None:
                 self._finish_cgroup(self.cgroup)
             if self.state.pidfd >= 0:
@@ -242,8 +248,6 @@ class Execution:
             for fd in fds:
                 os.close(fd)
             _remove_workdir(workdir)
-            if self.channel is not None:
-                self.channel.close()
         return self._judge()
 
     # -- the poll loop --------------------------------------------------------------------
@@ -381,6 +385,7 @@ class Execution:
             if not chunk:
                 return False
             if name == "result":
+                self.result_seen = True
                 if len(self.state.result) + len(chunk) > limits.max_output_bytes + FRAME_SLACK:
                     self.state.result_overflow = True
                     self._kill(ErrorKind.RESOURCE_EXHAUSTED,

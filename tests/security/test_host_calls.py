@@ -346,3 +346,35 @@ except Exception as exc:
     assert result.status is ExecutionStatus.FAILED  # two frames on the result pipe
     assert "invalid result frame" in result.error
     assert stub.received == []
+
+
+def test_unread_reply_does_not_let_a_skill_pass_its_exit_as_a_set_up_failure(
+        tmp_path: Path, make_sandbox: Callable[..., Sandbox], stub: StubLLMServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes left in the request pipe once meant "the child never read its request, so no
+    skill code ran" (exit 71: a worker failure, which spares the skill's circuit). A reply
+    the skill leaves unread must not count: it did run. Control: without the supervisor's
+    note that the child wrote on its result pipe, the same exit passes as a worker failure."""
+    from sandbox.execution import Execution
+
+    attack = """
+send(encode_frame(HostCall(kind="llm_generate", prompt="ping")))
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:  # until the reply waits in the pipe, unread
+    import fcntl, termios
+    if int.from_bytes(fcntl.ioctl(4, termios.FIONREAD, b"\\0\\0\\0\\0"), "little"):
+        break
+    time.sleep(0.01)
+os._exit(71)
+"""
+    skill = raw_skill(tmp_path / "exit71", attack)
+    result = execute(make_sandbox, stub, skill)
+    assert result.status is ExecutionStatus.FAILED
+    assert result.error_kind is ErrorKind.SKILL_FAILED, result.error
+    assert len(stub.received) == 1
+
+    monkeypatch.setattr(Execution, "result_seen", property(lambda self: False,
+                                                           lambda self, value: None),
+                        raising=False)
+    control = execute(make_sandbox, stub, raw_skill(tmp_path / "control", attack))
+    assert control.error_kind is ErrorKind.WORKER_FAILURE, control.error
