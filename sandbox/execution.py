@@ -323,6 +323,8 @@ class Execution:
                         if channel is None:
                             os.close(request_w)
                             fds.remove(request_w)
+                        else:  # the reply is in the pipe: the next call may come
+                            channel.pending = False
                 elif channel is not None and fd == channel.wake_fd:
                     reply = channel.take()
                     if reply is not None and not state.killed_kind:

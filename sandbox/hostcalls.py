@@ -64,7 +64,9 @@ def granted(permissions: frozenset[str]) -> frozenset[str]:
 class HostChannel:
     """One execution's host calls: at most one pending, each answered in a helper thread.
 
-    `wake_fd` turns readable when an answer is ready (`take`). After `close` a late answer is
+    `wake_fd` turns readable when an answer is ready (`take`). `pending` holds from `start`
+    until the answer is all in the child's request pipe, so the supervisor never buffers more
+    than one answer for a child that does not read them. After `close` a late answer is
     dropped and the helper thread touches no fd (the numbers may be reused by then).
     """
 
@@ -98,9 +100,7 @@ class HostChannel:
             with contextlib.suppress(BlockingIOError):
                 os.read(self.wake_fd, 64)
             reply, self._reply = self._reply, None
-        if reply is not None:
-            self.pending = False
-        return reply
+        return reply  # `pending` stays until Execution has written it all to the pipe
 
     def close(self) -> None:
         with self._lock:
