@@ -336,7 +336,7 @@ def test_llm_and_http_with_permission_but_no_provider_fail_clearly(
     [result] = run(make_sandbox, skill)
     assert result.json() == [1, 1, 1]
     assert "no LLM provider is configured" in result.stderr
-    assert "no HTTP tool is configured" in result.stderr
+    assert "no HTTP fetcher is configured" in result.stderr
     assert "[info] hi" in result.stderr  # log:write granted
 
 

@@ -86,6 +86,7 @@ def skill_summary(skill: Skill) -> dict[str, Any]:
         "permissions": {"network": manifest.permissions.network,
                         "env": sorted(manifest.permissions.env)},
         "input_schema": manifest.input_schema, "output_schema": manifest.output_schema,
+        "runnable": not skill.not_runnable, "not_runnable": skill.not_runnable,
     }
 
 
