@@ -69,13 +69,13 @@ def test_a_supervisor_side_failure_is_a_worker_failure_result_not_an_exception(
     skill = Skill.from_dir(skill_dir(SLEEPER))
     sandbox = make_sandbox(skill)
 
-    def disk_full(root: str, exec_id: str) -> str:
-        raise OSError(errno.ENOSPC, "No space left on device", root)
+    def no_fds_left(*args: object) -> object:  # the first step of setting an execution up
+        raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(execution, "_make_workdir", disk_full)
+    monkeypatch.setattr(execution, "granted", no_fds_left)
     result = sandbox.execute(_sleep(skill, 0))
     assert result.status is ExecutionStatus.FAILED
     assert result.error_kind is ErrorKind.WORKER_FAILURE, result
-    assert "No space left on device" in result.error
+    assert "Too many open files" in result.error
     monkeypatch.undo()
     assert sandbox.execute(_sleep(skill, 0)).ok
