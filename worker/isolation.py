@@ -29,6 +29,7 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Iterator
 
 from worker import landlock, namespaces, pidns, seccomp
 from worker.protocol import ForkCommand, SkillCode, ZygoteSettings
@@ -204,6 +205,38 @@ def note_data_baseline() -> None:
     fork the child's is the same."""
     global _data_baseline
     _data_baseline = _data_baseline_bytes()
+
+
+#: Memory the zygote may take, above what it holds when it starts compiling, to compile the
+#: skill's code (openbotstack's 3 MB Go modules: ~60 MB; a WASM data segment: ~4x its size).
+COMPILE_MEMORY_MB = 1024
+#: Largest WASM module file a zygote compiles: compiling takes about four times the file (a
+#: data segment is copied whole, more than once), so a larger one could not fit the budget.
+MAX_WASM_BYTES = (COMPILE_MEMORY_MB << 20) // 4
+
+
+@contextlib.contextmanager
+def compile_memory_cap() -> Iterator[None]:
+    """RLIMIT_DATA (the soft limit: an ordinary user's zygote could not raise a hard one back)
+    at the data segment now plus `COMPILE_MEMORY_MB`, while the zygote compiles the skill's
+    code. The zygote runs as the supervisor's user, in no cgroup and before any limit: without
+    this, a module of a few hundred MB (or a small one that compiles large) takes the host's
+    memory on every cold start. An allocation past it raises MemoryError (Python's compiler)
+    or aborts the zygote (wasmtime): the boot fails, nothing else does — and dumps no core of
+    that size as root (RLIMIT_CORE 0 from here on, as the zygote's layers set it anyway)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    cap = _data_baseline_bytes() + (COMPILE_MEMORY_MB << 20)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    if soft != resource.RLIM_INFINITY and soft <= cap:
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 
 def _data_baseline_bytes() -> int:

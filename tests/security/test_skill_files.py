@@ -1,0 +1,201 @@
+"""Hostile skill directories: files the skill's author links out of the directory, or makes
+huge, so that a trusted process — the zygote, which compiles the entrypoint as root *before*
+its layers, or the supervisor, which reads the manifest — reads them on the skill's behalf.
+
+Each test has a control: the same bytes placed *inside* the skill directory do reach the caller
+(a module `password = <token>` fails with `NameError: name '<token>' is not defined`), so the
+channel is real and its absence on the attack is the layer's doing.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sandbox import ExecutionRequest, Sandbox, Skill, SkillLoadError
+
+MANIFEST = 'id = "{id}"\nversion = "0.1.0"\nentrypoint = "main:run"\n'
+READER = '''
+def run(input):
+    try:
+        with open(input["path"], "rb") as secret:
+            return {"read": secret.read().decode()}
+    except OSError as exc:
+        return {"refused": type(exc).__name__}
+'''
+
+
+def _token() -> str:
+    return f"rootonly{uuid.uuid4().hex}"
+
+
+def _root_only_module(tmp_path: Path, token: str) -> Path:
+    """A file only the supervisor's user can read (0600 in a 0700 directory), shaped like an
+    env file whose value would be echoed back by the Python compiler or interpreter."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    secret = private / "settings.py"
+    secret.write_text(f"password = {token}\n")
+    secret.chmod(0o600)
+    return secret
+
+
+def _skill(tmp_path: Path, name: str, main: str | None = None) -> Path:
+    directory = tmp_path / name
+    directory.mkdir(mode=0o755)
+    (directory / "skill.toml").write_text(MANIFEST.format(id=f"test/{name}"))
+    if main is not None:
+        (directory / "main.py").write_text(main)
+    return directory
+
+
+def _run(sandbox: Sandbox, skill_id: str, payload: bytes = b"{}") -> tuple[str, str]:
+    result = sandbox.execute(ExecutionRequest(skill_id=skill_id, input=payload))
+    return str(result.status), (result.error or "") + (result.output or b"").decode()
+
+
+def _controls(make_sandbox: Callable[..., Sandbox], tmp_path: Path, secret: Path,
+              token: str) -> None:
+    """The execution itself cannot read the file; the same text inside a skill does leak."""
+    reader = Skill.from_dir(_skill(tmp_path, "reader", READER))
+    echoed = Skill.from_dir(_skill(tmp_path, "inside", f"password = {token}\n"))
+    sandbox = make_sandbox(reader, echoed)
+    _, answer = _run(sandbox, reader.id, f'{{"path": "{secret}"}}'.encode())
+    assert "refused" in answer and token not in answer, answer
+    _, answer = _run(sandbox, echoed.id)
+    assert token in answer, answer  # the channel works: the name is echoed back
+
+
+def test_an_entrypoint_symlinked_out_of_the_skill_is_refused_at_load(
+        make_sandbox: Callable[..., Sandbox], tmp_path: Path) -> None:
+    token = _token()
+    secret = _root_only_module(tmp_path, token)
+    _controls(make_sandbox, tmp_path, secret, token)
+    directory = _skill(tmp_path, "linked")
+    (directory / "main.py").symlink_to(secret)
+    try:
+        skill = Skill.from_dir(directory)
+    except SkillLoadError as refused:
+        assert "entrypoint" in str(refused) and token not in str(refused), refused
+        return
+    status, answer = _run(make_sandbox(skill), skill.id)
+    assert token not in answer, (status, answer)
+    pytest.fail(f"a module outside the skill directory loaded: {status} {answer}")
+
+
+def test_an_entrypoint_swapped_for_a_symlink_after_load_is_never_read_by_the_zygote(
+        make_sandbox: Callable[..., Sandbox], tmp_path: Path) -> None:
+    """Zygotes start lazily: the author swaps main.py between load and the first execution,
+    so only the zygote's own check can stand."""
+    token = _token()
+    secret = _root_only_module(tmp_path, token)
+    _controls(make_sandbox, tmp_path, secret, token)
+    directory = _skill(tmp_path, "swapped", "def run(input):\n    return 'fine'\n")
+    skill = Skill.from_dir(directory)
+    sandbox = make_sandbox(skill)
+    (directory / "main.py").unlink()
+    (directory / "main.py").symlink_to(secret)
+    status, answer = _run(sandbox, skill.id)
+    assert token not in answer, (status, answer)
+    assert status == "failed", (status, answer)
+
+
+def test_a_swapped_directory_component_does_not_lead_the_zygote_out(
+        make_sandbox: Callable[..., Sandbox], tmp_path: Path) -> None:
+    """The entrypoint's path, not only its last component: a package-less `main.py` reached
+    through a directory the author replaces with a symlink after load."""
+    token = _token()
+    secret = _root_only_module(tmp_path, token)
+    _controls(make_sandbox, tmp_path, secret, token)
+    outer = tmp_path / "outer"
+    outer.mkdir(mode=0o755)
+    directory = outer / "skill"
+    directory.mkdir(mode=0o755)
+    (directory / "skill.toml").write_text(MANIFEST.format(id="test/component"))
+    (directory / "main.py").write_text("def run(input):\n    return 'fine'\n")
+    skill = Skill.from_dir(directory)
+    sandbox = make_sandbox(skill)
+    os.rename(directory, outer / "moved")
+    decoy = tmp_path / "decoy"  # world-readable, as a skill directory must be
+    decoy.mkdir(mode=0o755)
+    os.symlink(secret, decoy / "main.py")
+    directory.symlink_to(decoy)  # the skill's path now leads elsewhere
+    status, answer = _run(sandbox, skill.id)
+    assert token not in answer, (status, answer)
+
+
+# -- what the zygote compiles: bounded in memory -------------------------------------------
+
+
+def _leb(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _section(number: int, body: bytes) -> bytes:
+    return bytes([number]) + _leb(len(body)) + body
+
+
+def _data_segment_module(data_bytes: int) -> bytes:
+    """A WASI command (`_start` does nothing) whose one active data segment is `data_bytes`
+    long, with a linear memory just big enough for it: a few hundred bytes of structure, and
+    compiling it costs about four times the segment in memory."""
+    payload = _leb(1) + b"\x00\x41\x00\x0b" + _leb(data_bytes)  # memory 0, offset i32.const 0
+    return (b"\0asm\x01\0\0\0"
+            + _section(1, _leb(1) + b"\x60\x00\x00")  # type: [] -> []
+            + _section(3, _leb(1) + b"\x00")  # one function of that type
+            + _section(5, _leb(1) + b"\x00" + _leb(data_bytes // 65536 + 1))
+            + _section(7, _leb(1) + _leb(6) + b"_start\x00" + _leb(0))
+            + _section(10, _leb(1) + _leb(2) + b"\x00\x0b")
+            + bytes([11]) + _leb(len(payload) + data_bytes) + payload + b"\x01" * data_bytes)
+
+
+_PEAK = '''
+import sys, wasmtime
+config = wasmtime.Config()
+config.consume_fuel = True
+config.parallel_compilation = False
+wasmtime.Module.from_file(wasmtime.Engine(config), sys.argv[1])
+with open("/proc/self/status") as status:
+    print(next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) * 1024)
+'''
+
+
+def test_a_wasm_compile_bomb_cannot_take_the_zygote_past_its_compile_budget(
+        make_sandbox: Callable[..., Sandbox], tmp_path: Path) -> None:
+    """The zygote compiles the module as the supervisor's user, in no cgroup, before any
+    limit: a module file of a few hundred MB (or one that stays small and compiles large)
+    would take the host's memory. RLIMIT_DATA bounds the compile; the skill fails as its own."""
+    pytest.importorskip("wasmtime")
+    import subprocess
+    import sys
+
+    from sandbox import ErrorKind
+    from worker.isolation import COMPILE_MEMORY_MB
+
+    budget = COMPILE_MEMORY_MB << 20
+    directory = tmp_path / "bomb"
+    directory.mkdir(mode=0o755)
+    module = directory / "main.wasm"
+    module.write_bytes(_data_segment_module(budget * 3 // 8))
+    (directory / "skill.toml").write_text(
+        'id = "test/bomb"\nwasm = "main.wasm"\n[limits]\nmemory_mb = 1024\ntimeout = 60\n')
+    # Control: compiled without the cap (a plain interpreter), it peaks past the budget.
+    peak = subprocess.run([sys.executable, "-c", _PEAK, str(module)], capture_output=True,
+                          timeout=120, check=True)
+    assert int(peak.stdout) > budget, peak
+    skill = Skill.from_dir(directory)
+    sandbox = make_sandbox(skill)
+    result = sandbox.execute(ExecutionRequest(skill_id=skill.id, input=b"{}"))
+    assert not result.ok, result
+    assert result.error_kind == ErrorKind.SKILL_FAILED, result
+    assert f"{COMPILE_MEMORY_MB} MiB" in (result.error or ""), result
+    assert not sandbox.zygote_info(skill.id, start=False)["alive"]
