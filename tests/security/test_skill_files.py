@@ -199,3 +199,86 @@ def test_a_wasm_compile_bomb_cannot_take_the_zygote_past_its_compile_budget(
     assert result.error_kind == ErrorKind.SKILL_FAILED, result
     assert f"{COMPILE_MEMORY_MB} MiB" in (result.error or ""), result
     assert not sandbox.zygote_info(skill.id, start=False)["alive"]
+
+
+# -- manifests: read by the supervisor (and the daemon's watcher, whose errors /v1/skills shows)
+
+#: Per manifest file: text whose token a loader would echo back — in an error ("field '...':
+#: unknown field"), in the loaded manifest (openbotstack keeps unknown keys as metadata; the
+#: SKILL.md body is a declarative skill's prompt, sent to the LLM provider).
+_MANIFEST_BAIT = {
+    "skill.toml": 'id = "test/bait"\nversion = "0.1.0"\nentrypoint = "main:run"\n{token} = 1\n',
+    "manifest.yaml": "name: bait\nversion: 0.1.0\n{token}: 1\n",
+    "SKILL.md": "---\nname: bait\n---\nSummarize {token}\n",
+}
+
+
+def _exposed(directory: Path) -> str:
+    """Everything loading `directory` tells its caller: the error, or the loaded manifest."""
+    try:
+        return repr(Skill.from_dir(directory).manifest)
+    except SkillLoadError as refused:
+        return str(refused)
+
+
+def _manifest_skill(tmp_path: Path, name: str) -> Path:
+    directory = tmp_path / name
+    directory.mkdir(mode=0o755)
+    (directory / "main.py").write_text("def run(input):\n    return {}\n")
+    return directory
+
+
+@pytest.mark.parametrize("manifest", sorted(_MANIFEST_BAIT))
+def test_a_manifest_symlinked_out_of_the_skill_is_never_read(tmp_path: Path,
+                                                             manifest: str) -> None:
+    token = _token()
+    text = _MANIFEST_BAIT[manifest].format(token=token)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    secret = private / "config"
+    secret.write_text(text)
+    secret.chmod(0o600)
+    # Control: the same text inside the skill's directory reaches whoever loads it.
+    inside = _manifest_skill(tmp_path, "inside")
+    (inside / manifest).write_text(text)
+    assert token in _exposed(inside)
+    linked = _manifest_skill(tmp_path, "linked")
+    (linked / manifest).symlink_to(secret)
+    exposed = _exposed(linked)
+    assert token not in exposed, exposed
+    assert "outside the skill's directory" in exposed, exposed
+
+
+_LOAD_UNDER_CAP = '''
+import resource, sys
+resource.setrlimit(resource.RLIMIT_DATA, (384 << 20, resource.RLIM_INFINITY))
+from sandbox import Skill, SkillLoadError
+try:
+    {load}
+except SkillLoadError as refused:
+    print("refused:", refused)
+'''
+
+
+@pytest.mark.parametrize("manifest", sorted(_MANIFEST_BAIT))
+def test_a_manifest_of_a_gigabyte_is_refused_before_it_is_read(tmp_path: Path,
+                                                              manifest: str) -> None:
+    import subprocess
+    import sys
+
+    directory = _manifest_skill(tmp_path, "huge")
+    path = directory / manifest
+    with path.open("wb") as sparse:  # a gigabyte that costs no disk
+        sparse.write(_MANIFEST_BAIT[manifest].format(token="x").encode())
+        sparse.truncate(1 << 30)
+
+    def load(statement: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", _LOAD_UNDER_CAP.format(load=statement)],
+                              capture_output=True, text=True, timeout=120)
+
+    # Control: reading it whole does not fit the 384 MiB the loader gets here.
+    whole = load(f"open({str(path)!r}, 'rb').read().decode()")
+    assert "MemoryError" in whole.stderr, whole
+    loaded = load(f"Skill.from_dir({str(directory)!r})")
+    assert loaded.returncode == 0 and "refused:" in loaded.stdout, loaded
+    assert "bytes" in loaded.stdout and "larger" in loaded.stdout, loaded.stdout
