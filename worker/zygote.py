@@ -132,13 +132,6 @@ class Zygote:
             elif code.kind == "wasm":  # compiled once here, before the layers; never per run
                 from worker import wasm
 
-                with contextlib.suppress(OSError):  # a missing file is prepare()'s to report
-                    if os.path.getsize(code.wasm) > isolation.MAX_WASM_BYTES:
-                        raise SkillCodeFailed(
-                            f"{code.wasm}: the module is {os.path.getsize(code.wasm)} bytes, "
-                            f"more than the {isolation.MAX_WASM_BYTES} a zygote compiles "
-                            f"(compiling takes about 4x that, within "
-                            f"{isolation.COMPILE_MEMORY_MB} MiB)")
                 try:
                     wasm.prepare(code)
                 except wasm.WasmModuleError as exc:

@@ -282,3 +282,49 @@ def test_a_manifest_of_a_gigabyte_is_refused_before_it_is_read(tmp_path: Path,
     loaded = load(f"Skill.from_dir({str(directory)!r})")
     assert loaded.returncode == 0 and "refused:" in loaded.stdout, loaded
     assert "bytes" in loaded.stdout and "larger" in loaded.stdout, loaded.stdout
+
+
+_SECRET_MODULE = """
+(module
+  (import "env" "set_output" (func $set (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "\\"{token}\\"")
+  (func (export "execute") (call $set (i32.const 0) (i32.const {length}))))
+"""
+
+
+def test_a_wasm_module_swapped_for_a_symlink_after_load_is_never_read_by_the_zygote(
+        make_sandbox: Callable[..., Sandbox], tmp_path: Path) -> None:
+    """The zygote reads main.wasm as root before its layers; load checked the path, but the
+    zygote boots later (lazily): a private module of the host's must not run as the skill."""
+    wasmtime = pytest.importorskip("wasmtime")
+    token = _token()
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    secret = private / "operator.wasm"
+    secret.write_bytes(wasmtime.wat2wasm(_SECRET_MODULE.format(token=token,
+                                                               length=len(token) + 2)))
+    secret.chmod(0o600)
+    # Controls: the execution cannot read the file; as the skill's own module it answers.
+    reader = Skill.from_dir(_skill(tmp_path, "reader", READER))
+    _, answer = _run(make_sandbox(reader), reader.id, f'{{"path": "{secret}"}}'.encode())
+    assert "refused" in answer and token not in answer, answer
+
+    def wasm_skill(name: str) -> Path:
+        directory = tmp_path / name
+        directory.mkdir(mode=0o755)
+        (directory / "main.wasm").write_bytes(secret.read_bytes())
+        (directory / "skill.toml").write_text(f'id = "test/{name}"\nwasm = "main.wasm"\n')
+        return directory
+
+    own = Skill.from_dir(wasm_skill("own"))
+    _, answer = _run(make_sandbox(own), own.id)
+    assert token in answer, answer
+    directory = wasm_skill("swapped")
+    skill = Skill.from_dir(directory)
+    sandbox = make_sandbox(skill)
+    (directory / "main.wasm").unlink()
+    (directory / "main.wasm").symlink_to(secret)
+    status, answer = _run(sandbox, skill.id)
+    assert token not in answer, (status, answer)
+    assert status == "failed", (status, answer)
