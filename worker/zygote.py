@@ -109,7 +109,7 @@ class Zygote:
         if not code.spawn:  # spawn: each execution's fresh interpreter imports them itself
             for name in self.config.preload:
                 importlib.import_module(name)
-        with isolation.compile_memory_cap():  # the skill's bytes, compiled before any limit
+        with isolation.compile_limits():  # the skill's bytes, compiled before any limit
             self.compile(code)
         isolation.apply_zygote_layers(self.config.settings, code)
         isolation.become_subreaper()

@@ -328,3 +328,61 @@ def test_a_wasm_module_swapped_for_a_symlink_after_load_is_never_read_by_the_zyg
     status, answer = _run(sandbox, skill.id)
     assert token not in answer, (status, answer)
     assert status == "failed", (status, answer)
+
+
+def _locals_bomb(functions: int) -> bytes:
+    """`functions` functions each declaring 50,000 locals (the validator's cap) in three bytes:
+    about 10 bytes of module per function, some 5 ms of compiling CPU each here."""
+    body = _leb(1) + _leb(50_000) + b"\x7f" + b"\x20" + _leb(49_999) + b"\x1a\x0b"
+    return (b"\0asm\x01\0\0\0"
+            + _section(1, _leb(1) + b"\x60\x00\x00")
+            + _section(3, _leb(functions) + b"\x00" * functions)
+            + _section(5, _leb(1) + b"\x00\x01")
+            + _section(7, _leb(2) + _leb(6) + b"_start\x00" + _leb(0)
+                       + _leb(6) + b"memory\x02" + _leb(0))
+            + _section(10, _leb(functions) + (_leb(len(body)) + body) * functions))
+
+
+_CPU = '''
+import resource, sys, wasmtime
+config = wasmtime.Config()
+config.consume_fuel = True
+config.parallel_compilation = False
+engine = wasmtime.Engine(config)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_utime
+wasmtime.Module.from_file(engine, sys.argv[1])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_utime - before)
+'''
+
+
+@pytest.mark.timeout(300)
+def test_a_small_wasm_module_that_compiles_for_ever_is_stopped_as_the_skill_s_own_failure(
+        make_sandbox: Callable[..., Sandbox], tmp_path: Path) -> None:
+    """A few tens of KB that take minutes of CPU to compile, as root and in no cgroup, at
+    every cold start, and — a boot that merely times out being the sandbox's failure, which
+    the circuit breaker ignores — at every request. The zygote compiles under RLIMIT_CPU; the
+    skill fails as its own, so its circuit opens."""
+    pytest.importorskip("wasmtime")
+    import subprocess
+    import sys
+
+    from sandbox import ErrorKind
+    from worker.isolation import COMPILE_CPU_SECONDS
+
+    functions = 3000 * COMPILE_CPU_SECONDS // 5  # some 3 x the budget here
+    directory = tmp_path / "slow"
+    directory.mkdir(mode=0o755)
+    (directory / "main.wasm").write_bytes(_locals_bomb(functions))
+    (directory / "skill.toml").write_text('id = "test/slow"\nwasm = "main.wasm"\n')
+    # Control: a tenth of it, compiled by a plain interpreter, costs CPU in proportion, so the
+    # whole module would cost more than the budget (compile cost is linear in functions).
+    part = tmp_path / "part.wasm"
+    part.write_bytes(_locals_bomb(functions // 10))
+    spent = subprocess.run([sys.executable, "-c", _CPU, str(part)], capture_output=True,
+                           text=True, timeout=120, check=True)
+    assert float(spent.stdout) * 10 > COMPILE_CPU_SECONDS, spent.stdout
+    skill = Skill.from_dir(directory)
+    sandbox = make_sandbox(skill, zygote_start_timeout=240.0)
+    result = sandbox.execute(ExecutionRequest(skill_id=skill.id, input=b"{}"))
+    assert result.error_kind == ErrorKind.SKILL_FAILED, result
+    assert "CPU" in (result.error or ""), result
