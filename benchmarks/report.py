@@ -116,6 +116,7 @@ _SECTIONS = {
     "cpu": "CPU-bound overhead",
     "footprint": "Footprint",
     "daemon": "Daemon over the Unix socket",
+    "fleet": "Fleet: Celery workers on Redis (loopback, this machine)",
 }
 
 

@@ -16,7 +16,16 @@ from typing import Any
 
 import msgspec
 
-from benchmarks import baselines, catalogue, daemon, hostscale, machine, project, wasm
+from benchmarks import (
+    baselines,
+    catalogue,
+    daemon,
+    fleet,
+    hostscale,
+    machine,
+    project,
+    wasm,
+)
 from benchmarks.config import BenchConfig, parse_args
 from benchmarks.progress import Progress
 from benchmarks.report import Check, Figure, Report, render
@@ -198,6 +207,12 @@ def run(config: BenchConfig) -> Report:
                 for figure in daemon.measure(config, ECHO_DIR, ECHO_ID, payload, expected,
                                              in_process, progress):
                     report.add(figure)
+            progress.phase("fleet")
+            for figure in fleet.measure(sandbox, ECHO_DIR, ECHO_ID, payload, expected,
+                                        runs=min(config.daemon_runs, 300),
+                                        throughput_runs=min(config.throughput_runs, 500),
+                                        concurrency=2, quick=config.quick):
+                report.add(figure)
         finally:
             for item in series:
                 item.close()

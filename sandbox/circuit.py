@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from worker.protocol import ErrorKind, ExecutionResult, ExecutionStatus
 
@@ -94,21 +94,60 @@ class CircuitSnapshot:
     retry_in: float  # seconds until an open circuit turns half-open; 0 otherwise
 
 
-class InMemoryCircuitBreaker:
-    """The default breaker: per skill id, in this process, guarded by one lock.
+T = TypeVar("T")
 
-    `clock` is a monotonic seconds function, injectable so tests drive time without sleeping.
-    A probe whose outcome is never recorded stops counting against `half_open_max_probes`
-    after `probe_timeout` seconds (default: the cooldown). The failure-rate window is kept as
-    10 buckets, so memory stays constant at any call rate and an outcome leaves the window
-    between `window` and 1.1 x `window` seconds after it was recorded.
+
+class CircuitStore(Protocol):
+    """Where circuits live. `update` applies `change` to the skill's circuit (a fresh closed
+    one if it has none) atomically and returns what `change` returned; a store may call
+    `change` more than once on fresh copies (an optimistic retry), so it must only touch the
+    circuit it is given. `InMemoryCircuitStore` here; `sandbox.fleet.state` keeps them in
+    Redis, shared by a fleet's workers and surviving restarts."""
+
+    def update(self, skill_id: str, change: Callable[[_Circuit], T]) -> T: ...
+
+    def skill_ids(self) -> list[str]: ...
+
+    def delete(self, skill_id: str) -> None: ...
+
+
+class InMemoryCircuitStore:
+    """Circuits in this process's memory, guarded by one lock."""
+
+    def __init__(self) -> None:
+        self._circuits: dict[str, _Circuit] = {}
+        self._lock = threading.Lock()
+
+    def update(self, skill_id: str, change: Callable[[_Circuit], T]) -> T:
+        with self._lock:
+            circuit = self._circuits.get(skill_id)
+            if circuit is None:
+                circuit = self._circuits[skill_id] = _Circuit()
+            return change(circuit)
+
+    def skill_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._circuits)
+
+    def delete(self, skill_id: str) -> None:
+        with self._lock:
+            self._circuits.pop(skill_id, None)
+
+
+class StoredCircuitBreaker:
+    """The breaker's logic over a `CircuitStore` (see `InMemoryCircuitBreaker` for the knobs).
+
+    `clock` is a seconds function, injectable so tests drive time without sleeping; it must be
+    comparable across every process sharing the store (monotonic for one process, wall time
+    for a fleet).
     """
 
     _BUCKETS = 10
 
-    def __init__(self, *, failure_threshold: int = 5, failure_rate: float = 0.5,
-                 window: float = 60.0, min_calls: int = 20, cooldown: float = 30.0,
-                 half_open_max_probes: int = 1, probe_timeout: float | None = None,
+    def __init__(self, store: CircuitStore, *, failure_threshold: int = 5,
+                 failure_rate: float = 0.5, window: float = 60.0, min_calls: int = 20,
+                 cooldown: float = 30.0, half_open_max_probes: int = 1,
+                 probe_timeout: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if failure_threshold < 1:
             raise ValueError(f"failure_threshold must be at least 1, got {failure_threshold}")
@@ -131,14 +170,7 @@ class InMemoryCircuitBreaker:
         self.half_open_max_probes = half_open_max_probes
         self.probe_timeout = cooldown if probe_timeout is None else probe_timeout
         self.clock = clock
-        self._circuits: dict[str, _Circuit] = {}
-        self._lock = threading.Lock()
-
-    def _circuit(self, skill_id: str) -> _Circuit:
-        circuit = self._circuits.get(skill_id)
-        if circuit is None:
-            circuit = self._circuits[skill_id] = _Circuit()
-        return circuit
+        self.store = store
 
     def _advance(self, circuit: _Circuit, now: float) -> None:
         """Apply the passage of time: open → half-open after the cooldown; expire probes."""
@@ -155,8 +187,8 @@ class InMemoryCircuitBreaker:
 
     def allow(self, skill_id: str) -> bool:
         now = self.clock()
-        with self._lock:
-            circuit = self._circuit(skill_id)
+
+        def change(circuit: _Circuit) -> bool:
             self._advance(circuit, now)
             if circuit.state is CircuitState.CLOSED:
                 return True
@@ -167,10 +199,12 @@ class InMemoryCircuitBreaker:
             circuit.probes.append(now)
             return True
 
+        return self.store.update(skill_id, change)
+
     def record_success(self, skill_id: str) -> None:
         now = self.clock()
-        with self._lock:
-            circuit = self._circuit(skill_id)
+
+        def change(circuit: _Circuit) -> None:
             self._advance(circuit, now)
             if circuit.state is CircuitState.HALF_OPEN:
                 self._close(circuit)
@@ -178,10 +212,12 @@ class InMemoryCircuitBreaker:
             circuit.consecutive_failures = 0
             self._bucket(circuit, now).successes += 1
 
+        self.store.update(skill_id, change)
+
     def record_failure(self, skill_id: str) -> None:
         now = self.clock()
-        with self._lock:
-            circuit = self._circuit(skill_id)
+
+        def change(circuit: _Circuit) -> None:
             self._advance(circuit, now)
             if circuit.state is CircuitState.HALF_OPEN:
                 self._open(circuit, now, "a half-open probe failed")
@@ -198,40 +234,46 @@ class InMemoryCircuitBreaker:
                 self._open(circuit, now, f"{failures} of the last {calls} calls failed "
                                          f"within {self.window:g}s")
 
+        self.store.update(skill_id, change)
+
     def record_ignored(self, skill_id: str) -> None:
         """An admitted execution ended without saying anything about the skill: free its probe."""
-        with self._lock:
-            circuit = self._circuits.get(skill_id)
-            if circuit is not None and circuit.state is CircuitState.HALF_OPEN and circuit.probes:
+
+        def change(circuit: _Circuit) -> None:
+            if circuit.state is CircuitState.HALF_OPEN and circuit.probes:
                 circuit.probes.popleft()
+
+        self.store.update(skill_id, change)
 
     def state(self, skill_id: str) -> CircuitState:
         now = self.clock()
-        with self._lock:
-            circuit = self._circuit(skill_id)
+
+        def change(circuit: _Circuit) -> CircuitState:
             self._advance(circuit, now)
             return circuit.state
 
+        return self.store.update(skill_id, change)
+
     def reset(self, skill_id: str) -> None:
         """Close the circuit by hand (an operator fixed the skill)."""
-        with self._lock:
-            self._circuits.pop(skill_id, None)
+        self.store.delete(skill_id)
 
     def snapshot(self) -> dict[str, CircuitSnapshot]:
         now = self.clock()
-        with self._lock:
-            view = {}
-            for skill_id, circuit in self._circuits.items():
-                self._advance(circuit, now)
-                calls, failures = self._window_counts(circuit)
-                retry_in = (max(0.0, circuit.opened_at + self.cooldown - now)
-                            if circuit.state is CircuitState.OPEN else 0.0)
-                view[skill_id] = CircuitSnapshot(
-                    state=circuit.state, consecutive_failures=circuit.consecutive_failures,
-                    window_calls=calls, window_failures=failures,
-                    times_opened=circuit.times_opened, reason=circuit.last_reason,
-                    retry_in=retry_in)
-            return view
+
+        def view(circuit: _Circuit) -> CircuitSnapshot:
+            self._advance(circuit, now)
+            calls, failures = self._window_counts(circuit)
+            retry_in = (max(0.0, circuit.opened_at + self.cooldown - now)
+                        if circuit.state is CircuitState.OPEN else 0.0)
+            return CircuitSnapshot(
+                state=circuit.state, consecutive_failures=circuit.consecutive_failures,
+                window_calls=calls, window_failures=failures,
+                times_opened=circuit.times_opened, reason=circuit.last_reason,
+                retry_in=retry_in)
+
+        return {skill_id: self.store.update(skill_id, view)
+                for skill_id in self.store.skill_ids()}
 
     def _bucket(self, circuit: _Circuit, now: float) -> _Bucket:
         span = self.window / self._BUCKETS
@@ -257,3 +299,23 @@ class InMemoryCircuitBreaker:
         circuit.consecutive_failures = 0
         circuit.probes.clear()
         circuit.buckets.clear()
+
+
+class InMemoryCircuitBreaker(StoredCircuitBreaker):
+    """The default breaker: per skill id, in this process, guarded by one lock.
+
+    `clock` is a monotonic seconds function, injectable so tests drive time without sleeping.
+    A probe whose outcome is never recorded stops counting against `half_open_max_probes`
+    after `probe_timeout` seconds (default: the cooldown). The failure-rate window is kept as
+    10 buckets, so memory stays constant at any call rate and an outcome leaves the window
+    between `window` and 1.1 x `window` seconds after it was recorded.
+    """
+
+    def __init__(self, *, failure_threshold: int = 5, failure_rate: float = 0.5,
+                 window: float = 60.0, min_calls: int = 20, cooldown: float = 30.0,
+                 half_open_max_probes: int = 1, probe_timeout: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(InMemoryCircuitStore(), failure_threshold=failure_threshold,
+                         failure_rate=failure_rate, window=window, min_calls=min_calls,
+                         cooldown=cooldown, half_open_max_probes=half_open_max_probes,
+                         probe_timeout=probe_timeout, clock=clock)

@@ -342,9 +342,28 @@ def run(skill: str, input_value: str, timeout: float | None, tenant: str, user: 
 
     loaded = _skill_for_run(skill, skills_dirs, config_path)
     request = _request(loaded.id, input_value, timeout, tenant, user, request_id)
-    with Sandbox([loaded], circuit_breaker=False) as sandbox:
-        result = sandbox.execute(request)
+    llm = _llm_for_run(loaded, config_path)
+    try:
+        with Sandbox([loaded], circuit_breaker=False, llm=llm) as sandbox:
+            result = sandbox.execute(request)
+    finally:
+        if llm is not None:
+            llm.close()
     show_result(result, as_json)
+
+
+def _llm_for_run(skill: Any, config_path: Path | None) -> Any:
+    """The daemon config's `[llm]` provider (file or SKILL_SANDBOX_LLM_* variables), for the
+    skills that can call one: declarative and WASM skills. Others never read the key."""
+    from sandbox.daemon.config import ConfigError, load_config
+
+    if skill.manifest.kind not in ("declarative", "wasm"):
+        return None
+    llm = load_config(config_path).llm
+    try:
+        return llm.to_provider()
+    except ValueError as exc:
+        raise ConfigError(f"field 'llm': {exc}") from None
 
 
 @main.command("exec", context_settings=CONTEXT)
@@ -725,6 +744,17 @@ def bench(args: tuple[str, ...], as_json: bool) -> None:
         if output.is_file():
             click.echo(output.read_text())
     sys.exit(code)
+
+
+def _add_fleet_commands() -> None:
+    """`worker` and `fleet` live with the fleet; they import Celery only when run."""
+    from sandbox.fleet.cli import fleet, worker
+
+    main.add_command(worker)
+    main.add_command(fleet)
+
+
+_add_fleet_commands()
 
 
 if __name__ == "__main__":  # pragma: no cover

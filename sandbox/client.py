@@ -15,6 +15,7 @@ or of the request itself raise the `SandboxError` family (`DaemonUnavailable`, `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -176,7 +177,7 @@ def result_from_json(data: Mapping[str, Any]) -> ExecutionResult:
                                      tokens_used=int(usage.get("tokens_used", 0))),
         stdout=data.get("stdout", ""), stderr=data.get("stderr", ""),
         request_id=data.get("request_id", ""), skill_id=data.get("skill_id", ""),
-        error_kind=_error_kind(data.get("error_kind")),
+        error_kind=_error_kind(data.get("error_kind")), node=str(data.get("node") or ""),
     )
 
 
@@ -199,6 +200,11 @@ def _plan_body(plan: ExecutionPlan, ec: ExecutionContext) -> bytes:
     body: dict[str, Any] = {"plan": plan.to_dict(), "context": context}
     if plan.dialect != "native":
         body["dialect"] = plan.dialect
+    if plan.retry is not None:
+        body["retry"] = dataclasses.asdict(plan.retry)
+    if plan.step_retry:
+        body["step_retry"] = {name: dataclasses.asdict(policy)
+                              for name, policy in plan.step_retry.items()}
     return msgspec.json.encode(body)
 
 
@@ -212,6 +218,8 @@ def _plan_outcome(data: Mapping[str, Any], ec: ExecutionContext) -> list[StepRes
                           duration=float(item.get("duration", 0.0)),
                           index=int(item.get("index", 0)),
                           status=item.get("status", "success"),
+                          step_id=item.get("step_id", ""), retries=int(item.get("retries", 0)),
+                          fallback=bool(item.get("fallback", False)),
                           execution=None if execution is None else result_from_json(execution))
         ec.add_result(step)
         steps.append(step)

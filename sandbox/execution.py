@@ -27,12 +27,17 @@ import msgspec
 
 from sandbox import jsonbounds
 from sandbox.cgroups import ExecutionGroup
+from sandbox.hostcalls import HostChannel, HostServices, granted
 from sandbox.skill import Skill
 from sandbox.skilltext import printable, skill_text
 from sandbox.watch import TreeWatch
 from sandbox.zygote import ZygoteProcess
 from worker.protocol import (
     EXIT_SETUP_FAILED,
+    FRAME_HEADER,
+    HOST_CALL_PERMISSIONS,
+    MAX_HOST_CALL_FRAME,
+    MAX_HOST_CALLS,
     MAX_TOKENS,
     SETUP_FAILED,
     ChildExited,
@@ -45,6 +50,7 @@ from worker.protocol import (
     ExecutionStatus,
     ForkCommand,
     FrameError,
+    HostCall,
     Limits,
     ReportMessage,
     ResourceUsage,
@@ -75,6 +81,16 @@ FRAME_SLACK = 64 << 10
 _READ_CHUNK = 1 << 16
 _REPORT_DECODER = msgspec.msgpack.Decoder(ReportMessage)
 _RESULT_DECODER = msgspec.msgpack.Decoder(ChildResult)
+_HOST_CALL_DECODER = msgspec.msgpack.Decoder(HostCall)
+
+
+class _FrameType(msgspec.Struct):
+    """The tag of a frame on the result pipe: "host-call", or "" for the final result."""
+
+    type: str = ""
+
+
+_FRAME_TYPE_DECODER = msgspec.msgpack.Decoder(_FrameType)
 
 
 class Tail:
@@ -132,6 +148,9 @@ class ExecutionSpec:
     #: fixed on arrival, `limits.timeout` after it; the reported duration counts from arrival.
     arrived: float
     deadline: float
+    #: Where a skill granted `llm:generate` / `http:fetch` gets its host calls answered
+    #: (`sandbox.hostcalls`); None: no host call is served.
+    host: HostServices | None = None
 
 
 def _set_nonblocking(*fds: int) -> None:
@@ -155,18 +174,34 @@ class Execution:
         self.cgroup_cpu = 0.0  # the cgroup's final CPU figure (cpuacct), seconds
         #: The child exited with its request unread: it never got as far as any skill code.
         self.request_unread = False
+        #: The child wrote on its result pipe: it read its request (the runtime reads it before
+        #: anything else), so bytes left in the request pipe (an unread host-call reply) do not
+        #: mean that no skill code ran.
+        self.result_seen = False
+        #: Serves the skill's host calls (`llm_generate`, `http_fetch`) if it is granted any.
+        self.channel: HostChannel | None = None
 
     # -- the whole life of one execution ---------------------------------------------------
 
     def run(self) -> ExecutionResult:
         spec = self.spec
-        workdir = _make_workdir(spec.workdir_root, spec.exec_id)
+        # With a tmpfs workdir (the zygote's mount namespace) the zygote makes and removes the
+        # directory, on a tmpfs of its own over the root: nothing per execution on the host's
+        # filesystem, where an rmdir waits for the disk's journal (milliseconds when busy).
+        host_dir = not spec.isolation.disk_bytes
+        workdir = (_make_workdir(spec.workdir_root, spec.exec_id) if host_dir
+                   else _workdir_path(spec.workdir_root, spec.exec_id))
         fds: list[int] = []
         report: socket.socket | None = None
         request_r = -1
         try:
+            kinds = granted(spec.skill.manifest.permissions.host)
+            if spec.host is not None and kinds and spec.skill.manifest.kind != "command":
+                self.channel = HostChannel(spec.host, kinds, skill_id=spec.skill.id,
+                                           request_id=spec.request_id, tenant_id=spec.tenant_id,
+                                           user_id=spec.user_id, deadline=spec.deadline)
             isolation = spec.isolation
-            if isolation.uid >= 0 and not isolation.disk_bytes:
+            if isolation.uid >= 0 and host_dir:
                 os.chown(workdir, isolation.uid, isolation.gid)  # no tmpfs: the uid owns it
             request_r, request_w = os.pipe2(os.O_CLOEXEC)
             result_r, result_w = os.pipe2(os.O_CLOEXEC)
@@ -204,9 +239,17 @@ class Execution:
             _set_nonblocking(request_w, result_r, stdout_r, stderr_r)
             self._loop(report, request_w, result_r, stdout_r, stderr_r, fds)
         finally:
+            if report is not None and self.state.started is None:
+                # A start report the loop left unread (it reads the socket late): the pid,
+                # for the kill just below, and the cgroup pair, for the clean-up after it.
+                report.setblocking(False)
+                while self.state.exited is None and self._receive_report(report):
+                    pass
             self._kill()
+            if self.channel is not None:  # a late answer is dropped; its thread ends alone
+                self.channel.close()
             if request_r >= 0:
-                self.request_unread = _unread_bytes(request_r) > 0
+                self.request_unread = _unread_bytes(request_r) > 0 and not self.result_seen
             if self.cgroup is not None:
                 self._finish_cgroup(self.cgroup)
             if self.state.pidfd >= 0:
@@ -215,7 +258,8 @@ class Execution:
                 report.close()
             for fd in fds:
                 os.close(fd)
-            _remove_workdir(workdir)
+            if host_dir:
+                _remove_workdir(workdir)
         return self._judge()
 
     # -- the poll loop --------------------------------------------------------------------
@@ -229,8 +273,16 @@ class Execution:
         readers = {result_r: "result", stdout_r: "stdout", stderr_r: "stderr"}
         for fd in readers:
             poller.register(fd, select.POLLIN)
-        poller.register(report.fileno(), select.POLLIN)
+        # The report socket is first read once the pipes are done with (the child exited),
+        # at the first tree sample, or when the execution must be killed (its pid is in the
+        # start report): a quick execution's start report waits in the socket and is read
+        # with its exit report, one wake-up fewer while the child runs.
+        report_from = self.start + FIRST_SAMPLE_AFTER
+        report_polled = False
         poller.register(spec.cancel_fd, select.POLLIN)
+        channel = self.channel
+        if channel is not None:
+            poller.register(channel.wake_fd, select.POLLIN)
         # An empty pipe takes a small input at once: no poll round for the common case.
         try:
             pending_input = pending_input[os.write(request_w, pending_input[:_READ_CHUNK]):]
@@ -241,7 +293,7 @@ class Execution:
         writing = bool(pending_input)
         if writing:
             poller.register(request_w, select.POLLOUT)
-        else:
+        elif channel is None:  # a skill granted host calls gets its replies on this pipe
             os.close(request_w)
             fds.remove(request_w)
         next_sample = self.start + FIRST_SAMPLE_AFTER
@@ -249,6 +301,9 @@ class Execution:
 
         while True:
             now = time.monotonic()
+            if not report_polled and (now >= report_from or not readers or state.killed_kind):
+                poller.register(report.fileno(), select.POLLIN)
+                report_polled = True
             for fd, until in list(resting.items()):
                 if until <= now or state.exited is not None or state.killed_kind:
                     poller.register(fd, select.POLLIN)
@@ -269,7 +324,8 @@ class Execution:
                     self._check_tree()
                     next_sample = now + SAMPLE_INTERVAL
                     continue
-            wake = min(self._next_wake(now, next_sample), *resting.values(), math.inf)
+            wake = min(self._next_wake(now, next_sample), *resting.values(),
+                       math.inf if report_polled else report_from)
             for fd, events in poller.poll(max(0.0, wake - now) * 1000):
                 if fd == request_w:
                     if events & (select.POLLERR | select.POLLHUP):
@@ -285,8 +341,18 @@ class Execution:
                     if not pending_input and writing:
                         writing = False
                         poller.unregister(request_w)
-                        os.close(request_w)
-                        fds.remove(request_w)
+                        if channel is None:
+                            os.close(request_w)
+                            fds.remove(request_w)
+                        else:  # the reply is in the pipe: the next call may come
+                            channel.pending = False
+                elif channel is not None and fd == channel.wake_fd:
+                    reply = channel.take()
+                    if reply is not None and not state.killed_kind:
+                        pending_input = memoryview(bytes(pending_input) + encode_frame(reply))
+                        if not writing:
+                            writing = True
+                            poller.register(request_w, select.POLLOUT)
                 elif fd in readers:
                     if not self._drain(fd, readers[fd]):
                         poller.unregister(fd)
@@ -342,18 +408,68 @@ class Execution:
             if not chunk:
                 return False
             if name == "result":
+                self.result_seen = True
                 if len(self.state.result) + len(chunk) > limits.max_output_bytes + FRAME_SLACK:
                     self.state.result_overflow = True
                     self._kill(ErrorKind.RESOURCE_EXHAUSTED,
                                f"output: result exceeds {limits.max_output_bytes} bytes")
                     return False
                 self.state.result += chunk
+                if self.channel is not None:
+                    self._host_calls(self.channel)
                 continue
             tail = self.stdout if name == "stdout" else self.stderr
             tail.add(chunk)
             if tail.total > limits.max_output_bytes and not self.state.killed_kind:
                 self._kill(ErrorKind.RESOURCE_EXHAUSTED,
                            f"output: {name} exceeds {limits.max_output_bytes} bytes")
+
+    def _host_calls(self, channel: HostChannel) -> None:
+        """Take the host-call frames off the front of the result buffer and start answering
+        them; stop at the final result (judged at the end). The child is not trusted: a frame
+        that is neither, a second call before the first was answered, or one call too many
+        ends the execution at once with a verdict naming it."""
+        buffer = self.state.result
+        limit = self.spec.limits.max_output_bytes + FRAME_SLACK
+        while len(buffer) >= FRAME_HEADER.size and not self.state.killed_kind:
+            (length,) = FRAME_HEADER.unpack_from(buffer)
+            if length > limit:
+                self._kill(ErrorKind.RESOURCE_EXHAUSTED,
+                           f"output: a frame of {length} bytes on the result pipe is over the "
+                           f"limit of {limit}")
+                return
+            end = FRAME_HEADER.size + length
+            if len(buffer) < end:
+                return
+            body = bytes(buffer[FRAME_HEADER.size:end])
+            try:
+                tagged = _FRAME_TYPE_DECODER.decode(body).type == "host-call"
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self._kill(ErrorKind.SKILL_FAILED, f"invalid result frame: {exc}")
+                return
+            if not tagged:
+                return  # the final result: anything after it is judged with it
+            if length > MAX_HOST_CALL_FRAME:
+                self._kill(ErrorKind.RESOURCE_EXHAUSTED, f"host calls: a host call of {length} "
+                           f"bytes is over the limit of {MAX_HOST_CALL_FRAME}")
+                return
+            try:
+                call = _HOST_CALL_DECODER.decode(body)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self._kill(ErrorKind.SKILL_FAILED, f"invalid host call frame: {exc}")
+                return
+            del buffer[:end]
+            if call.kind not in HOST_CALL_PERMISSIONS:
+                self._kill(ErrorKind.SKILL_FAILED, "invalid host call frame: unknown kind "
+                           f"{printable(call.kind)[:40]!r}")
+            elif channel.pending:
+                self._kill(ErrorKind.SKILL_FAILED, "invalid host call frame: a second host "
+                           "call before the first was answered")
+            elif channel.calls >= MAX_HOST_CALLS:
+                self._kill(ErrorKind.RESOURCE_EXHAUSTED,
+                           f"host calls: more than {MAX_HOST_CALLS} in one execution")
+            else:
+                channel.start(call)
 
     def _receive_report(self, report: socket.socket) -> bool:
         try:
@@ -490,6 +606,8 @@ class Execution:
                 tokens = min(max(0, frame.tokens_used), MAX_TOKENS)  # a forged frame: any int
             except FrameError as exc:
                 frame_problem = str(exc)
+        if self.channel is not None:  # counted here, from the provider's usage
+            tokens = min(tokens + self.channel.tokens, MAX_TOKENS)
 
         status, kind, error, output = self._verdict(frame, frame_problem, usage)
         if status is ExecutionStatus.SUCCESS:
@@ -530,6 +648,8 @@ class Execution:
                     f"{TIMEOUT_ERROR} after {limits.timeout:g}s", b"")
         if state.killed_kind is exhausted:
             return failed, exhausted, f"{EXHAUSTED_ERROR}: {state.killed_for}", b""
+        if state.killed_kind is ErrorKind.SKILL_FAILED:  # e.g. a garbage host-call frame
+            return failed, ErrorKind.SKILL_FAILED, state.killed_for, b""
         if self.cgroup_limit and not (frame is not None and frame.ok and exited is not None
                                       and exited.wait_status == 0):
             return failed, exhausted, f"{EXHAUSTED_ERROR}: {self.cgroup_limit}", b""
@@ -627,9 +747,14 @@ class Execution:
     _exited_at: float = 0.0
 
 
+def _workdir_path(root: str, exec_id: str) -> str:
+    """Where an execution's workdir is: named after its (random) id, under the root."""
+    return os.path.join(root, f"exec-{exec_id}")
+
+
 def _make_workdir(root: str, exec_id: str) -> str:
     """A fresh, private directory named after the (random) execution id."""
-    path = os.path.join(root, f"exec-{exec_id}")
+    path = _workdir_path(root, exec_id)
     try:
         os.mkdir(path, 0o700)
     except FileNotFoundError:  # the root went away (or was never made): make it once more

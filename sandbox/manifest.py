@@ -99,6 +99,9 @@ class SkillManifest(_Strict):
     #: A declarative skill's prompt template (SKILL.md's body; `{{.Input}}` is the input).
     instructions: str | None = None
     isolation: Literal["fork", "spawn"] = "fork"
+    #: Running it twice with the same input does no harm: a fleet client may then resend a
+    #: request whose worker died mid-run (`sandbox.fleet`); otherwise it is answered as failed.
+    idempotent: bool = False
     preload: list[str] = Field(default_factory=list)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     permissions: Permissions = Field(default_factory=Permissions)
@@ -609,14 +612,21 @@ def wasm_module_problem(skill_dir: Path, manifest: SkillManifest) -> str | None:
 
     openbotstack v1.1.0 loads a directory with Go sources and no compiled module (math-add,
     wordcount, meeting-summarize) and then answers its executions without running any code.
-    Here its manifest loads, but the skill does not: the error says what is missing and why.
+    Here such a directory loads as a skill that is not runnable (`Skill.not_runnable`): each
+    execution fails at once with this text, which names the module and how to build it.
     """
     if manifest.wasm is None:
         return None
     if (skill_dir / manifest.wasm).is_file():
         return None  # the rest of the module's checks are the WASM runtime's (Skill.from_dir)
-    sources = sorted(p.name for p in skill_dir.glob("*.go") if not p.name.endswith("_test.go"))
-    why = (f": the directory holds Go sources only ({', '.join(sources)}); build a WebAssembly "
-           "module from them (a WASI command reading JSON on stdin, or a reactor exporting "
-           "'execute')" if sources else "")
+    sources = go_sources(skill_dir)
+    why = (f": the directory holds Go sources only ({', '.join(sources)}); build the module "
+           f"with Go 1.21 or later: `GOOS=wasip1 GOARCH=wasm go build -o {manifest.wasm}` in "
+           "the skill's directory (its main must read the JSON input on stdin and write the "
+           "answer on stdout), then load the skill again" if sources else "")
     return f"field 'wasm': no compiled module {manifest.wasm!r} in {skill_dir}{why}"
+
+
+def go_sources(skill_dir: Path) -> list[str]:
+    """The Go source files of a skill directory, tests left out."""
+    return sorted(p.name for p in skill_dir.glob("*.go") if not p.name.endswith("_test.go"))

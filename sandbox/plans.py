@@ -303,10 +303,27 @@ class ExecutionPlan:
                     raise InvalidPlan(f"{where}: an llm step needs an LLM provider, and none "
                                       "is configured (Sandbox(llm=...); daemon: [llm])")
             names.append(step.name)
+        self._validate_retry(names, target)
         if openbotstack:
             self.id = self.id or str(uuid.uuid4())
             for step in self.steps:
                 step.step_id = step.step_id or str(uuid.uuid4())
+
+    def _validate_retry(self, names: list[str], target: PlanTarget | None) -> None:
+        """A per-step policy must name a step of this plan, and a fallback tool must exist, so a
+        typo is refused before the first step runs instead of silently never applying."""
+        unknown = sorted(set(self.step_retry) - set(names))
+        if unknown:
+            raise InvalidPlan("step_retry names no step of the plan: "
+                              + ", ".join(map(repr, unknown)))
+        policies = [("retry", self.retry)] + [(f"step_retry[{name!r}]", policy)
+                                              for name, policy in self.step_retry.items()]
+        for where, policy in policies:
+            if policy is None or not policy.fallback_tool or target is None:
+                continue
+            if not target.has_tool(policy.fallback_tool):
+                raise InvalidPlan(f"{where}: fallback tool {policy.fallback_tool!r} is not "
+                                  "registered")
 
 
 def _check_go_references(step: ExecutionStep, where: str, before: list[str],

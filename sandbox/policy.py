@@ -103,10 +103,102 @@ _SHARED: None = None
 #: How often (seconds) full buckets are dropped, at most; and a size that forces a sweep.
 _SWEEP_INTERVAL = 1.0
 _SWEEP_SIZE = 4096
+#: Seconds past a request's timeout its in-flight hold may stay unreleased before it stops
+#: counting (a store that outlives a crashed releaser).
+_HOLD_MARGIN = 60.0
+
+
+#: Why `PolicyState.admit` refused: too many in flight (with the count), or out of tokens.
+Refusal = tuple[Literal["concurrent", "rate"], int]
+
+
+class PolicyState(Protocol):
+    """Where `Policy` keeps its counters: executions in flight and a token bucket per key (a
+    tenant id, or None for the unlisted tenants' shared `[default]`). `admit` checks both and,
+    if neither refuses, takes a token and counts a hold named `hold` in flight, all at once;
+    `hold_ttl` is how long the hold may stay unreleased before it stops counting (a store that
+    can lose its releaser, such as Redis under a worker that died, needs it; memory ignores it).
+    `MemoryPolicyState` here; `sandbox.fleet.state` keeps them in Redis for a fleet."""
+
+    def admit(self, key: str | None, max_concurrent: int | None, rate: RateLimit | None,
+              hold: str, hold_ttl: float) -> Refusal | None: ...
+
+    def release(self, key: str | None, hold: str) -> None: ...
+
+    def inflight(self, key: str | None) -> int: ...
+
+    def tracked(self) -> int: ...
+
+
+class MemoryPolicyState:
+    """Counters in this process's memory (lost on restart), guarded by one lock.
+
+    A key's in-flight count is dropped at zero and its bucket once it has refilled to `burst`
+    (it then behaves exactly like a fresh one), so idle tenants cost nothing."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._inflight: dict[str | None, int] = {}
+        self._buckets: dict[str | None, _Bucket] = {}
+        self._swept = 0.0
+
+    def admit(self, key: str | None, max_concurrent: int | None, rate: RateLimit | None,
+              hold: str, hold_ttl: float) -> Refusal | None:
+        with self._lock:
+            inflight = self._inflight.get(key, 0)
+            if max_concurrent is not None and inflight >= max_concurrent:
+                return "concurrent", inflight
+            if rate is not None and not self._take_token(key, rate):
+                return "rate", inflight
+            self._inflight[key] = inflight + 1
+        return None
+
+    def release(self, key: str | None, hold: str) -> None:
+        with self._lock:
+            left = self._inflight.get(key, 0) - 1
+            if left > 0:
+                self._inflight[key] = left
+            else:
+                self._inflight.pop(key, None)
+
+    def inflight(self, key: str | None) -> int:
+        with self._lock:
+            return self._inflight.get(key, 0)
+
+    def tracked(self) -> int:
+        with self._lock:
+            self._sweep(self.clock(), force=True)
+            return len(set(self._inflight) | set(self._buckets))
+
+    def _sweep(self, now: float, force: bool = False) -> None:
+        """Drop buckets that have refilled (called with the lock held; amortised)."""
+        if not force and now - self._swept < _SWEEP_INTERVAL and \
+                len(self._buckets) < _SWEEP_SIZE:
+            return
+        self._swept = now
+        for key in [key for key, bucket in self._buckets.items() if bucket.full(now)]:
+            del self._buckets[key]
+
+    def _take_token(self, key: str | None, limit: RateLimit) -> bool:
+        now = self.clock()
+        self._sweep(now)
+        bucket = self._buckets.get(key)
+        if bucket is None or bucket.limit != limit:
+            bucket = self._buckets[key] = _Bucket(tokens=float(limit.burst), updated=now,
+                                                  limit=limit)
+        bucket.tokens = min(float(limit.burst),
+                            bucket.tokens + (now - bucket.updated) * limit.rate)
+        bucket.updated = now
+        if bucket.tokens < 1.0:
+            return False
+        bucket.tokens -= 1.0
+        return True
 
 
 class Policy(BaseModel):
-    """The built-in policy. Thread-safe; keeps per-tenant counters in memory."""
+    """The built-in policy. Thread-safe; keeps per-tenant counters in its `PolicyState`
+    (in memory unless `with_state` gives another, e.g. Redis for a fleet)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -120,15 +212,18 @@ class Policy(BaseModel):
         "one aggregate limit for all unlisted tenants; per_tenant: each tenant id its own")
     tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
 
-    _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
-    _inflight: dict[str | None, int] = PrivateAttr(default_factory=dict)
-    _buckets: dict[str | None, _Bucket] = PrivateAttr(default_factory=dict)
-    _swept: float = PrivateAttr(default=0.0)
-    _clock: Callable[[], float] = PrivateAttr(default=time.monotonic)
+    _state: PolicyState = PrivateAttr(default_factory=MemoryPolicyState)
 
     def with_clock(self, clock: Callable[[], float]) -> Policy:
-        """Use `clock` (monotonic seconds) for the rate limit; for tests. Returns self."""
-        self._clock = clock
+        """Use `clock` (monotonic seconds) for the in-memory rate limit; for tests. Returns
+        self."""
+        if isinstance(self._state, MemoryPolicyState):
+            self._state.clock = clock
+        return self
+
+    def with_state(self, state: PolicyState) -> Policy:
+        """Keep the counters in `state` (e.g. Redis, shared by a fleet). Returns self."""
+        self._state = state
         return self
 
     @classmethod
@@ -197,22 +292,24 @@ class Policy(BaseModel):
         key = self._key(tenant_id)
         shared = key is _SHARED
         whose = "the unlisted tenants' shared [default]" if shared else f"{who}'s"
-        with self._lock:
-            inflight = self._inflight.get(key, 0)
-            if rules.max_concurrent is not None and inflight >= rules.max_concurrent:
+        hold_ttl = (request.timeout or skill.manifest.limits.timeout) + _HOLD_MARGIN
+        refusal = self._state.admit(key, rules.max_concurrent, rules.rate_limit,
+                                    _hold(request), hold_ttl)
+        if refusal is not None:
+            why, inflight = refusal
+            if why == "concurrent":
                 if shared:
                     return (f"{who} may not start an execution: tenants not listed under "
                             f"[tenants] already have {inflight} running (the shared [default] "
                             f"max_concurrent = {rules.max_concurrent})")
                 return (f"{who} already has {inflight} executions running "
                         f"(max_concurrent = {rules.max_concurrent})")
-            if rules.rate_limit is not None and not self._take_token(key, rules.rate_limit):
-                if shared:
-                    return (f"{who} is over {whose} rate limit of {rules.rate_limit.rate:g}/s "
-                            f"(burst {rules.rate_limit.burst})")
-                return (f"{who} is over its rate limit of {rules.rate_limit.rate:g}/s "
+            assert rules.rate_limit is not None
+            if shared:
+                return (f"{who} is over {whose} rate limit of {rules.rate_limit.rate:g}/s "
                         f"(burst {rules.rate_limit.burst})")
-            self._inflight[key] = inflight + 1
+            return (f"{who} is over its rate limit of {rules.rate_limit.rate:g}/s "
+                    f"(burst {rules.rate_limit.burst})")
         return None
 
     def _key(self, tenant_id: str) -> str | None:
@@ -223,49 +320,22 @@ class Policy(BaseModel):
         return _SHARED
 
     def release(self, request: ExecutionRequest, skill: Skill) -> None:
-        key = self._key(request.tenant_id)
-        with self._lock:
-            left = self._inflight.get(key, 0) - 1
-            if left > 0:
-                self._inflight[key] = left
-            else:
-                self._inflight.pop(key, None)
+        self._state.release(self._key(request.tenant_id), _hold(request))
 
     def inflight(self, tenant_id: str) -> int:
         """Executions in flight counted against `tenant_id` (the shared count for a tenant
         under a shared `[default]`)."""
-        with self._lock:
-            return self._inflight.get(self._key(tenant_id), 0)
+        return self._state.inflight(self._key(tenant_id))
 
     def tracked_tenants(self) -> int:
         """How many tenants (or the shared default) have state now; idle ones are dropped."""
-        with self._lock:
-            self._sweep(self._clock(), force=True)
-            return len(set(self._inflight) | set(self._buckets))
+        return self._state.tracked()
 
-    def _sweep(self, now: float, force: bool = False) -> None:
-        """Drop buckets that have refilled (called with the lock held; amortised)."""
-        if not force and now - self._swept < _SWEEP_INTERVAL and \
-                len(self._buckets) < _SWEEP_SIZE:
-            return
-        self._swept = now
-        for key in [key for key, bucket in self._buckets.items() if bucket.full(now)]:
-            del self._buckets[key]
 
-    def _take_token(self, key: str | None, limit: RateLimit) -> bool:
-        now = self._clock()
-        self._sweep(now)
-        bucket = self._buckets.get(key)
-        if bucket is None or bucket.limit != limit:
-            bucket = self._buckets[key] = _Bucket(tokens=float(limit.burst), updated=now,
-                                                  limit=limit)
-        bucket.tokens = min(float(limit.burst),
-                            bucket.tokens + (now - bucket.updated) * limit.rate)
-        bucket.updated = now
-        if bucket.tokens < 1.0:
-            return False
-        bucket.tokens -= 1.0
-        return True
+def _hold(request: ExecutionRequest) -> str:
+    """The name of one admitted execution's hold: the same object is checked and released
+    (`Sandbox` passes it to both), while a plan's steps share one request id."""
+    return f"{request.request_id}/{id(request):x}"
 
 
 def _first(*values: Any) -> Any:

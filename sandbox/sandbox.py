@@ -45,6 +45,7 @@ from sandbox.control import admission_error, log_execution, settle
 from sandbox.errors import InvalidInput, SkillCodeInvalid, SkillLoadError, SkillNotLoaded
 from sandbox.execlog.records import ExecutionLogger, StepInfo
 from sandbox.execution import CANCELED_ERROR, TIMEOUT_ERROR, WORKER_ERROR, Execution, ExecutionSpec
+from sandbox.hostcalls import HostServices
 from sandbox.llm import Generation, LLMError, LLMProvider, as_provider
 from sandbox.llm import call as call_llm
 from sandbox.planrun import arun_plan, run_plan
@@ -188,7 +189,9 @@ class Sandbox:
     `OpenAICompatibleProvider`, any object with `generate`, or a trusted callable
     `fn(prompt)` / `fn(prompt, call)`; see `sandbox.llm`). The call is made here, in the
     supervisor; without one, a declarative skill fails naming the missing provider. The sandbox
-    does not close it: its owner does.
+    does not close it: its owner does. The same provider answers the `llm_generate` host calls
+    of skills granted `llm:generate`; their `http_fetch` calls (`http:fetch`) go to the tool
+    registered as `http_fetch` (`register_tool`; see `sandbox.hostcalls`).
 
     `base_zygote` (default on): a skill's zygote is forked from a shared base interpreter
     (`worker.base`, one per runtime profile, holding only the worker runtime and stdlib
@@ -309,6 +312,8 @@ class Sandbox:
             previous = self._skills.get(skill.id)
         if warm is None:
             warm = self.warm or (previous is not None and previous.state == "warm")
+        if skill.not_runnable:  # nothing to boot: its executions fail saying why
+            warm = False
         if warm:  # boot before it is visible: a skill that cannot boot is not loaded
             problem = self._ensure_zygote(loaded)
             if problem is not None:
@@ -373,7 +378,8 @@ class Sandbox:
         zygote = loaded.zygote
         return {"pid": zygote.pid, "rss_kb": zygote.rss_kb, "starts": zygote.starts,
                 "from_base": zygote.from_base,
-                "alive": zygote.alive(), "inflight": loaded.inflight, "state": loaded.state,
+                "alive": zygote.alive(), "inflight": loaded.inflight,
+                "state": "not-runnable" if loaded.skill.not_runnable else loaded.state,
                 "restarts": loaded.restarts}
 
     def ensure_zygote(self, skill_id: str, *, crashed_only: bool = False) -> str:
@@ -388,7 +394,8 @@ class Sandbox:
         return str(problem) if problem is not None else ""
 
     def skill_state(self, skill_id: str) -> dict[str, Any]:
-        """What a skill costs right now: `state` (cold / warm / evicted), `alive`,
+        """What a skill costs right now: `state` (cold / warm / evicted, or not-runnable with
+        the reason in `not_runnable`: a WASM skill with Go sources and no module), `alive`,
         `last_used` (Unix time, None if never used), the zygote's `pid` and its
         memory now (`rss_kb`, `pss_kb`: 0 unless running), `inflight`, and counts of `starts`,
         `cold_starts`, `evictions` and crash `restarts`. Reads only: it starts nothing."""
@@ -403,7 +410,8 @@ class Sandbox:
                 rss_kb, pss_kb = memory.rss >> 10, getattr(memory, "pss", 0) >> 10
             except psutil.Error:
                 alive = False
-        return {"state": loaded.state, "alive": alive,
+        return {"state": "not-runnable" if loaded.skill.not_runnable else loaded.state,
+                "alive": alive, "not_runnable": loaded.skill.not_runnable,
                 "last_used": loaded.last_used_wall or None,
                 "pid": zygote.pid if alive else 0, "rss_kb": rss_kb, "pss_kb": pss_kb,
                 "inflight": loaded.inflight, "starts": zygote.starts,
@@ -591,6 +599,9 @@ class Sandbox:
         if loaded is None:
             return early(ExecutionStatus.REJECTED, ErrorKind.SKILL_NOT_LOADED, SKILL_NOT_LOADED)
         skill = loaded.skill
+        if skill.not_runnable:  # a configuration problem: neither policy nor circuit is asked
+            return early(ExecutionStatus.FAILED, ErrorKind.SKILL_FAILED,
+                         f"skill not runnable: {skill.not_runnable}")
         if request.timeout is not None and not request.timeout > 0:
             return early(ExecutionStatus.REJECTED, ErrorKind.INVALID_INPUT,
                          f"{INVALID_INPUT}: timeout must be positive, got {request.timeout}")
@@ -719,6 +730,7 @@ class Sandbox:
                 isolation=isolation, workdir_root=self.workdir_root,
                 tail_bytes=self.tail_bytes, cancel_fd=token.read_fd,
                 arrived=arrived, deadline=deadline,
+                host=HostServices(self.generate, self.tools),
             )
             try:
                 return Execution(spec).run()
@@ -740,6 +752,8 @@ class Sandbox:
         reported (the error, None when it runs), not retried forever."""
         if loaded.skill.manifest.kind == "declarative":  # runs in the supervisor: no zygote
             return None
+        if loaded.skill.not_runnable:  # e.g. Go sources and no module: nothing to boot
+            return SkillLoadError(loaded.skill.not_runnable)
         if loaded.state == "warm" and loaded.zygote.alive():
             self._touch(loaded)
             return None

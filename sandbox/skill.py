@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from sandbox import jsonbounds
 from sandbox.errors import SkillLoadError
-from sandbox.manifest import MANIFEST_FILES, SkillManifest, load_manifest, wasm_module_problem
+from sandbox.manifest import (
+    MANIFEST_FILES,
+    SkillManifest,
+    go_sources,
+    load_manifest,
+    wasm_module_problem,
+)
 from worker.protocol import SkillCode
 
 #: What an execution of a WASM skill may use beyond its module's linear memory: the store,
@@ -57,6 +63,9 @@ class Skill:
     manifest_path: Path
     _input_validator: BoundedSchema | None = field(default=None, repr=False, compare=False)
     _output_validator: BoundedSchema | None = field(default=None, repr=False, compare=False)
+    #: Why the skill loads but cannot run (""/runnable): a WASM skill whose directory holds Go
+    #: sources and no compiled module. Its executions fail at once saying so; no zygote starts.
+    not_runnable: str = ""
 
     @property
     def id(self) -> str:
@@ -68,6 +77,7 @@ class Skill:
         if not skill_dir.is_dir():
             raise SkillLoadError(f"{skill_dir}: not a directory")
         manifest_path, manifest = load_manifest(skill_dir)
+        not_runnable = ""
         if manifest.entrypoint is not None:
             module = manifest.entrypoint.partition(":")[0].split(".")[0]
             if not ((skill_dir / f"{module}.py").is_file() or (skill_dir / module).is_dir()):
@@ -77,7 +87,9 @@ class Skill:
                           skill_dir / (f"{module}.py" if (skill_dir / f"{module}.py").is_file()
                                        else module))
         elif (problem := wasm_module_problem(skill_dir, manifest)) is not None:
-            raise SkillLoadError(f"{manifest_path}: {problem}")
+            if not go_sources(skill_dir):  # nothing to build it from: a broken manifest
+                raise SkillLoadError(f"{manifest_path}: {problem}")
+            not_runnable = f"{manifest_path}: {problem}"
         elif manifest.wasm is not None:
             _check_wasm(skill_dir, manifest_path, manifest.wasm)
         elif manifest.command is not None and "/" in manifest.command[0]:
@@ -93,6 +105,7 @@ class Skill:
                                              "input_schema"),
             _output_validator=_compile_schema(manifest.output_schema, manifest_path,
                                               "output_schema"),
+            not_runnable=not_runnable,
         )
 
     @classmethod
@@ -132,7 +145,7 @@ class Skill:
             command=list(manifest.command or []),
             spawn=manifest.isolation == "spawn",
             wasm=str((self.path / manifest.wasm).resolve()) if manifest.wasm else "",
-            host=sorted(manifest.permissions.host) if manifest.wasm else [],
+            host=sorted(manifest.permissions.host),
             wasm_memory_mb=manifest.limits.memory_mb if manifest.wasm else 0,
         )
 

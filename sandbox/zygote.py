@@ -27,6 +27,7 @@ from worker.protocol import (
     SpareCgroups,
     ZygoteConfig,
     ZygoteFailed,
+    ZygoteForked,
     ZygoteMessage,
     ZygoteReady,
     ZygoteSettings,
@@ -312,9 +313,11 @@ class ZygoteProcess:
             process: _Child | None = self._fork_from_base(ours, theirs, config)
             if process is None:
                 # A fresh pair: a base that died mid-request may have forked a zygote holding
-                # the first one; closing it ends that stray (EOF before its config).
-                ours.close()
+                # the first one; closing it ends that stray (EOF before its config), and the
+                # pid it said first lets us reap it.
                 theirs.close()
+                _reap_stray(ours, self.start_timeout)
+                ours.close()
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 process = subprocess.Popen(
                     self.profile.argv("worker.zygote", str(theirs.fileno()), config.decode()),
@@ -358,20 +361,24 @@ class ZygoteProcess:
         return process
 
     def _await_boot(self, control: socket.socket, process: _Child) -> ZygoteReady:
-        ready, _, _ = select.select([control], [], [], self.start_timeout)
-        if not ready:
-            raise SkillLoadError(f"{self.skill_id}: zygote did not become ready within "
-                                 f"{self.start_timeout:g}s")
-        data = control.recv(1 << 16)
-        if not data:
-            code = process.wait(timeout=5)
-            if code == -signal.SIGXCPU:  # the one CPU limit a booting zygote has: compiling
-                raise SkillCodeInvalid(f"{self.skill_id}: its zygote ran out of CPU time "
-                                       "compiling the skill's code (worker.isolation."
-                                       "COMPILE_CPU_SECONDS)")
-            raise SkillLoadError(f"{self.skill_id}: zygote exited with status {code} "
-                                 "before it was ready")
-        message: ZygoteReady | ZygoteFailed = msgspec.msgpack.decode(data, type=ZygoteMessage)
+        deadline = time.monotonic() + self.start_timeout
+        message: ZygoteReady | ZygoteFailed | ZygoteForked | None = None
+        while message is None or isinstance(message, ZygoteForked):  # a forked one's hello
+            poller = select.poll()
+            poller.register(control.fileno(), select.POLLIN)
+            if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                raise SkillLoadError(f"{self.skill_id}: zygote did not become ready within "
+                                     f"{self.start_timeout:g}s")
+            data = control.recv(1 << 16)
+            if not data:
+                code = process.wait(timeout=5)
+                if code == -signal.SIGXCPU:  # the one CPU limit a booting zygote has
+                    raise SkillCodeInvalid(f"{self.skill_id}: its zygote ran out of CPU time "
+                                           "compiling the skill's code (worker.isolation."
+                                           "COMPILE_CPU_SECONDS)")
+                raise SkillLoadError(f"{self.skill_id}: zygote exited with status {code} "
+                                     "before it was ready")
+            message = msgspec.msgpack.decode(data, type=ZygoteMessage)
         if isinstance(message, ZygoteFailed):
             failure = SkillCodeInvalid if message.skill_code else SkillLoadError
             raise failure(f"{self.skill_id}: zygote failed to start: {message.error}")
@@ -415,6 +422,30 @@ class ZygoteProcess:
         _close_and_reap(control, process, timeout)
         if self.cgroups is not None:  # its spare is gone with it (parent-death signal)
             self.cgroups.release_all()
+
+
+def _reap_stray(control: socket.socket, timeout: float) -> None:
+    """After a failed fork from the base, with our copy of the zygote's end closed: wait for
+    EOF (nobody else holds it: no stray) or the hello of a zygote the base forked before it
+    failed, and reap that one. It is this process's child (`CLONE_PARENT`) and nobody else
+    knows its pid: unreaped, it would stay a zombie until the supervisor exits. The pid is
+    acted on only if it names a child of ours."""
+    poller = select.poll()
+    poller.register(control.fileno(), select.POLLIN)
+    try:
+        if not poller.poll(timeout * 1000):
+            return
+        data = control.recv(1 << 16)
+        message = msgspec.msgpack.decode(data, type=ZygoteMessage) if data else None
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return
+    if not isinstance(message, ZygoteForked) or message.pid <= 0:
+        return
+    try:
+        os.waitpid(message.pid, os.WNOHANG)  # ChildProcessError: not ours, leave it alone
+    except ChildProcessError:
+        return
+    _kill_and_reap(_Sibling(message.pid))
 
 
 def _close_and_reap(control: socket.socket | None, process: _Child | None,

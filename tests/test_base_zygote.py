@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
+import pytest
 from conftest import BASE_NAME, descendants, wait_until_gone, zygotes_below
 
 from sandbox import ExecutionRequest, Sandbox, Skill
+from sandbox.zygote import BaseUnavailable, BaseZygote
 
 ECHO = "def run(input):\n    return {'echo': input}\n"
 
@@ -106,3 +109,43 @@ def test_close_leaves_no_base_zygote_or_forked_zygote_behind(
     sandbox.close()
     # Gone and reaped: not even a zombie left under this process.
     assert {process.pid for process in descendants()} & started == set()
+
+
+def test_a_base_dying_between_fork_and_reply_leaves_no_zombie_zygote(
+        make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The base forks the zygote (this process's child, `CLONE_PARENT`) and dies before its
+    reply: the load falls back to an exec'd zygote, and the stray, which exits on EOF before
+    its config, is reaped, not left a zombie until the supervisor exits."""
+    skill = _echo(skill_dir)
+    sandbox = make_sandbox(skill)
+    before = {child.pid for child in psutil.Process().children()}
+    strays: list[int] = []
+    original = BaseZygote._receive
+
+    def die_before_reply(self: BaseZygote, timeout: float) -> object:
+        if not self.pid:  # the base's own start: let it through
+            return original(self, timeout)
+        deadline = time.monotonic() + 10
+        while not strays and time.monotonic() < deadline:
+            strays.extend(child.pid for child in psutil.Process().children()
+                          if child.pid not in before and child.pid != self.pid)
+            time.sleep(0.005)
+        os.kill(self.pid, signal.SIGKILL)
+        raise BaseUnavailable("base zygote is gone")
+
+    monkeypatch.setattr(BaseZygote, "_receive", die_before_reply)
+    _run(sandbox, skill, 1)
+    assert not sandbox.zygote_info(skill.id)["from_base"]
+    assert len(strays) == 1  # control: the base did fork a zygote before it died
+    [stray] = strays
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(stray) and time.monotonic() < deadline:
+        try:
+            if psutil.Process(stray).ppid() != os.getpid():
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    # Gone and reaped: not a zombie child of this process.
+    assert not psutil.pid_exists(stray) or psutil.Process(stray).ppid() != os.getpid()

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from daemon_util import EXAMPLES, TOKEN, Daemon, wait_for, write_skill
+from tool_registry import serve_registry
 
 from sandbox import Sandbox, SandboxError, SkillNotLoaded
 from sandbox.client import (
@@ -232,3 +233,54 @@ def test_cancelling_an_async_call_cancels_the_execution(daemon: Daemon) -> None:
                                         request_id="async-gone"), what="the cancel")
     with daemon.client() as client:
         wait_for(lambda: client.status()["inflight"] == 0, what="nothing in flight")
+
+
+# -- retry policies and the fallback tool travel with the plan -----------------------------------
+
+
+def test_retry_policy_and_fallback_tool_apply_over_the_daemon(skills_root: Path) -> None:
+    """The policy is run configuration, not plan JSON: the client sends it beside the plan, the
+    daemon retries the failing skill, then calls its registered fallback tool; each step comes
+    back with its step_id, retries and fallback flag, as in-process."""
+    from sandbox.plans import RetryPolicy
+
+    with serve_registry() as registry:
+        url = f"http://127.0.0.1:{registry.server_address[1]}/"
+        item = Daemon([EXAMPLES / "echo", skills_root], tcp=True,
+                      args=["--tools", f"builtin.cached={url}"])
+        try:
+            with item.start().client() as client:
+                plan = ExecutionPlan.from_dict({"assistant_id": "a1", "steps": [
+                    {"type": "skill", "name": "test/boom", "step_id": "s-boom",
+                     "arguments": {"q": 1}},
+                    {"type": "skill", "name": "examples/echo", "step_id": "s-echo",
+                     "arguments": {"n": "2"}}]}, dialect="openbotstack")
+                plan.step_retry = {"test/boom": RetryPolicy(
+                    max_retries=2, initial_backoff=0.01, max_backoff=0.02,
+                    fallback_tool="builtin.cached")}
+                results = client.execute_plan(plan, ExecutionContext(timeout=30))
+                runs = client.executions(skill_id="test/boom")
+            assert [(r.step_name, r.step_id, r.retries, r.fallback) for r in results] == [
+                ("test/boom", "s-boom", 2, True), ("examples/echo", "s-echo", 0, False)]
+            assert results[0].output["echo"] == {"q": 1}
+            assert results[1].output == {"n": 2}  # the plan went on after the fallback
+            assert len(runs) == 3  # the first run and two retries, each a real execution
+            assert [path for path, _ in registry.received] == ["/invoke"]
+        finally:
+            assert item.stop() == 0
+            item.close()
+
+
+def test_a_step_retry_naming_no_step_or_a_missing_fallback_is_refused(
+        client: SandboxClient) -> None:
+    from sandbox.plans import RetryPolicy
+
+    plan = ExecutionPlan(assistant_id="a1", steps=[
+        ExecutionStep(name="examples/echo", type="skill", arguments={})])
+    plan.step_retry = {"exmaples/echo": RetryPolicy(max_retries=1)}
+    with pytest.raises(InvalidPlan, match="step_retry names no step of the plan: 'exmaples/echo'"):
+        client.execute_plan(plan)
+    plan.step_retry = {}
+    plan.retry = RetryPolicy(max_retries=1, fallback_tool="builtin.nowhere")
+    with pytest.raises(InvalidPlan, match=r"fallback tool 'builtin\.nowhere' is not registered"):
+        client.execute_plan(plan)

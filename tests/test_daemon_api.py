@@ -384,6 +384,21 @@ def test_plan_body_is_validated(http: httpx.Client) -> None:
     assert response.json()["problems"][0]["field"] == "context.timeout"
 
 
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"retry": {"max_retries": -1}}, "retry.max_retries"),
+    ({"retry": {"initial_backoff": 1e9}}, "retry.initial_backoff"),
+    ({"step_retry": {"examples/echo": {"fallback_tool": 7}}},
+     "step_retry.examples/echo.fallback_tool"),
+    ({"retry": {"max_retries": 1, "jitter": True}}, "retry.jitter"),
+])
+def test_retry_policies_in_the_plan_body_are_validated_field_by_field(
+        http: httpx.Client, extra: dict[str, Any], field: str) -> None:
+    body = {**_plan({"name": "examples/echo", "type": "skill", "arguments": {}}), **extra}
+    response = http.post("/v1/plans", json=body)
+    assert response.status_code == 422, response.text
+    assert [problem["field"] for problem in response.json()["problems"]] == [field]
+
+
 def test_reload_endpoint_reports_unchanged_skills(http: httpx.Client) -> None:
     report = http.post("/v1/skills/reload").json()
     assert report["added"] == [] and report["removed"] == [] and report["errors"] == []

@@ -482,10 +482,34 @@ def test_a_version_1_log_gains_the_error_kind_column_and_keeps_its_records(
     conn.close()
     db = SqliteExecutionLogger(path)
     try:
-        assert db.schema_version() == SCHEMA_VERSION == 2
+        assert db.schema_version() == SCHEMA_VERSION == 3
         db.log_step(_rec("new", status="failed", error_kind="skill_failed"))
         kinds = {record.request_id: record.error_kind for record in db.query()}
         assert kinds == {"old": "", "new": "skill_failed"}
+    finally:
+        db.close()
+
+
+def test_a_version_2_log_gains_the_node_column_and_keeps_its_records(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(f"""
+        CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TEXT NOT NULL);
+        INSERT INTO schema_version VALUES (2, 'then');
+        {_V1_TABLE};
+        ALTER TABLE execution_log ADD COLUMN error_kind TEXT NOT NULL DEFAULT '';
+        INSERT INTO execution_log (ts, timestamp, request_id, status, error_kind)
+            VALUES (1.0, '2026-01-01T00:00:00+00:00', 'old', 'failed', 'timeout');
+    """)
+    conn.close()
+    db = SqliteExecutionLogger(path)
+    try:
+        assert db.schema_version() == 3
+        record = _rec("new")
+        record.node = "host-a"
+        db.log_step(record)
+        got = {r.request_id: (r.error_kind, r.node) for r in db.query()}
+        assert got == {"old": ("timeout", ""), "new": ("", "host-a")}
     finally:
         db.close()
 

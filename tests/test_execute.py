@@ -327,6 +327,44 @@ def test_workdir_is_removed_after_a_timeout_too(make_sandbox: Callable[..., Sand
     assert list(root.iterdir()) == []
 
 
+def test_a_tmpfs_workdir_leaves_no_directory_on_the_host_even_while_it_runs(
+        make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path],
+        tmp_path: Path) -> None:
+    """With the mount namespace layer the zygote makes each execution's directory on a tmpfs of
+    its own namespace (no mkdir/rmdir on the host's disk per execution): the running skill has
+    its workdir, with its file in it, and the host's workdir root stays empty throughout."""
+    code = ("import os, time\ndef run(input):\n"
+            "    open('marker', 'w').write('here')\n    time.sleep(30)\n")
+    skill = Skill.from_dir(skill_dir(code))
+    root = tmp_path / "workdirs"
+    sandbox = make_sandbox(skill, workdir_root=str(root))
+    if not sandbox._plan.workdir_bytes:
+        pytest.skip("no mount namespace here: the workdir is a directory on the host's disk")
+    zygote = psutil.Process(sandbox.zygote_info(skill.id)["pid"])
+    runner = threading.Thread(target=sandbox.execute, args=(request(skill, timeout=10),))
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        seen = ""
+        while not seen and time.monotonic() < deadline:
+            for child in execution_children(zygote):
+                try:
+                    with open(f"/proc/{child.pid}/cwd/marker") as marker:
+                        seen, cwd = marker.read(), os.readlink(f"/proc/{child.pid}/cwd")
+                except OSError:
+                    continue
+            time.sleep(0.01)
+        assert seen == "here"  # control: the skill runs in its workdir and wrote its file
+        assert Path(cwd).parent == root
+        assert not Path(cwd).exists()
+        assert list(root.iterdir()) == []
+    finally:
+        for child in execution_children(zygote):
+            child.kill()
+        runner.join(timeout=15)
+    assert list(root.iterdir()) == []
+
+
 def test_no_state_survives_between_executions(make_sandbox: Callable[..., Sandbox],
                                               skill_dir: Callable[..., Path]) -> None:
     code = ("import os, sys\nCOUNTER = []\n"

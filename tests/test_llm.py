@@ -700,6 +700,76 @@ def test_the_daemon_runs_declarative_skills_through_its_llm_section(
     assert KEY not in item.log_text()
 
 
+@pytest.mark.timeout(90)
+def test_sighup_replaces_the_llm_provider_and_keeps_it_when_the_new_section_is_broken(
+        tmp_path: Path, start_daemon: Callable[..., Any], stub: StubLLMServer) -> None:
+    import signal
+
+    from daemon_util import wait_for
+
+    declarative_skill(tmp_path / "skills" / "summarize")
+    other = next(second := running_stub())
+
+    def section(server: StubLLMServer, model: str, key_env: str = KEY_ENV) -> str:
+        return f'[llm]\nbase_url = "{server.base_url}"\nmodel = "{model}"\n' \
+               f'api_key_env = "{key_env}"\n'
+
+    def reload(config: str, count: int) -> dict[str, Any]:
+        (item.dir / "config.toml").write_text(config)
+        item.signal(signal.SIGHUP)
+        wait_for(lambda: len(item.find_events("reload")) == count, what=f"reload {count}")
+        event: dict[str, Any] = item.find_events("reload")[-1]
+        return event
+
+    try:
+        stub.reply = Reply(completion('{"summary": ["first"]}'))
+        other.reply = Reply(completion('{"summary": ["second"]}'))
+        item = start_daemon([tmp_path / "skills"], config=section(stub, "model-a"),
+                            env={KEY_ENV: KEY}).start()
+        with item.client() as client:
+            assert client.execute(request()).json() == {"summary": ["first"]}
+            reload(section(other, "model-b"), 2)
+            assert client.execute(request()).json() == {"summary": ["second"]}
+            broken = reload(section(stub, "model-c", key_env="NOT_SET_ANYWHERE"), 3)
+            assert "NOT_SET_ANYWHERE" in " ".join(broken["errors"])
+            assert "keeping the previous provider" in " ".join(broken["errors"])
+            assert client.execute(request()).json() == {"summary": ["second"]}
+            reload("", 4)
+            gone = client.execute(request())
+        assert item.stop() == 0
+    finally:
+        second.close()
+    assert [received.body["model"] for received in stub.received] == ["model-a"]
+    assert [received.body["model"] for received in other.received] == ["model-b", "model-b"]
+    assert gone.status is ExecutionStatus.FAILED and "needs an LLM provider" in gone.error
+
+
+@pytest.mark.timeout(60)
+def test_cli_run_takes_the_provider_from_the_config_and_fails_clearly_without_one(
+        tmp_path: Path, stub: StubLLMServer) -> None:
+    from click.testing import CliRunner
+
+    from sandbox.cli import main
+
+    declarative_skill(tmp_path / "summarize")
+    stub.reply = Reply(completion('{"summary": ["from the cli"]}', total_tokens=4))
+    config = tmp_path / "sandbox.toml"
+    config.write_text(f'[llm]\nbase_url = "{stub.base_url}"\nmodel = "cli-model"\n'
+                      f'api_key_env = "{KEY_ENV}"\n')
+    args = ["run", str(tmp_path / "summarize"), "--input", '{"text": "t"}', "--json"]
+    env = {KEY_ENV: KEY, "SKILL_SANDBOX_LLM_BASE_URL": None, "SKILL_SANDBOX_LLM_MODEL": None}
+    ran = CliRunner().invoke(main, [*args, "--config", str(config)], env=env)
+    without = CliRunner().invoke(main, args, env=env)
+    unset = CliRunner().invoke(main, [*args, "--config", str(config)], env={KEY_ENV: ""})
+
+    assert ran.exit_code == 0, ran.output
+    assert json.loads(ran.output)["output"] == {"summary": ["from the cli"]}
+    assert json.loads(ran.output)["resource_usage"]["tokens_used"] == 4
+    assert without.exit_code == 1 and "needs an LLM provider" in without.output
+    assert unset.exit_code == 2 and f"variable {KEY_ENV}" in unset.output
+    assert [received.body["model"] for received in stub.received] == ["cli-model"]
+
+
 @pytest.mark.timeout(60)
 def test_the_daemon_refuses_to_start_when_the_named_key_variable_is_unset(
         tmp_path: Path, start_daemon: Callable[..., Any]) -> None:

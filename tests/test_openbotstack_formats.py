@@ -6,12 +6,20 @@ current SKILL.md-first format (`execution.mode`), read from the unchanged copies
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sandbox import Skill, SkillLoadError
+from sandbox import (
+    ErrorKind,
+    ExecutionRequest,
+    ExecutionStatus,
+    Sandbox,
+    Skill,
+    SkillLoadError,
+)
 from sandbox.manifest import load_manifest
 from tests.conftest import OPENBOTSTACK
 
@@ -108,12 +116,60 @@ def test_informational_fields_are_kept_in_metadata() -> None:
 
 @needs_reference
 @pytest.mark.parametrize("relative", GO_SOURCES_ONLY)
-def test_go_source_only_directory_does_not_pretend_to_run(relative: str) -> None:
-    with pytest.raises(SkillLoadError) as caught:
-        Skill.from_dir(REFERENCE / relative)
-    message = str(caught.value)
-    assert "field 'wasm': no compiled module 'main.wasm'" in message
-    assert "Go sources only (main.go)" in message
+def test_go_source_only_directory_loads_but_says_it_cannot_run(relative: str) -> None:
+    skill = Skill.from_dir(REFERENCE / relative)
+    assert skill.manifest.kind == "wasm"
+    assert not (skill.path / "main.wasm").exists()
+    assert "field 'wasm': no compiled module 'main.wasm'" in skill.not_runnable
+    assert "Go sources only (main.go)" in skill.not_runnable
+    assert "`GOOS=wasip1 GOARCH=wasm go build -o main.wasm`" in skill.not_runnable
+
+
+@needs_reference
+def test_go_source_only_skill_fails_each_execution_at_once_naming_the_build(
+        make_sandbox: Callable[..., Sandbox]) -> None:
+    """No zygote boots (not even with `warm`), the circuit never opens on it, and the
+    skill's state says why it cannot run."""
+    skill = Skill.from_dir(REFERENCE / "runtime-v1.1.0" / "math-add")
+    sandbox = make_sandbox(skill, warm=True)
+    for _ in range(8):  # beyond the circuit's failure threshold
+        result = sandbox.execute(ExecutionRequest(skill_id=skill.id, input=b'{"a": 1, "b": 2}'))
+        assert result.status is ExecutionStatus.FAILED
+        assert result.error_kind is ErrorKind.SKILL_FAILED
+        assert result.error.startswith("skill not runnable: ")
+        assert "no compiled module 'main.wasm'" in result.error
+        assert "GOOS=wasip1 GOARCH=wasm go build -o main.wasm" in result.error
+    state = sandbox.skill_state(skill.id)
+    assert state["state"] == "not-runnable" and state["pid"] == 0 and state["starts"] == 0
+    assert "no compiled module" in state["not_runnable"]
+    assert "no compiled module" in sandbox.ensure_zygote(skill.id)
+
+
+@needs_reference
+def test_every_reference_directory_is_discovered_and_loads(
+        make_sandbox: Callable[..., Sandbox]) -> None:
+    from sandbox.daemon.service import skill_summary
+
+    pytest.importorskip("wasmtime", reason="WASM skills need the wasm extra")
+    skills = Skill.discover(REFERENCE)
+    assert {str(skill.path.relative_to(REFERENCE)) for skill in skills} == set(EXPECTED)
+    sandbox = make_sandbox(*skills)
+    assert {skill.id for skill in sandbox.skills()} == {skill.id for skill in skills}
+    summaries = {skill.id: skill_summary(skill) for skill in skills}
+    for relative in GO_SOURCES_ONLY:
+        summary = summaries[EXPECTED[relative][0]]
+        assert summary["runnable"] is False and "main.wasm" in summary["not_runnable"]
+    assert summaries["core/tax-calculator"]["runnable"] is True
+
+
+def test_missing_module_without_go_sources_is_still_a_load_error(tmp_path: Path) -> None:
+    """Nothing to build it from: a broken manifest, not a skill waiting for its build.
+    Control: the same directory with a Go source loads (not runnable)."""
+    directory = write(tmp_path / "s", {"manifest.yaml": "id: t/nomodule\ntype: wasm\n"})
+    with pytest.raises(SkillLoadError, match=r"no compiled module 'main\.wasm'"):
+        Skill.from_dir(directory)
+    (directory / "main.go").write_text("package main\n\nfunc main() {}\n")
+    assert "Go sources only (main.go)" in Skill.from_dir(directory).not_runnable
 
 
 @needs_reference

@@ -28,6 +28,7 @@ from worker.protocol import (
     ChildResult,
     ChildStarted,
     ExecutionInput,
+    ExecutionIsolation,
     ForkCommand,
     Limits,
     ReportMessage,
@@ -329,6 +330,68 @@ def test_a_spare_that_cannot_join_its_cgroups_gives_them_back_and_the_request_is
         assert isinstance(started, ChildStarted)
         assert started.released == tickets.given  # the spare failed: its pair came back
         assert started.cgroups == []  # and the request got a child forked for it
+        exited = msgspec.msgpack.decode(report.recv(4096), type=ReportMessage)
+        assert isinstance(exited, ChildExited) and exited.wait_status == 0
+        with os.fdopen(result_r, "rb") as result:
+            frame = msgspec.msgpack.decode(result.read()[4:], type=ChildResult)
+        assert frame.ok and msgspec.json.decode(frame.output)["pid"] == started.pid
+        report.close()
+        os.close(out_r)
+    finally:
+        zygote.stop()
+
+
+class _StuckCgroups(_UnjoinableCgroups):
+    """Hands the zygote a "cgroup" whose cgroup.procs is a FIFO nobody reads: its spare blocks
+    in the join, forever still setting up."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        directory.mkdir()
+        os.mkfifo(directory / "cgroup.procs")
+        self.directory = str(directory)
+
+    def issue(self) -> ExecutionCgroup:
+        group = ExecutionCgroup(self.directory, self.directory)
+        self.given.append(group.procs_files)
+        return group
+
+
+def test_a_request_waits_for_a_spare_still_setting_up_only_so_long_then_is_forked(
+        skill_dir: Callable[..., Path], tmp_path: Path) -> None:
+    """A request that comes while the spare is still joining its cgroups waits for it (it is
+    further along than a child forked now), but not for one that never gets there."""
+    directory = skill_dir(WHOAMI)
+    code = SkillCode(skill_dir=str(directory), kind="python", entrypoint="main:run")
+    tickets = _StuckCgroups(tmp_path / "stuck")
+    zygote = ZygoteProcess("test/stuck", code, [], ZygoteSettings(), cgroups=tickets)
+    zygote.start()
+    try:
+        assert tickets.given  # the stuck pair, for its first spare
+        workdir = tmp_path / "work"
+        workdir.mkdir()
+        plain = tmp_path / "plain.procs"  # a pair the child forked on request can join
+        plain.write_text("")
+        request_r, request_w = os.pipe()
+        result_r, result_w = os.pipe()
+        out_r, out_w = os.pipe()
+        report, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        command = ForkCommand(exec_id="e1", limits=Limits(timeout=5), workdir=str(workdir),
+                              env={}, isolation=ExecutionIsolation(cgroups=[str(plain)]))
+        zygote.fork(command, [request_r, result_w, out_w, out_w, theirs.fileno()])
+        for fd in (request_r, result_w, out_w):
+            os.close(fd)
+        theirs.close()
+        os.write(request_w, encode_frame(ExecutionInput(request_id="r1", skill_id="test/stuck")))
+        os.close(request_w)
+        report.settimeout(10)
+        message, fds, _, _ = socket.recv_fds(report, 4096, 1)
+        for fd in fds:
+            os.close(fd)
+        started = msgspec.msgpack.decode(message, type=ReportMessage)
+        assert isinstance(started, ChildStarted)
+        assert not started.spare and started.cgroups == [str(plain)]  # forked, in its pair
+        assert plain.read_text() == str(started.pid)  # (joined by the zygote, at its gate)
         exited = msgspec.msgpack.decode(report.recv(4096), type=ReportMessage)
         assert isinstance(exited, ChildExited) and exited.wait_status == 0
         with os.fdopen(result_r, "rb") as result:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
-import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tool_registry import serve_registry
 
 from sandbox import (
     ExecutionContext,
@@ -26,52 +24,10 @@ from sandbox import (
 from sandbox.tools import ToolRegistry
 
 
-class _Registry(BaseHTTPRequestHandler):
-    """A tiny openbotstack tool registry: behaviour picked by the tool name."""
-
-    received: list[tuple[str, dict[str, Any]]]
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        self.server.received.append((self.path, body))  # type: ignore[attr-defined]
-        tool, arguments = body["tool"], body["arguments"]
-        if tool == "http500":
-            self._send(500, b"registry exploded")
-        elif tool == "garbage":
-            self._send(200, b"<html>not json</html>")
-        elif tool == "slow":
-            time.sleep(1.5)
-            self._send(200, b'{"output": "late"}')
-        elif tool == "huge":
-            self._send(200, json.dumps({"output": "x" * 5000}).encode())
-        elif tool == "broken":
-            self._send(200, json.dumps({"output": None, "error": "quota exceeded"}).encode())
-        else:
-            self._send(200, json.dumps({"output": {"tool": tool, "echo": arguments,
-                                                   "meta": body["meta"]}}).encode())
-
-    def _send(self, status: int, payload: bytes) -> None:
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def registry_server() -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Registry)
-    server.daemon_threads = True
-    server.received = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    with serve_registry() as server:
+        yield server
 
 
 @pytest.fixture

@@ -192,6 +192,42 @@ def test_infinite_loop_ends_as_cpu_exhaustion(make_sandbox: Callable[..., Sandbo
     assert result.error.startswith(f"{EXHAUSTED_ERROR}: cpu time")
 
 
+@pytest.mark.timeout(60)
+def test_unbounded_recursion_is_a_stack_trap_and_the_process_survives_to_report_it(
+        make_sandbox: Callable[..., Sandbox], wasm_skill: MakeWasm) -> None:
+    """wasmtime's own stack limit stops the recursion (a trap the module caused: its failure),
+    long before the process's stack rlimit would kill the child without a word."""
+    wat = """(module (memory (export "memory") 1)
+      (func $down (param i64) (result i64)
+        (i64.add (call $down (i64.add (local.get 0) (i64.const 1))) (i64.const 1)))
+      (func (export "execute") (drop (call $down (i64.const 0)))))"""
+    [result, again] = run(make_sandbox, wasm_skill(wat), times=2)
+    assert result.status is ExecutionStatus.FAILED
+    assert result.error_kind is ErrorKind.SKILL_FAILED
+    assert "wasm trap" in result.error and "stack" in result.error, result.error
+    assert (again.status, again.error_kind) == (result.status, result.error_kind)
+
+
+@pytest.mark.timeout(60)
+def test_a_module_that_burns_no_fuel_is_stopped_by_the_wall_timeout_beneath(
+        make_sandbox: Callable[..., Sandbox], wasm_skill: MakeWasm) -> None:
+    """Fuel only counts instructions: a module asleep in a WASI call for a minute spends none,
+    so the layer beneath, the supervisor's wall timeout on the whole process, ends it."""
+    wat = """(module
+      (import "wasi_snapshot_preview1" "poll_oneoff"
+        (func $poll (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (func (export "_start")
+        (i32.store8 (i32.const 8) (i32.const 0))                 ;; tag: clock
+        (i32.store (i32.const 16) (i32.const 1))                 ;; monotonic clock
+        (i64.store (i32.const 24) (i64.const 60000000000))       ;; 60 s, relative
+        (drop (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128)))))"""
+    skill = wasm_skill(wat, manifest_extra="[limits]\ncpu_time = 0.5\ntimeout = 1.0\n")
+    [result] = run(make_sandbox, skill)
+    assert result.status is ExecutionStatus.TIMEOUT, result.error
+    assert result.resource_usage.cpu_time_ms < 500
+
+
 GROW = """(module
   (memory (export "memory") 1)
   (func (export "execute")
@@ -300,7 +336,7 @@ def test_llm_and_http_with_permission_but_no_provider_fail_clearly(
     [result] = run(make_sandbox, skill)
     assert result.json() == [1, 1, 1]
     assert "no LLM provider is configured" in result.stderr
-    assert "no HTTP tool is configured" in result.stderr
+    assert "no HTTP fetcher is configured" in result.stderr
     assert "[info] hi" in result.stderr  # log:write granted
 
 

@@ -9,6 +9,7 @@ It never returns: it ends in `os._exit` or `execve`.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import stat
@@ -68,7 +69,7 @@ def compile_entrypoint(code: SkillCode) -> CodeType | None:
 def _place_fds(fds: list[int], kind: str) -> None:
     """Move the execution's pipes onto fixed numbers and close every other descriptor."""
     # Park everything above the range we are about to fill, so no dup2 clobbers a source.
-    parked = [os.dup(fd) for fd in fds]
+    parked = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, REQUEST_FD + 1) for fd in fds]
     for fd in fds:
         os.close(fd)
     request_r, result_w, stdout_w, stderr_w = parked

@@ -214,6 +214,16 @@ def check_reachable(paths: list[str], readable: list[str]) -> None:
                                   f"{mode:04o}): make it world-readable, e.g. chmod o+rx")
 
 
+def cover_workdir_root(root: str) -> None:
+    """A tmpfs of this mount namespace's own over the workdir root: the zygote makes and removes
+    each execution's directory there, in memory, so neither it nor the supervisor touches the
+    host's filesystem per execution (an rmdir on a journaling disk waits for its journal, a
+    millisecond or more on a busy host, on the caller's path). It holds empty directories
+    only, each under an execution's own tmpfs; executions of other zygotes are not in it."""
+    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+          "size=64k,nr_inodes=65536,mode=0711")
+
+
 def mount_workdir(path: str, uid: int, gid: int, size_bytes: int) -> None:
     """A fresh tmpfs owned by the execution uid: its disk quota, gone when unmounted."""
     inodes = max(1024, size_bytes // 4096)

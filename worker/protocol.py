@@ -10,6 +10,7 @@ sockets — never on a skill's stdout.
 from __future__ import annotations
 
 import enum
+import os
 import struct
 import uuid
 from typing import Any
@@ -114,6 +115,8 @@ class ExecutionResult(msgspec.Struct, frozen=True, kw_only=True):
     request_id: str = ""
     skill_id: str = ""
     error_kind: ErrorKind = ErrorKind.NONE
+    #: The host (node name) that ran it, set by a fleet worker (`sandbox.fleet`); "" in-process.
+    node: str = ""
 
     @property
     def ok(self) -> bool:
@@ -158,7 +161,7 @@ class SkillCode(msgspec.Struct, frozen=True, kw_only=True):
     command: list[str] = []
     spawn: bool = False  # python only: a fresh interpreter per execution instead of a fork
     wasm: str = ""  # wasm only: the module's absolute path (read once, by the zygote)
-    host: list[str] = []  # wasm only: the openbotstack host capabilities granted
+    host: list[str] = []  # the openbotstack host capabilities granted (permissions.host)
     #: wasm only: the module's linear memory cap (the manifest's memory_mb; the process's own
     #: limit, `Limits.memory_mb`, adds the runtime's share on top)
     wasm_memory_mb: int = 0
@@ -250,6 +253,14 @@ class ZygoteReady(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
     python: str
 
 
+class ZygoteForked(msgspec.Struct, frozen=True, kw_only=True, tag="hello"):
+    """A zygote forked by the shared base, first thing on its control socket, before it reads
+    its config: its pid, so the supervisor can reap it even if the base died before it could
+    reply (the zygote then exits on EOF, a child of the supervisor that nobody else names)."""
+
+    pid: int
+
+
 class ZygoteFailed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
     error: str
     #: The skill's own code failed (its entrypoint does not compile): the skill's fault, not
@@ -299,6 +310,48 @@ class ChildResult(msgspec.Struct, frozen=True, kw_only=True):
     tokens_used: int = 0
 
 
+#: Host calls: a WASM skill's `llm_generate` / `http_fetch` (`worker.wasm`) asked of the
+#: supervisor, which holds the provider and its key. The child writes a `HostCall` frame on its
+#: result pipe and blocks reading a `HostReply` frame on its request pipe (kept open for a
+#: skill granted one of these permissions). Every bound is applied on both sides: the child
+#: refuses before asking, the supervisor (which trusts no frame) checks again.
+HOST_CALL_PERMISSIONS = {"llm_generate": "llm:generate", "http_fetch": "http:fetch"}
+#: Host calls one execution may make; past it the call fails in the child, and a child that
+#: asks anyway is killed by the supervisor (a resource verdict).
+MAX_HOST_CALLS = 32
+MAX_PROMPT_BYTES = 256 << 10
+MAX_URL_BYTES = 8 << 10
+MAX_FETCH_REQUEST_BYTES = 1 << 20
+#: Largest LLM text or fetched body handed back (openbotstack truncates http_fetch at 1 MiB).
+MAX_HOST_REPLY_BYTES = 1 << 20
+#: Largest host-call frame the supervisor accepts, and reply frame the child reads.
+MAX_HOST_CALL_FRAME = MAX_FETCH_REQUEST_BYTES + MAX_URL_BYTES + (4 << 10)
+MAX_HOST_REPLY_FRAME = MAX_HOST_REPLY_BYTES + (64 << 10)
+
+
+class HostCall(msgspec.Struct, frozen=True, kw_only=True, tag="host-call"):
+    """Child → supervisor on the result pipe, before its final `ChildResult`: one host call.
+    `kind` is a key of `HOST_CALL_PERMISSIONS`; `prompt` for llm_generate, `url`, `method`
+    and `body` for http_fetch. Tagged, so the supervisor tells it from the (untagged) result."""
+
+    kind: str
+    prompt: str = ""
+    url: str = ""
+    method: str = ""
+    body: bytes = b""
+
+
+class HostReply(msgspec.Struct, frozen=True, kw_only=True):
+    """Supervisor → child on the request pipe: the answer to the one pending `HostCall`.
+    `data`: the LLM's text (UTF-8) or the fetched body; `status`: the HTTP status; `error`:
+    why the call failed (for the execution's stderr; never parsed back)."""
+
+    ok: bool
+    data: bytes = b""
+    status: int = 0
+    error: str = ""
+
+
 class BaseReady(msgspec.Struct, frozen=True, kw_only=True, tag="base-ready"):
     """Shared base zygote → supervisor, once: it has imported the worker runtime."""
 
@@ -314,7 +367,7 @@ class BaseForked(msgspec.Struct, frozen=True, kw_only=True, tag="forked"):
 
 
 BaseMessage = BaseReady | BaseForked
-ZygoteMessage = ZygoteReady | ZygoteFailed
+ZygoteMessage = ZygoteReady | ZygoteFailed | ZygoteForked
 ControlMessage = ForkCommand | SpareCgroups
 ReportMessage = ChildStarted | ChildExited
 
@@ -348,3 +401,24 @@ def decode_frame(data: bytes, decoder: msgspec.msgpack.Decoder[Any]) -> Any:
 
 
 _ENCODER = msgspec.msgpack.Encoder()
+
+
+def read_frame(fd: int, limit: int) -> bytes:
+    """One whole frame (prefix included) read from blocking `fd`, its body at most `limit`
+    bytes: for a pipe that stays open after the frame, where reading to EOF would block."""
+    header = _read_exactly(fd, FRAME_HEADER.size)
+    (length,) = FRAME_HEADER.unpack(header)
+    if length > limit:
+        raise FrameError(f"frame of {length} bytes is over the limit of {limit}")
+    return header + _read_exactly(fd, length)
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = os.read(fd, min(size, 1 << 20))
+        if not chunk:
+            raise FrameError(f"the pipe closed {size} bytes short of a frame")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)

@@ -23,6 +23,7 @@ import msgspec
 
 from worker.protocol import (
     EXIT_FRAME_FAILED,
+    HOST_CALL_PERMISSIONS,
     MAX_TOKENS,
     ChildResult,
     ExecutionInput,
@@ -31,6 +32,7 @@ from worker.protocol import (
     SkillCode,
     decode_frame,
     encode_frame,
+    read_frame,
 )
 
 
@@ -72,18 +74,19 @@ class _InputMismatch(Exception):
     """The JSON input does not fit the type the entrypoint's parameter is annotated with."""
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 16):
-        chunks.append(chunk)
-    os.close(fd)
-    return b"".join(chunks)
+#: Largest request frame read: the supervisor bounds the input far below this.
+_MAX_REQUEST_FRAME = 1 << 31
 
 
-def read_request(fd: int) -> ExecutionInput:
-    """The one `ExecutionInput` frame the supervisor wrote on the request pipe."""
+def read_request(fd: int, keep_open: bool = False) -> ExecutionInput:
+    """The one `ExecutionInput` frame the supervisor wrote on the request pipe. Exactly the
+    frame is read: a skill granted host calls (`keep_open`) gets its replies on this pipe
+    later, so the supervisor keeps it open and reading to EOF would block; others close it."""
     try:
-        return decode_frame(_read_all(fd), _INPUT_DECODER)  # type: ignore[no-any-return]
+        frame = read_frame(fd, _MAX_REQUEST_FRAME)
+        if not keep_open:
+            os.close(fd)
+        return decode_frame(frame, _INPUT_DECODER)  # type: ignore[no-any-return]
     except FrameError as exc:
         raise RuntimeError(f"the request pipe held no valid request: {exc}") from None
 
@@ -239,7 +242,9 @@ def run_and_exit(code: SkillCode, command: ForkCommand, precompiled: CodeType | 
     status = 0
     try:
         sys.dont_write_bytecode = True
-        result = call_skill(code, command, precompiled, read_request(request_fd))
+        host_calls = not set(HOST_CALL_PERMISSIONS.values()).isdisjoint(code.host)
+        result = call_skill(code, command, precompiled,
+                            read_request(request_fd, keep_open=host_calls))
         frame = encode_frame(result)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):

@@ -117,6 +117,7 @@ def _serve(code: SkillCode, preload: list[str], precompiled: CodeType | None,
         # 0-2: the zygote's /dev/null and its stderr (the operator's log) until the request's
         # pipes replace them; the Landlock plan's fds are needed to confine the request.
         isolation.close_fds_except({0, 1, 2, sock.fileno(), *isolation.kept_fds()})
+        isolation.own_ruleset()
         isolation.join_cgroups(cgroups, os.getpid())
         isolation.enter_own_user_namespace()
         sock.send(READY)

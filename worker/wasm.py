@@ -18,9 +18,11 @@ signatures and error values (0xFFFFFFFF or 0). `log`, `kv_get`/`kv_set`, `llm_ge
 `http_fetch` each need their openbotstack permission (`log:write`, `kv:read`, `kv:write`,
 `llm:generate`, `http:fetch`); a call without it gets the error value and one line on the
 execution's stderr saying why. The key-value store lives and dies with the execution (nothing
-persists between executions). `llm_generate` and `http_fetch` have no provider inside the
-child: with the permission they fail with "no provider configured" (`LLM_PROVIDER`/`HTTP_FETCHER`
-are the hooks a supervisor-side bridge would fill); the child never opens a connection.
+persists between executions). `llm_generate` and `http_fetch` are answered by the supervisor,
+which holds the LLM provider (and its key) and the operator's fetcher: the child writes a
+bounded `HostCall` frame on its result pipe and blocks reading the `HostReply` on its request
+pipe (`_ask`); the child itself never opens a connection. The supervisor checks the permission
+and every bound again, counts the tokens, and its wall deadline covers the wait.
 
 WASI gets no preopened directory, no environment variable, only `argv[0]`: the module sees no
 file of the host. Its stdout is collected in memory up to `max_output_bytes`; its stderr is the
@@ -45,7 +47,27 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from worker.protocol import ChildResult, ExecutionInput, ForkCommand, SkillCode
+import msgspec
+
+from worker.protocol import (
+    MAX_FETCH_REQUEST_BYTES,
+    MAX_HOST_CALLS,
+    MAX_HOST_REPLY_FRAME,
+    MAX_PROMPT_BYTES,
+    MAX_URL_BYTES,
+    REQUEST_FD,
+    RESULT_FD,
+    ChildResult,
+    ExecutionInput,
+    ForkCommand,
+    FrameError,
+    HostCall,
+    HostReply,
+    SkillCode,
+    decode_frame,
+    encode_frame,
+    read_frame,
+)
 
 #: The Python package that runs WASM skills (the `wasm` extra).
 RUNTIME_PACKAGE = "wasmtime"
@@ -61,13 +83,7 @@ HOST_PERMISSIONS = {
     "log": "log:write", "kv_get": "kv:read", "kv_set": "kv:write",
     "llm_generate": "llm:generate", "http_fetch": "http:fetch",
 }
-#: http_fetch's response body cap (openbotstack's).
-MAX_FETCH_BODY = 1 << 20
-
-#: Hooks for a provider bridge (none exists in the child yet): prompt -> text, and
-#: (url, method, body) -> (status, body). Left None, the calls fail with a clear error.
-LLM_PROVIDER: Callable[[str], str] | None = None
-HTTP_FETCHER: Callable[[str, str, bytes], tuple[int, bytes]] | None = None
+_REPLY_DECODER = msgspec.msgpack.Decoder(HostReply)
 
 
 class WasmModuleError(ValueError):
@@ -104,6 +120,8 @@ class _Execution:
         self.kv_bytes = 0
         self.kv_cap = (code.wasm_memory_mb or command.limits.memory_mb) * _MIB
         self.noted: set[str] = set()
+        self.host_calls = 0
+        self.channel_broken = False
 
     def note(self, text: str) -> None:
         """One stderr line per distinct refusal (a module calling in a loop floods nothing)."""
@@ -302,20 +320,48 @@ def _kv_set(caller: Any, key_ptr: int, key_len: int, value_ptr: int, value_len: 
     return 1
 
 
+def _ask(state: _Execution, call: HostCall) -> HostReply | None:
+    """Ask the supervisor to make `call` and wait for its answer; None (noted on stderr) when
+    the call cannot be made. One call at a time: the module is blocked meanwhile, and the
+    supervisor's wall deadline keeps running."""
+    if state.channel_broken:
+        return None
+    if state.host_calls >= MAX_HOST_CALLS:
+        state.note(f"{call.kind} refused: this execution made its {MAX_HOST_CALLS} host calls")
+        return None
+    state.host_calls += 1
+    try:
+        frame = memoryview(encode_frame(call))
+        while frame:
+            frame = frame[os.write(RESULT_FD, frame):]
+        reply: HostReply = decode_frame(read_frame(REQUEST_FD, MAX_HOST_REPLY_FRAME),
+                                        _REPLY_DECODER)
+    except (OSError, FrameError) as exc:
+        state.channel_broken = True
+        state.note(f"{call.kind} failed: no answer from the supervisor ({exc})")
+        return None
+    if not reply.ok:
+        state.note(f"{call.kind} failed: {reply.error}")
+        return None
+    return reply
+
+
 def _llm_generate(caller: Any, prompt_ptr: int, prompt_len: int, result_ptr: int) -> int:
     state = _state()
+    if not state.allowed("llm_generate"):
+        return ERROR_U32
+    if (prompt_len & 0xFFFFFFFF) > MAX_PROMPT_BYTES:
+        state.note(f"llm_generate refused: the prompt is {prompt_len & 0xFFFFFFFF} bytes, "
+                   f"more than {MAX_PROMPT_BYTES}")
+        return ERROR_U32
     prompt = _read(caller, prompt_ptr, prompt_len)
-    if prompt is None or not state.allowed("llm_generate"):
+    if prompt is None:
         return ERROR_U32
-    if LLM_PROVIDER is None:
-        state.note("llm_generate failed: no LLM provider is configured for WASM skills")
+    reply = _ask(state, HostCall(kind="llm_generate",
+                                 prompt=prompt.decode("utf-8", "replace")))
+    if reply is None:
         return ERROR_U32
-    try:
-        text = LLM_PROVIDER(prompt.decode("utf-8", "replace")).encode()
-    except Exception as exc:  # noqa: BLE001 - the provider's failure is the call's error
-        state.note(f"llm_generate failed: {type(exc).__name__}")
-        return ERROR_U32
-    return len(text) if _write(caller, result_ptr, text) else ERROR_U32
+    return len(reply.data) if _write(caller, result_ptr, reply.data) else ERROR_U32
 
 
 def _http_fetch(caller: Any, url_ptr: int, url_len: int, method_ptr: int, method_len: int,
@@ -323,21 +369,22 @@ def _http_fetch(caller: Any, url_ptr: int, url_len: int, method_ptr: int, method
     state = _state()
     if not state.allowed("http_fetch"):
         return 0
-    if HTTP_FETCHER is None:
-        state.note("http_fetch failed: no HTTP tool is configured for WASM skills")
+    if (url_len & 0xFFFFFFFF) > MAX_URL_BYTES or (method_len & 0xFFFFFFFF) > 16 \
+            or (body_len & 0xFFFFFFFF) > MAX_FETCH_REQUEST_BYTES:
+        state.note(f"http_fetch refused: the URL (at most {MAX_URL_BYTES} bytes), method or "
+                   f"body (at most {MAX_FETCH_REQUEST_BYTES} bytes) is too long")
         return 0
     url = _read(caller, url_ptr, url_len)
     method = _read(caller, method_ptr, method_len)
     body = _read(caller, body_ptr, body_len) if body_len else b""
     if url is None or method is None or body is None:
         return 0
-    try:
-        status, answer = HTTP_FETCHER(url.decode("utf-8", "replace"),
-                                      method.decode("utf-8", "replace"), body)
-    except Exception as exc:  # noqa: BLE001 - the fetcher's failure is the call's error
-        state.note(f"http_fetch failed: {type(exc).__name__}")
+    reply = _ask(state, HostCall(kind="http_fetch", url=url.decode("utf-8", "replace"),
+                                 method=method.decode("utf-8", "replace"), body=body))
+    if reply is None:
         return 0
-    answer = answer[:MAX_FETCH_BODY]
+    answer = reply.data
+    status = reply.status
     if not _write(caller, resp_ptr, (status & 0xFFFFFFFF).to_bytes(4, "little") + answer):
         return ERROR_U32
     return ((status & 0xFFFF) << 16) | (len(answer) & 0xFFFF)

@@ -24,6 +24,7 @@ import selectors
 import signal
 import socket
 import sys
+import time
 import traceback
 from types import CodeType
 
@@ -42,6 +43,7 @@ from worker.protocol import (
     SpareCgroups,
     ZygoteConfig,
     ZygoteFailed,
+    ZygoteForked,
     ZygoteReady,
 )
 
@@ -55,6 +57,10 @@ SPARE_EXIT_WAIT = 1.0
 #: the next request (each request allows one more try): no fork loop if something kills them.
 MAX_SPARE_FAILURES = 3
 _SPARE = "spare"  # selector key data of the spare's socket
+#: How long a request waits for a spare that is still setting up (joining its cgroups: on v1 an
+#: RCU grace period, milliseconds) before the zygote forks a child for it instead, which would
+#: have to join its cgroups too, from the start and on the request's path.
+SPARE_WAIT = 0.05
 
 
 class SkillCodeFailed(Exception):
@@ -98,6 +104,9 @@ class Zygote:
         #: pairs given back to the supervisor with the next ChildStarted.
         self.released: list[list[str]] = []
         self.spare_failures = 0
+        #: A request waiting for the spare to say ready: command, fds, message, the spare's
+        #: pid and until when it waits.
+        self.waiting: tuple[ForkCommand, list[int], bytes, int, float] | None = None
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -146,6 +155,8 @@ class Zygote:
         self.selector.register(self.control, selectors.EVENT_READ, None)
         while True:
             timeout = 0.05 if self.doomed else 1.0
+            if self.waiting is not None:
+                timeout = max(0.0, min(timeout, self.waiting[4] - time.monotonic()))
             events = self.selector.select(timeout)
             exited = False
             for key, _ in events:
@@ -157,6 +168,8 @@ class Zygote:
                 else:
                     self.handle_exit(key.data)
                     exited = True
+            if self.waiting is not None:
+                self.release_waiting()
             # Orphans appear when an execution ends (or escapes while running): look after an
             # exit, while some are dying, and when idle — not on every fork request.
             if exited or self.doomed or not events:
@@ -188,12 +201,21 @@ class Zygote:
         self.start_execution(decoded, fds, message)
         return True
 
-    def start_execution(self, command: ForkCommand, fds: list[int], message: bytes) -> None:
+    def start_execution(self, command: ForkCommand, fds: list[int], message: bytes,
+                        wait: bool = True) -> None:
         """Hand the request to the spare, or fork a child for it; report it; fork the next spare.
 
         The command's cgroup pair goes to the child forked for it, or, when the spare (already
-        in a pair of its own) takes the request, to the spare that replaces it.
+        in a pair of its own) takes the request, to the spare that replaces it. A spare still
+        setting up is waited for (up to `SPARE_WAIT`, one request at a time, without blocking
+        the loop): it is further along than a child forked now would be.
         """
+        current = self.spare
+        if (wait and self.waiting is None and current is not None
+                and bool(current.cgroups) == bool(command.isolation.cgroups)
+                and current.poll_ready() is False):
+            self.waiting = (command, fds, message, current.pid, time.monotonic() + SPARE_WAIT)
+            return
         report = socket.socket(fileno=fds[-1])
         ticket = list(command.isolation.cgroups)
         self.forks += 1
@@ -254,6 +276,17 @@ class Zygote:
         self.spare_failures = min(self.spare_failures, MAX_SPARE_FAILURES - 1)
         self.ensure_spare()
 
+    def release_waiting(self) -> None:
+        """Start the waiting request once its spare is ready, gone, or late."""
+        assert self.waiting is not None
+        command, fds, message, pid, until = self.waiting
+        current = self.spare
+        if (current is not None and current.pid == pid and not current.ready
+                and time.monotonic() < until):
+            return
+        self.waiting = None
+        self.start_execution(command, fds, message, wait=False)
+
     # -- the spare --------------------------------------------------------------------------
 
     def usable_spare(self, ticket: list[str]) -> spare.Spare | None:
@@ -293,7 +326,8 @@ class Zygote:
             else:
                 self.spare = new
                 self.selector.register(new.sock, selectors.EVENT_READ, _SPARE)
-                isolation.prepare_next()  # the spare took the Landlock ruleset
+                # The spare builds a Landlock ruleset of its own (`isolation.own_ruleset`): the
+                # zygote's stays untouched, for the next child forked on request.
         while len(self.tickets) > (0 if self.spare is not None else 1):
             extra = self.tickets.pop()
             if extra:
@@ -388,6 +422,10 @@ class Zygote:
                 self.doomed.add(pid)
 
     def shutdown(self) -> None:
+        if self.waiting is not None:  # never started: its report socket's EOF says so
+            for fd in self.waiting[1]:
+                os.close(fd)
+            self.waiting = None
         current = self.spare
         if current is not None:  # never got a request: kill and reap it
             self.retire_spare(release=False)
@@ -436,6 +474,7 @@ def run_forked(control: socket.socket) -> None:
     its own control socket, so the base never receives anything of the skill."""
     _install_signals()
     try:
+        control.send(msgspec.msgpack.encode(ZygoteForked(pid=os.getpid())))
         config = control.recv(MAX_CONFIG)
     except OSError:
         config = b""

@@ -187,6 +187,8 @@ class Api:
         try:
             body = parse_body(await self.body(request), PlanBody)
             plan = ExecutionPlan.from_dict(body.plan, body.dialect)
+            plan.retry = None if body.retry is None else body.retry.policy()
+            plan.step_retry = {name: policy.policy() for name, policy in body.step_retry.items()}
         except ClientGone as exc:
             return client_gone(request, exc)
         except Refused as refused:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sandbox import jsonbounds
 from sandbox.daemon import logquery
-from sandbox.plans import ExecutionContext, StepResult
+from sandbox.plans import ExecutionContext, RetryPolicy, StepResult
 from sandbox.validation import field_problems
 from worker.protocol import ErrorKind, ExecutionRequest, ExecutionResult
 
@@ -159,6 +159,23 @@ class PlanContextBody(_Body):
                                   description="seconds for the whole plan (its deadline)")
 
 
+class RetryPolicyBody(_Body):
+    """openbotstack's RetryPolicy, for the steps of one plan run (see docs/plans.md)."""
+
+    max_retries: int = Field(default=0, ge=0, le=1000, strict=True,
+                             description="retries after a failure; capped at 3 as in openbotstack")
+    initial_backoff: float = Field(default=0.0, ge=0, le=60,
+                                   description="seconds before the first retry, doubling after")
+    max_backoff: float = Field(default=0.0, ge=0, le=300, description="the doubling's ceiling")
+    fallback_tool: str = Field(default="", max_length=256,
+                               description="a tool whose output replaces the step's when every "
+                                           "retry failed")
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(max_retries=self.max_retries, initial_backoff=self.initial_backoff,
+                           max_backoff=self.max_backoff, fallback_tool=self.fallback_tool)
+
+
 class PlanBody(_Body):
     """An openbotstack ExecutionPlan and the ExecutionContext to run it in."""
 
@@ -169,6 +186,10 @@ class PlanBody(_Body):
                                       "writes it (llm steps, step_id, timeout_ms, parallel "
                                       "groups, Go template typing); see docs/plans.md")
     context: PlanContextBody = Field(default_factory=PlanContextBody)
+    retry: RetryPolicyBody | None = Field(default=None, description="for every step")
+    step_retry: dict[str, RetryPolicyBody] = Field(
+        default_factory=dict, max_length=256,
+        description="by step name; wins over `retry` for that step")
 
 
 class StepResultModel(_Body):
@@ -181,6 +202,9 @@ class StepResultModel(_Body):
     index: int
     execution: ExecutionResultModel | None = Field(
         description="the skill step's full result; null for tools")
+    step_id: str = Field(description="the step's step_id (openbotstack dialect), else empty")
+    retries: int = Field(description="retries the step took under the retry policy")
+    fallback: bool = Field(description="true when the output came from the fallback tool")
 
 
 class PlanResultModel(_Body):
@@ -228,7 +252,8 @@ def parse_body(raw: bytes, model: type[M]) -> M:
 def step_to_json(step: StepResult) -> dict[str, Any]:
     return {"step_name": step.step_name, "type": step.type, "status": step.status,
             "output": step.output, "error": step.error, "duration": step.duration,
-            "index": step.index,
+            "index": step.index, "step_id": step.step_id, "retries": step.retries,
+            "fallback": step.fallback,
             "execution": None if step.execution is None else result_to_json(step.execution)}
 
 
@@ -287,7 +312,8 @@ _OBJECT = {"type": "object"}
 
 def openapi_document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [ExecuteBody, ExecutionResultModel, ResourceUsageModel,
-                                     PlanBody, PlanContextBody, StepResultModel,
+                                     PlanBody, PlanContextBody, RetryPolicyBody,
+                                     StepResultModel,
                                      PlanResultModel, ErrorBody]
     schemas: dict[str, Any] = {}
     for model in models:

@@ -38,7 +38,7 @@ log = jsonlog.get_logger("service")
 #: Settings a running daemon cannot change; a reload that sees them changed says so.
 RESTART_ONLY = ("socket", "tcp", "max_concurrency", "workdir_root", "execution_log",
                 "max_body_bytes", "tools", "circuit", "isolation", "header_timeout",
-                "body_timeout", "keepalive_timeout", "max_connections")
+                "body_timeout", "keepalive_timeout", "max_connections", "base_zygote")
 
 
 def load_policy(config: DaemonConfig) -> Policy | None:
@@ -86,6 +86,7 @@ def skill_summary(skill: Skill) -> dict[str, Any]:
         "permissions": {"network": manifest.permissions.network,
                         "env": sorted(manifest.permissions.env)},
         "input_schema": manifest.input_schema, "output_schema": manifest.output_schema,
+        "runnable": not skill.not_runnable, "not_runnable": skill.not_runnable,
     }
 
 
@@ -116,7 +117,7 @@ class Service:
                 self.execution_log.close()
             raise ConfigError(f"field 'llm': {exc}") from None
         try:
-            self.sandbox = Sandbox(llm=self.llm,max_concurrency=config.max_concurrency,
+            self.sandbox = Sandbox(llm=self.llm, max_concurrency=config.max_concurrency,
                                    workdir_root=str(config.workdir_root)
                                    if config.workdir_root else None,
                                    policy=self.policy,
@@ -161,6 +162,7 @@ class Service:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closed = False
+        self._retired_llms: list[Any] = []
         self._token = config.bearer_token()
         self._token_lock = threading.Lock()
 
@@ -206,8 +208,9 @@ class Service:
                           inflight=sorted(self.inflight))
         if self.execution_log is not None:
             self.execution_log.close()
-        if self.llm is not None:
-            self.llm.close()
+        for provider in [self.llm, *self._retired_llms]:
+            if provider is not None:
+                provider.close()
         if self.swept.lock_fd is not None:
             os.close(self.swept.lock_fd)
             self.swept.lock_fd = None
@@ -297,11 +300,28 @@ class Service:
                 current.model_dump() == policy.model_dump()
             if not unchanged:  # an unchanged file keeps its rate-limit buckets and counters
                 self.policy.replace(policy)
+        if old.llm != config.llm and not self._replace_llm(config, report):
+            config = config.model_copy(update={"llm": old.llm})  # re-tried at the next reload
         # The zygote budget applies from the next start or eviction pass; `warm` to the skills
         # loaded by this reload (a warm zygote already running stays).
         self.sandbox.max_zygotes = config.max_zygotes or None
         self.sandbox.zygote_idle_ttl = config.zygote_idle_ttl or None
         self.config = config
+
+    def _replace_llm(self, config: DaemonConfig, report: ReloadReport) -> bool:
+        """A changed `[llm]` section takes effect for the next call; calls in flight finish on
+        the provider they started with, which is closed only when the daemon closes."""
+        try:
+            provider = config.llm.to_provider()
+        except ValueError as exc:
+            report.errors.append(f"field 'llm': {exc} (keeping the previous provider)")
+            return False
+        if self.llm is not None:
+            self._retired_llms.append(self.llm)
+        self.llm = self.sandbox.llm = provider
+        jsonlog.event(log, logging.INFO, "llm provider replaced",
+                      model=config.llm.model, base_url=config.llm.base_url)
+        return True
 
     def bearer_token(self) -> str | None:
         with self._token_lock:

@@ -46,6 +46,7 @@ class ExecutionLogRecord(msgspec.Struct, kw_only=True):
     tokens: int = 0
     output_truncated: bool = False
     error_kind: str = ""  # the supervisor's verdict (`ErrorKind`); "" on success and for plans
+    node: str = ""  # the fleet node that ran it (`sandbox.fleet`); "" for a single host
 
     def to_dict(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)  # type: ignore[no-any-return]
@@ -172,6 +173,7 @@ def record_for_execution(request: ExecutionRequest, result: ExecutionResult,
         user_id=request.user_id, session_id=step.session_id if step else "",
         step_index=step.step_index if step else None, cpu_ms=usage.cpu_time_ms,
         memory_mb=usage.memory_mb, tokens=usage.tokens_used, error_kind=result.error_kind.value,
+        node=result.node,
     )
 
 

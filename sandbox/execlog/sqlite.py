@@ -20,7 +20,7 @@ import msgspec
 
 from sandbox.execlog.records import DEFAULT_MAX_OUTPUT_BYTES, ExecutionLogRecord, RecordLogger
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (
@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS execution_log (
     cpu_ms           INTEGER NOT NULL DEFAULT 0,
     memory_mb        INTEGER NOT NULL DEFAULT 0,
     tokens           INTEGER NOT NULL DEFAULT 0,
-    error_kind       TEXT    NOT NULL DEFAULT ''   -- the supervisor's verdict (version 2)
+    error_kind       TEXT    NOT NULL DEFAULT '',  -- the supervisor's verdict (version 2)
+    node             TEXT    NOT NULL DEFAULT ''   -- the fleet node that ran it (version 3)
 );
 CREATE INDEX IF NOT EXISTS execution_log_request ON execution_log (request_id);
 CREATE INDEX IF NOT EXISTS execution_log_tenant  ON execution_log (tenant_id, ts);
@@ -58,7 +59,8 @@ CREATE INDEX IF NOT EXISTS execution_log_ts      ON execution_log (ts);
 
 _COLUMNS = ("ts", "timestamp", "request_id", "assistant_id", "session_id", "tenant_id",
             "user_id", "step_name", "step_type", "step_index", "status", "error", "output",
-            "output_truncated", "duration_ms", "cpu_ms", "memory_mb", "tokens", "error_kind")
+            "output_truncated", "duration_ms", "cpu_ms", "memory_mb", "tokens", "error_kind",
+            "node")
 _INSERT = (f"INSERT INTO execution_log ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
 
@@ -136,8 +138,12 @@ class SqliteExecutionLogger(RecordLogger):
             elif version > SCHEMA_VERSION:
                 raise SchemaError(f"{self.path}: execution log schema version {version} is "
                                   f"newer than this library's ({SCHEMA_VERSION})")
-            elif version < 2:  # version 1 had no error_kind column
-                conn.execute("ALTER TABLE execution_log ADD COLUMN error_kind TEXT NOT NULL "
+            elif version < SCHEMA_VERSION:
+                if version < 2:  # version 1 had no error_kind column
+                    conn.execute("ALTER TABLE execution_log ADD COLUMN error_kind TEXT NOT "
+                                 "NULL DEFAULT ''")
+                # version 2 had no node column (fleet workers stamp it)
+                conn.execute("ALTER TABLE execution_log ADD COLUMN node TEXT NOT NULL "
                              "DEFAULT ''")
                 conn.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
                              (SCHEMA_VERSION, datetime.now(UTC).isoformat()))
@@ -157,7 +163,7 @@ class SqliteExecutionLogger(RecordLogger):
                record.assistant_id, record.session_id, record.tenant_id, record.user_id,
                record.step_name, record.step_type, record.step_index, record.status,
                record.error, output, int(record.output_truncated), record.duration_ms,
-               record.cpu_ms, record.memory_mb, record.tokens, record.error_kind)
+               record.cpu_ms, record.memory_mb, record.tokens, record.error_kind, record.node)
         with self._lock:
             self._connection().execute(_INSERT, row)  # autocommit: one transaction per record
 
@@ -237,5 +243,5 @@ def _record(row: dict[str, Any]) -> ExecutionLogRecord:
         tenant_id=row["tenant_id"], user_id=row["user_id"], session_id=row["session_id"],
         step_index=row["step_index"], cpu_ms=row["cpu_ms"], memory_mb=row["memory_mb"],
         tokens=row["tokens"], output_truncated=bool(row["output_truncated"]),
-        error_kind=row["error_kind"],
+        error_kind=row["error_kind"], node=row["node"],
     )

@@ -244,7 +244,13 @@ def test_an_execution_that_cannot_be_set_up_is_the_sandbox_s_failure_not_the_ski
         os.rmdir(path)
         return path
 
-    monkeypatch.setattr(execution, "_make_workdir", vanished)
+    if attack.sandbox._plan.workdir_bytes:
+        # The zygote makes the directory, on a tmpfs of its mount namespace that no host
+        # cleaner reaches: it cannot make one whose parent is gone.
+        monkeypatch.setattr(execution, "_workdir_path",
+                            lambda root, exec_id: os.path.join(root, "gone", exec_id))
+    else:
+        monkeypatch.setattr(execution, "_make_workdir", vanished)
     broken = attack.sandbox.execute(ExecutionRequest(skill_id=attack.skill.id,
                                                      input=b'{"probe": true}'))
     assert broken.error_kind is ErrorKind.WORKER_FAILURE, broken
