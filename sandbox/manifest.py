@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -168,9 +170,49 @@ def _validate(path: Path, data: Any) -> SkillManifest:
         raise SkillLoadError(describe(exc, str(path), "(manifest)")) from None
 
 
+#: Largest manifest file (skill.toml, manifest.yaml, SKILL.md) read: openbotstack's are a few KB
+#: (a SKILL.md body is a prompt), none needs a megabyte; the supervisor and the daemon's
+#: watcher read them whole, as the supervisor's user.
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def read_manifest(path: Path) -> str:
+    """The text of the manifest file `path` of a skill directory (`path.parent`), read only if
+    it is a regular file that really lies in that directory and holds at most
+    `MAX_MANIFEST_BYTES`. The supervisor reads it as its own user (root), and what it read
+    goes back to whoever loads the skill — its fields (openbotstack's unknown keys are kept as
+    metadata, SKILL.md's body is the prompt sent to the LLM provider) and its errors (the
+    daemon's /v1/skills): a symlink out of the directory would read a host file for the
+    skill's author, a FIFO would stall the loader, a sparse gigabyte fill its memory."""
+    try:  # O_NONBLOCK: a FIFO swapped in after the is_file() check does not block the open
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SkillLoadError(f"{path}: cannot read: {exc.strerror}") from None
+    with open(fd, "rb") as file:
+        directory = path.parent.resolve()
+        try:  # where the opened file is, whatever was swapped in since a check by name
+            where = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            where = path.resolve()
+        if not where.is_relative_to(directory):
+            raise SkillLoadError(f"{path}: resolves to {where}, outside the skill's directory "
+                                 f"{directory}")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SkillLoadError(f"{path}: not a regular file")
+        data = file.read(MAX_MANIFEST_BYTES + 1) if info.st_size <= MAX_MANIFEST_BYTES else b""
+    if info.st_size > MAX_MANIFEST_BYTES or len(data) > MAX_MANIFEST_BYTES:
+        raise SkillLoadError(f"{path}: {max(info.st_size, len(data))} bytes, larger than the "
+                             f"{MAX_MANIFEST_BYTES} bytes a manifest may be")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SkillLoadError(f"{path}: not UTF-8 (byte {exc.start})") from None
+
+
 def load_native(path: Path) -> SkillManifest:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_manifest(path))
     except tomllib.TOMLDecodeError as exc:
         raise SkillLoadError(f"{path}: not valid TOML: {exc}") from None
     except RecursionError:  # the parser recurses per nesting level
@@ -298,7 +340,7 @@ def _read_yaml(path: Path, text: str | None = None) -> Any:
     import yaml  # only openbotstack's formats need it
 
     try:
-        loader = yaml.SafeLoader(path.read_text(encoding="utf-8") if text is None else text)
+        loader = yaml.SafeLoader(read_manifest(path) if text is None else text)
         try:  # yaml.safe_load, with the expanded size checked between composing and building
             node = loader.get_single_node()
             if node is not None and _expanded_nodes(node) > MAX_YAML_NODES:
@@ -335,10 +377,7 @@ def read_skill_md(path: Path) -> tuple[dict[str, Any], str]:
     """SKILL.md's front matter (a mapping, maybe empty) and its body, as openbotstack-core's
     `ParseSkillMDContent` splits them: front matter only when the file opens with exactly
     `---`, up to the next line that is `---`; both parts stripped."""
-    try:
-        content = path.read_text(encoding="utf-8").replace("\r\n", "\n").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SkillLoadError(f"{path}: cannot read: {exc}") from None
+    content = read_manifest(path).replace("\r\n", "\n").strip()
     if not content:
         raise SkillLoadError(f"{path}: SKILL.md is empty")
     if not content.startswith("---") or content[3:4] == "-":

@@ -83,6 +83,9 @@ class Skill:
             if not ((skill_dir / f"{module}.py").is_file() or (skill_dir / module).is_dir()):
                 raise SkillLoadError(f"{manifest_path}: field 'entrypoint': no module "
                                      f"{module!r} in {skill_dir}")
+            _check_inside(skill_dir, manifest_path, "entrypoint",
+                          skill_dir / (f"{module}.py" if (skill_dir / f"{module}.py").is_file()
+                                       else module))
         elif (problem := wasm_module_problem(skill_dir, manifest)) is not None:
             if not go_sources(skill_dir):  # nothing to build it from: a broken manifest
                 raise SkillLoadError(f"{manifest_path}: {problem}")
@@ -154,6 +157,16 @@ class Skill:
         tax-calculator's 8 MB is exactly its linear memory's peak)."""
         extra = WASM_RUNTIME_MB if self.manifest.wasm is not None else 0
         return self.manifest.limits.memory_mb + extra
+
+
+def _check_inside(skill_dir: Path, manifest_path: Path, field: str, path: Path) -> None:
+    """`path` resolves inside the skill's directory: the zygote compiles the entrypoint as the
+    supervisor's user before its layers, so a symlink out would have it read a host file on
+    the skill's behalf (and echo it back in a compiler or NameError message)."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(skill_dir):
+        raise SkillLoadError(f"{manifest_path}: field {field!r}: {path.name!r} resolves to "
+                             f"{resolved}, outside the skill's directory {skill_dir}")
 
 
 def _check_wasm(skill_dir: Path, manifest_path: Path, module: str) -> None:

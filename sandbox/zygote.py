@@ -372,6 +372,10 @@ class ZygoteProcess:
             data = control.recv(1 << 16)
             if not data:
                 code = process.wait(timeout=5)
+                if code == -signal.SIGXCPU:  # the one CPU limit a booting zygote has
+                    raise SkillCodeInvalid(f"{self.skill_id}: its zygote ran out of CPU time "
+                                           "compiling the skill's code (worker.isolation."
+                                           "COMPILE_CPU_SECONDS)")
                 raise SkillLoadError(f"{self.skill_id}: zygote exited with status {code} "
                                      "before it was ready")
             message = msgspec.msgpack.decode(data, type=ZygoteMessage)

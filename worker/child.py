@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import stat
 import sys
 from types import CodeType
 from typing import NoReturn
@@ -28,6 +29,11 @@ from worker.protocol import (
     SkillCode,
 )
 
+#: Largest entrypoint source the zygote compiles ahead of its executions (as root, before its
+#: layers and without a memory limit: compiling costs several times the source's size). A
+#: larger one is compiled by each execution itself, under its own limits.
+MAX_PRECOMPILED_SOURCE = 4 << 20
+
 
 def compile_entrypoint(code: SkillCode) -> CodeType | None:
     """Compile the entrypoint module's source without running it, so no fork repeats the work.
@@ -39,10 +45,25 @@ def compile_entrypoint(code: SkillCode) -> CodeType | None:
     if "." in module:
         return None
     path = os.path.join(code.skill_dir, module + ".py")
-    if not os.path.isfile(path):
+    try:  # O_NONBLOCK: a FIFO put in its place must not stall the zygote's boot
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
         return None
-    with open(path, "rb") as source:
-        return compile(source.read(), path, "exec", dont_inherit=True)
+    with open(fd, "rb") as source:
+        # The zygote reads this as root before its layers: only a regular file that really
+        # lies in the skill's directory (not a symlink out of it, whenever it was swapped in)
+        # and is of a sane size. Anything else is left to each execution's own import, under
+        # its uid, Landlock and memory limit.
+        try:
+            where = os.readlink(f"/proc/self/fd/{source.fileno()}")
+        except OSError:  # no /proc: no way to tell where it is
+            return None
+        info = os.fstat(source.fileno())
+        if (not stat.S_ISREG(info.st_mode) or info.st_size > MAX_PRECOMPILED_SOURCE
+                or not where.startswith(code.skill_dir.rstrip("/") + "/")):
+            return None
+        return compile(source.read(MAX_PRECOMPILED_SOURCE + 1), path, "exec",
+                       dont_inherit=True)
 
 
 def _place_fds(fds: list[int], kind: str) -> None:

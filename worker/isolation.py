@@ -29,6 +29,7 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Iterator
 
 from worker import landlock, namespaces, pidns, seccomp
 from worker.protocol import ForkCommand, SkillCode, ZygoteSettings
@@ -206,6 +207,45 @@ def note_data_baseline() -> None:
     fork the child's is the same."""
     global _data_baseline
     _data_baseline = _data_baseline_bytes()
+
+
+#: Memory the zygote may take, above what it holds when it starts compiling, to compile the
+#: skill's code (openbotstack's 3 MB Go modules: ~60 MB; a WASM data segment: ~4x its size).
+COMPILE_MEMORY_MB = 1024
+#: CPU seconds the zygote may spend compiling the skill's code (a 3 MB Go module: ~6 s here).
+COMPILE_CPU_SECONDS = 20
+#: Largest WASM module file a zygote compiles: compiling takes about four times the file (a
+#: data segment is copied whole, more than once), so a larger one could not fit the budget.
+MAX_WASM_BYTES = (COMPILE_MEMORY_MB << 20) // 4
+
+
+@contextlib.contextmanager
+def compile_limits() -> Iterator[None]:
+    """While the zygote compiles the skill's code: RLIMIT_DATA at its data segment now plus
+    `COMPILE_MEMORY_MB`, RLIMIT_CPU at its CPU time now plus `COMPILE_CPU_SECONDS` (soft limits:
+    an ordinary user's zygote could not raise hard ones back). The zygote runs as the
+    supervisor's user, in no cgroup and before any limit: without these, a module of a few
+    hundred MB takes the host's memory, and a few KB that compile for minutes (WASM functions
+    declaring 50,000 locals each) its CPU, at every cold start. Past the memory cap Python's
+    compiler raises MemoryError and wasmtime aborts; past the CPU cap SIGXCPU ends the zygote
+    (the supervisor names it). Either way the boot fails and nothing else does — and no core
+    of that size is dumped as root (RLIMIT_CORE 0 from here on, as the layers set it anyway)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    caps = {resource.RLIMIT_DATA: _data_baseline_bytes() + (COMPILE_MEMORY_MB << 20),
+            resource.RLIMIT_CPU: math.ceil(usage.ru_utime + usage.ru_stime) + COMPILE_CPU_SECONDS}
+    before = {which: resource.getrlimit(which) for which in caps}
+    for which, cap in caps.items():
+        soft, hard = before[which]
+        if hard != resource.RLIM_INFINITY:
+            cap = min(cap, hard)
+        if soft == resource.RLIM_INFINITY or cap < soft:
+            resource.setrlimit(which, (cap, hard))
+    try:
+        yield
+    finally:
+        for which, limits in before.items():
+            resource.setrlimit(which, limits)
 
 
 def _data_baseline_bytes() -> int:

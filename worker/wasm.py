@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -178,7 +179,7 @@ def prepare(code: SkillCode) -> None:
     config.shared_memory = False
     engine = wasmtime.Engine(config)
     try:
-        module = wasmtime.Module.from_file(engine, code.wasm)
+        module = wasmtime.Module(engine, _module_bytes(code))
     except (wasmtime.WasmtimeError, OSError) as exc:
         raise WasmModuleError(f"{code.wasm}: {str(exc).splitlines()[0]}") from None
     exports = {export.name for export in module.exports}
@@ -198,6 +199,35 @@ def prepare(code: SkillCode) -> None:
                               f"{', '.join(unknown[:8])}")
     _compiled = _Compiled(engine, module, linker, reactor="execute" in exports,
                           initialize="_initialize" in exports)
+
+
+def _module_bytes(code: SkillCode) -> bytes:
+    """The module's bytes, read only from a regular file that really lies in the skill's
+    directory and fits the zygote's compile budget. The zygote reads it as root before its
+    layers, after the supervisor checked the path at load: a symlink swapped in since must
+    not make it read (and run as the skill) a host file, a FIFO stall it, a device fill it."""
+    from worker.isolation import COMPILE_MEMORY_MB, MAX_WASM_BYTES
+
+    try:  # O_NONBLOCK: a FIFO in its place does not block the open
+        fd = os.open(code.wasm, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise WasmModuleError(f"{code.wasm}: {exc.strerror}") from None
+    with open(fd, "rb") as file:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+        if not where.startswith(code.skill_dir.rstrip("/") + "/"):
+            raise WasmModuleError(f"{code.wasm}: resolves to {where}, outside the skill's "
+                                  f"directory {code.skill_dir}")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise WasmModuleError(f"{code.wasm}: not a regular file")
+        data = file.read(MAX_WASM_BYTES + 1) if info.st_size <= MAX_WASM_BYTES else b""
+    if not data or len(data) > MAX_WASM_BYTES:
+        size = max(info.st_size, len(data))
+        raise WasmModuleError(f"{code.wasm}: the module is {size} bytes, more than the "
+                              f"{MAX_WASM_BYTES} a zygote compiles (compiling takes about "
+                              f"4x that, within {COMPILE_MEMORY_MB} MiB)" if size else
+                              f"{code.wasm}: the module is empty")
+    return data
 
 
 # -- the host module `env` ------------------------------------------------------------------

@@ -39,6 +39,7 @@ from worker.protocol import (
     ChildStarted,
     ControlMessage,
     ForkCommand,
+    SkillCode,
     SpareCgroups,
     ZygoteConfig,
     ZygoteFailed,
@@ -117,18 +118,8 @@ class Zygote:
         if not code.spawn:  # spawn: each execution's fresh interpreter imports them itself
             for name in self.config.preload:
                 importlib.import_module(name)
-        if code.kind == "python" and not code.spawn:
-            try:
-                self.precompiled = child.compile_entrypoint(code)
-            except (SyntaxError, ValueError, OSError) as exc:
-                raise SkillCodeFailed(f"{type(exc).__name__}: {exc}") from exc
-        elif code.kind == "wasm":  # compiled once here, before the layers; never per execution
-            from worker import wasm
-
-            try:
-                wasm.prepare(code)
-            except wasm.WasmModuleError as exc:
-                raise SkillCodeFailed(str(exc)) from exc
+        with isolation.compile_limits():  # the skill's bytes, compiled before any limit
+            self.compile(code)
         isolation.apply_zygote_layers(self.config.settings, code)
         isolation.become_subreaper()
         # Objects alive now are shared copy-on-write with every child: keep the collector from
@@ -139,6 +130,24 @@ class Zygote:
         isolation.note_data_baseline()
         with open("/proc/self/comm", "rb") as comm:
             self.name = comm.read().strip() or self.name
+
+    def compile(self, code: SkillCode) -> None:
+        try:
+            if code.kind == "python" and not code.spawn:
+                try:
+                    self.precompiled = child.compile_entrypoint(code)
+                except (SyntaxError, ValueError, OSError) as exc:
+                    raise SkillCodeFailed(f"{type(exc).__name__}: {exc}") from exc
+            elif code.kind == "wasm":  # compiled once here, before the layers; never per run
+                from worker import wasm
+
+                try:
+                    wasm.prepare(code)
+                except wasm.WasmModuleError as exc:
+                    raise SkillCodeFailed(str(exc)) from exc
+        except MemoryError:
+            raise SkillCodeFailed(f"compiling the skill's code needs more than "
+                                  f"{isolation.COMPILE_MEMORY_MB} MiB") from None
 
     # -- serving ----------------------------------------------------------------------------
 

@@ -10,8 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pytest
 
 from sandbox import ExecutionRequest, Sandbox, Skill
+from sandbox.capabilities import IsolationConfig
+from tests.security.hostile import Hostile
 
 #: A skill that reports what it can find of others: marker-shaped strings anywhere in its
 #: readable memory, the modules loaded from outside its own directory tree and the stdlib, its
@@ -119,3 +122,55 @@ def test_two_skills_forked_from_one_base_share_no_fd_memory_module_or_proc_view(
     assert psutil.Process(base_pid).children() == []
     for info in (alpha_info, beta_info):
         assert psutil.Process(info["pid"]).ppid() == os.getpid()
+
+
+_REACH_BASE = """
+    def attack(input):
+        base = input["pid"]
+        outcome = {}
+        for signum in (0, signal.SIGSTOP, signal.SIGKILL):
+            try:
+                os.kill(base, signum)
+                outcome[f"signal {signum}"] = "sent"
+                break  # the probe went through: a real signal would be the attack
+            except OSError as exc:
+                outcome[f"signal {signum}"] = errno.errorcode[exc.errno]
+        try:
+            os.close(os.pidfd_open(base))
+            outcome["pidfd"] = "opened"
+        except OSError as exc:
+            outcome["pidfd"] = errno.errorcode[exc.errno]
+        for name in ("environ", "maps"):
+            try:
+                with open(f"/proc/{base}/{name}", "rb") as leak:
+                    leak.read(1)
+                outcome[name] = "read"
+            except OSError as exc:
+                outcome[name] = errno.errorcode[exc.errno]
+        return outcome
+"""
+
+
+@pytest.mark.parametrize("disabled", [
+    pytest.param(frozenset(), id="all layers"),
+    pytest.param(frozenset({"uid", "pidns", "landlock", "mountns"}), id="control: none"),
+])
+def test_an_execution_cannot_signal_open_or_read_the_base_zygote(
+        hostile: Callable[..., Hostile], disabled: frozenset[str]) -> None:
+    """A skill that finds the base's pid (handed to it here: /proc is hidden) and tries to
+    stop or kill it — every later cold start of every skill forks from it — or read it. With
+    every layer off (the control) the first probe reaches it; with them, nothing does, and
+    the base serves the next skill's cold start."""
+    attack = hostile(_REACH_BASE, isolation=IsolationConfig(disabled=disabled))
+    [base] = attack.sandbox.base_zygote_pids()
+    result = attack.run(pid=base)
+    assert result.ok, result
+    outcome = result.json()
+    if not disabled:
+        assert "sent" not in outcome.values() and "opened" not in outcome.values(), outcome
+        assert "read" not in outcome.values(), outcome
+    else:  # signal 0 only: the probe shows the base could have been stopped or killed
+        assert outcome["signal 0"] == "sent" and outcome["pidfd"] == "opened", outcome
+    assert psutil.Process(base).status() != psutil.STATUS_STOPPED
+    attack.assert_still_serving()
+    assert attack.sandbox.base_zygote_pids() == [base]
