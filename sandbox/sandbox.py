@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -122,6 +122,9 @@ class _Loaded:
     evictions: int = 0
     #: boots of a zygote that had died (not an eviction): crashes healed
     restarts: int = 0
+    #: The boot under way (`Sandbox._zygote_by`): callers wait for it until their own
+    #: deadline; a boot that outlives them goes on for the next request.
+    boot: Future[SkillLoadError | None] | None = None
 
     def mark_used(self) -> None:
         """Now is its last use (the LRU order and the idle clock read it)."""
@@ -706,7 +709,13 @@ class Sandbox:
 
         for attempt in range(2):
             cold = loaded.state != "warm"
-            problem = self._ensure_zygote(loaded)
+            problem = self._zygote_by(loaded, deadline, token)
+            if problem is ExecutionStatus.CANCELED:
+                return early(ExecutionStatus.CANCELED, ErrorKind.CANCELED, CANCELED_ERROR)
+            if problem is ExecutionStatus.TIMEOUT:
+                return early(ExecutionStatus.TIMEOUT, ErrorKind.TIMEOUT,
+                             f"{TIMEOUT_ERROR} after {limits.timeout:g}s: the skill's zygote "
+                             "was still starting (it goes on starting for the next request)")
             if isinstance(problem, SkillCodeInvalid):  # its own code does not compile
                 return early(ExecutionStatus.FAILED, ErrorKind.SKILL_FAILED, str(problem))
             if problem is not None:
@@ -744,6 +753,37 @@ class Sandbox:
                 if self._uids is not None:
                     self._uids.release(uid)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _zygote_by(self, loaded: _Loaded, deadline: float, token: _CancelToken
+                   ) -> SkillLoadError | ExecutionStatus | None:
+        """`_ensure_zygote` within a request's deadline. A boot (a cold start, a restart after a
+        crash; a WASM module's compile can take seconds) runs in a thread of its own that every
+        request for the skill waits on, each until its own deadline or cancel
+        (`ExecutionStatus.TIMEOUT` / `CANCELED`): no caller waits past its timeout, and a boot
+        that outlives its callers still finishes for the next request."""
+        if loaded.state == "warm" and loaded.zygote.alive():
+            return self._ensure_zygote(loaded)
+        with self._lock:
+            boot = loaded.boot
+            if boot is None or boot.done():
+                boot = loaded.boot = Future()
+                threading.Thread(target=self._boot, args=(loaded, boot), daemon=True,
+                                 name=f"boot {loaded.skill.id}").start()
+        while not token.canceled:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return ExecutionStatus.TIMEOUT
+            try:
+                return boot.result(timeout=min(left, _QUEUE_POLL))
+            except TimeoutError:
+                continue
+        return ExecutionStatus.CANCELED
+
+    def _boot(self, loaded: _Loaded, boot: Future[SkillLoadError | None]) -> None:
+        try:
+            boot.set_result(self._ensure_zygote(loaded))
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+            boot.set_exception(exc)
 
     def _ensure_zygote(self, loaded: _Loaded,
                        crashed_only: bool = False) -> SkillLoadError | None:

@@ -147,6 +147,38 @@ def test_two_concurrent_first_requests_start_one_zygote(
     assert len(zygotes_below()) == 1
 
 
+@pytest.mark.timeout(60)
+def test_a_request_never_waits_past_its_timeout_for_a_slow_boot_which_serves_the_next(
+        make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A boot slower than the first request's timeout (a WASM module's compile takes seconds;
+    here the zygote's start is held 3 s): that request times out at its own deadline, naming
+    the boot; the boot goes on, and the next request finds the zygote warm. Before, the caller
+    sat through the whole boot, whatever its timeout."""
+    from sandbox.zygote import ZygoteProcess
+
+    real_start = ZygoteProcess.start
+
+    def slow_start(self: ZygoteProcess) -> None:
+        time.sleep(3)
+        real_start(self)
+
+    monkeypatch.setattr(ZygoteProcess, "start", slow_start)
+    (skill,) = _skills(skill_dir, 1)
+    sandbox = make_sandbox(skill)
+    first = sandbox.execute(_request(skill, timeout=0.5))
+    assert first.status is ExecutionStatus.TIMEOUT, first
+    assert first.error_kind is ErrorKind.TIMEOUT
+    assert "zygote was still starting" in first.error
+    assert first.duration < 3  # it did not sit through the boot
+    deadline = time.monotonic() + 30
+    while sandbox.skill_state(skill.id)["state"] != "warm" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = sandbox.execute(_request(skill, timeout=5))
+    assert second.ok, second
+    assert sandbox.skill_state(skill.id)["cold_starts"] == 1
+
+
 def test_a_crashed_zygote_is_restarted_not_counted_as_a_cold_start(
         make_sandbox: Callable[..., Sandbox], skill_dir: Callable[..., Path]) -> None:
     (skill,) = _skills(skill_dir, 1)
