@@ -501,6 +501,10 @@ def _run_as(native: dict[str, Any], data: dict[str, Any], body: str, permissions
             else:  # code that asks the host's LLM (v1.1.0 `type: llm` without a prompt)
                 kind = "wasm"
                 permissions["host"] = sorted({*permissions.get("host", ()), "llm:generate"})
+    if kind in ("python", "command") and "http:fetch" in permissions.get("host", ()):
+        # Their own code makes the request. A WASM or declarative skill's fetch is made by the
+        # supervisor (a host call), so its process keeps no network of its own.
+        permissions["network"] = True
     if kind == "python":
         native["entrypoint"] = entrypoint if entrypoint is not None else "main:run"
         if entrypoint is None and not (skill_dir / "main.py").is_file():
@@ -582,7 +586,6 @@ def _permission_names(names: list[Any], path: Path, field: str) -> dict[str, Any
         name = item.lower() if isinstance(item, str) else item
         if name in HOST_PERMISSIONS:
             host.add(name)
-            network = network or name == "http:fetch"
         elif name in _NETWORK_PERMISSIONS:
             network = True
         else:

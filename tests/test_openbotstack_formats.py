@@ -250,13 +250,16 @@ def test_unknown_permission_is_an_error_naming_it(tmp_path: Path, permission: st
     assert "field 'permissions'" in message and f"unknown permission '{permission}'" in message
 
 
-def test_host_permissions_map_onto_host_and_http_onto_network(tmp_path: Path) -> None:
+def test_host_permissions_map_onto_host_and_a_wasm_fetch_grants_no_network(
+        tmp_path: Path) -> None:
+    """A WASM skill's http_fetch is made by the supervisor (a host call): its process keeps no
+    network, so code that got past wasmtime still cannot reach the host's."""
     directory = write(tmp_path / "s", {"manifest.yaml": (
         "id: x\ntype: wasm\npermissions: [llm:generate, http:fetch, kv:read, kv:write, "
         "log:write]\n")})
     permissions = load_manifest(directory)[1].permissions
     assert permissions.host == {"llm:generate", "http:fetch", "kv:read", "kv:write", "log:write"}
-    assert permissions.network is True
+    assert permissions.network is False
 
 
 @pytest.mark.parametrize(("duration", "seconds"), [
