@@ -14,12 +14,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 
+from sandbox.cliformat import emit_json, pairs, table
 from sandbox.errors import SandboxError
 from sandbox.skilltext import printable
 
@@ -41,27 +42,6 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 # -- output --------------------------------------------------------------------------------------
-
-
-def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
-
-
-def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    """A plain aligned table (no box drawing: it must survive `less`, logs and e-mail)."""
-    cells = [[str(header) for header in headers]] + \
-        [["-" if value is None else printable(str(value), keep="") for value in row]
-         for row in rows]
-    widths = [max(len(row[col]) for row in cells) for col in range(len(headers))]
-    lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True))
-             .rstrip() for row in cells]
-    return "\n".join(lines)
-
-
-def pairs(items: Iterable[tuple[str, Any]]) -> str:
-    items = [(key, value) for key, value in items if value not in (None, "", [])]
-    width = max((len(key) for key, _ in items), default=0)
-    return "\n".join(f"{key.ljust(width)}  {printable(str(value))}" for key, value in items)
 
 
 def fail(message: str, code: int, as_json: bool, reason: str = "error") -> NoReturn:

@@ -129,7 +129,7 @@ def status(broker: str, redis_url: str | None, prefix: str, as_json: bool) -> No
                        f" {exc}", err=True)
             sys.exit(69)
         raise
-    from sandbox.cli import emit_json, table
+    from sandbox.cliformat import emit_json, table
 
     if as_json:
         emit_json(data)
