@@ -117,10 +117,13 @@ def load_time(root: Path, one: Path, count: int) -> Figure:
                           Check(f"{ready:.2f} s", f"≤ {READY_S:g} s", ready <= READY_S)])
 
 
-def _pss_below(pid: int) -> tuple[int, int]:
-    """PSS in bytes of every process below `pid`, and how many there are."""
+def _pss_below(pid: int, exclude: frozenset[int] = frozenset()) -> tuple[int, int]:
+    """PSS in bytes of every process below `pid` but those in `exclude` (the full bench's other
+    sandboxes and pool, alive while this row runs), and how many there are."""
     total = count = 0
     for process in psutil.Process(pid).children(recursive=True):
+        if process.pid in exclude:
+            continue
         try:
             total += process.memory_full_info().pss
             count += 1
@@ -134,11 +137,12 @@ def _hot_pss(root: Path, base: bool, hot: int) -> tuple[int, int]:
 
     from sandbox import Sandbox, Skill
 
+    before = frozenset(child.pid for child in psutil.Process().children(recursive=True))
     with Sandbox(Skill.discover(root), base_zygote=base) as sandbox:
         for index in range(hot):
             _timed(sandbox, f"scale/s{index}")
         time.sleep(0.2)  # spares forked after the last executions
-        return _pss_below(os.getpid())
+        return _pss_below(os.getpid(), exclude=before)
 
 
 def footprint(root: Path, hot: int) -> Figure:
