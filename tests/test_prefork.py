@@ -298,6 +298,40 @@ class _UnjoinableCgroups(CgroupTickets):
         pass
 
 
+def _execute_directly(zygote: ZygoteProcess, skill_id: str, workdir: Path, timeout: float,
+                      isolation: ExecutionIsolation | None = None
+                      ) -> tuple[ChildStarted, ChildExited, ChildResult]:
+    """One execution driven by hand, as the supervisor drives it: the fork command with its
+    pipes, the request, then the zygote's start and exit reports and the result frame."""
+    request_r, request_w = os.pipe()
+    result_r, result_w = os.pipe()
+    out_r, out_w = os.pipe()
+    report, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    command = ForkCommand(exec_id="e1", limits=Limits(timeout=5), workdir=str(workdir), env={},
+                          isolation=isolation or ExecutionIsolation())
+    try:
+        zygote.fork(command, [request_r, result_w, out_w, out_w, theirs.fileno()])
+        for fd in (request_r, result_w, out_w):
+            os.close(fd)
+        theirs.close()
+        os.write(request_w, encode_frame(ExecutionInput(request_id="r1", skill_id=skill_id)))
+        os.close(request_w)
+        report.settimeout(timeout)
+        message, fds, _, _ = socket.recv_fds(report, 4096, 1)
+        for fd in fds:
+            os.close(fd)
+        started = msgspec.msgpack.decode(message, type=ReportMessage)
+        assert isinstance(started, ChildStarted)
+        exited = msgspec.msgpack.decode(report.recv(4096), type=ReportMessage)
+        assert isinstance(exited, ChildExited)
+        with os.fdopen(result_r, "rb") as result:
+            frame = msgspec.msgpack.decode(result.read()[4:], type=ChildResult)
+        return started, exited, frame
+    finally:
+        report.close()
+        os.close(out_r)
+
+
 def test_a_spare_that_cannot_join_its_cgroups_gives_them_back_and_the_request_is_forked(
         skill_dir: Callable[..., Path], tmp_path: Path) -> None:
     directory = skill_dir(WHOAMI)
@@ -309,34 +343,11 @@ def test_a_spare_that_cannot_join_its_cgroups_gives_them_back_and_the_request_is
         assert tickets.given  # the pair for its first spare, offered at boot
         workdir = tmp_path / "work"
         workdir.mkdir()
-        request_r, request_w = os.pipe()
-        result_r, result_w = os.pipe()
-        out_r, out_w = os.pipe()
-        report, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        command = ForkCommand(exec_id="e1", limits=Limits(timeout=5), workdir=str(workdir),
-                              env={})
-        zygote.fork(command, [request_r, result_w, out_w, out_w, theirs.fileno()])
-        for fd in (request_r, result_w, out_w):
-            os.close(fd)
-        theirs.close()
-        os.write(request_w, encode_frame(ExecutionInput(request_id="r1",
-                                                        skill_id="test/unjoinable")))
-        os.close(request_w)
-        report.settimeout(5)
-        message, fds, _, _ = socket.recv_fds(report, 4096, 1)
-        for fd in fds:
-            os.close(fd)
-        started = msgspec.msgpack.decode(message, type=ReportMessage)
-        assert isinstance(started, ChildStarted)
+        started, exited, frame = _execute_directly(zygote, "test/unjoinable", workdir, 5)
         assert started.released == tickets.given  # the spare failed: its pair came back
         assert started.cgroups == []  # and the request got a child forked for it
-        exited = msgspec.msgpack.decode(report.recv(4096), type=ReportMessage)
-        assert isinstance(exited, ChildExited) and exited.wait_status == 0
-        with os.fdopen(result_r, "rb") as result:
-            frame = msgspec.msgpack.decode(result.read()[4:], type=ChildResult)
+        assert exited.wait_status == 0
         assert frame.ok and msgspec.json.decode(frame.output)["pid"] == started.pid
-        report.close()
-        os.close(out_r)
     finally:
         zygote.stop()
 
@@ -372,33 +383,12 @@ def test_a_request_waits_for_a_spare_still_setting_up_only_so_long_then_is_forke
         workdir.mkdir()
         plain = tmp_path / "plain.procs"  # a pair the child forked on request can join
         plain.write_text("")
-        request_r, request_w = os.pipe()
-        result_r, result_w = os.pipe()
-        out_r, out_w = os.pipe()
-        report, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        command = ForkCommand(exec_id="e1", limits=Limits(timeout=5), workdir=str(workdir),
-                              env={}, isolation=ExecutionIsolation(cgroups=[str(plain)]))
-        zygote.fork(command, [request_r, result_w, out_w, out_w, theirs.fileno()])
-        for fd in (request_r, result_w, out_w):
-            os.close(fd)
-        theirs.close()
-        os.write(request_w, encode_frame(ExecutionInput(request_id="r1", skill_id="test/stuck")))
-        os.close(request_w)
-        report.settimeout(10)
-        message, fds, _, _ = socket.recv_fds(report, 4096, 1)
-        for fd in fds:
-            os.close(fd)
-        started = msgspec.msgpack.decode(message, type=ReportMessage)
-        assert isinstance(started, ChildStarted)
+        started, exited, frame = _execute_directly(
+            zygote, "test/stuck", workdir, 10, ExecutionIsolation(cgroups=[str(plain)]))
         assert not started.spare and started.cgroups == [str(plain)]  # forked, in its pair
         assert plain.read_text() == str(started.pid)  # (joined by the zygote, at its gate)
-        exited = msgspec.msgpack.decode(report.recv(4096), type=ReportMessage)
-        assert isinstance(exited, ChildExited) and exited.wait_status == 0
-        with os.fdopen(result_r, "rb") as result:
-            frame = msgspec.msgpack.decode(result.read()[4:], type=ChildResult)
+        assert exited.wait_status == 0
         assert frame.ok and msgspec.json.decode(frame.output)["pid"] == started.pid
-        report.close()
-        os.close(out_r)
     finally:
         zygote.stop()
 
