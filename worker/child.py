@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
-import stat
 import sys
 from types import CodeType
 from typing import NoReturn
@@ -45,25 +44,14 @@ def compile_entrypoint(code: SkillCode) -> CodeType | None:
     if "." in module:
         return None
     path = os.path.join(code.skill_dir, module + ".py")
-    try:  # O_NONBLOCK: a FIFO put in its place must not stall the zygote's boot
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+    try:
+        # Read as root before the layers: anything but a regular file in the skill's directory
+        # of a sane size is left to each execution's own import, under its uid, Landlock and
+        # memory limit.
+        source = isolation.read_confined(path, code.skill_dir, MAX_PRECOMPILED_SOURCE)
+    except (OSError, isolation.ConfinedFileError):
         return None
-    with open(fd, "rb") as source:
-        # The zygote reads this as root before its layers: only a regular file that really
-        # lies in the skill's directory (not a symlink out of it, whenever it was swapped in)
-        # and is of a sane size. Anything else is left to each execution's own import, under
-        # its uid, Landlock and memory limit.
-        try:
-            where = os.readlink(f"/proc/self/fd/{source.fileno()}")
-        except OSError:  # no /proc: no way to tell where it is
-            return None
-        info = os.fstat(source.fileno())
-        if (not stat.S_ISREG(info.st_mode) or info.st_size > MAX_PRECOMPILED_SOURCE
-                or not where.startswith(code.skill_dir.rstrip("/") + "/")):
-            return None
-        return compile(source.read(MAX_PRECOMPILED_SOURCE + 1), path, "exec",
-                       dont_inherit=True)
+    return compile(source, path, "exec", dont_inherit=True)
 
 
 def _place_fds(fds: list[int], kind: str) -> None:

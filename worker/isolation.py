@@ -28,6 +28,7 @@ import math
 import os
 import resource
 import signal
+import stat
 import sys
 from collections.abc import Iterator
 
@@ -217,6 +218,37 @@ COMPILE_CPU_SECONDS = 20
 #: Largest WASM module file a zygote compiles: compiling takes about four times the file (a
 #: data segment is copied whole, more than once), so a larger one could not fit the budget.
 MAX_WASM_BYTES = (COMPILE_MEMORY_MB << 20) // 4
+
+
+class ConfinedFileError(ValueError):
+    """A skill file the zygote must not read as root: outside the skill's directory, not a
+    regular file, or larger than the bound (`size` set then)."""
+
+    def __init__(self, message: str, size: int = 0) -> None:
+        super().__init__(message)
+        self.size = size
+
+
+def read_confined(path: str, directory: str, limit: int) -> bytes:
+    """The bytes of `path`, only if the opened file is a regular file that really lies in
+    `directory` and holds at most `limit` bytes. The zygote reads skill files as root before
+    its layers, after the supervisor checked the path at load: a symlink swapped in since must
+    not make it read a host file, a FIFO stall it (O_NONBLOCK), a device fill it. OSError: it
+    cannot be opened, or where it lies cannot be told (no /proc)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb") as file:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+        if not where.startswith(directory.rstrip("/") + "/"):
+            raise ConfinedFileError(f"resolves to {where}, outside the skill's directory "
+                                    f"{directory}")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfinedFileError("not a regular file")
+        data = file.read(limit + 1) if info.st_size <= limit else b""
+    if info.st_size > limit or len(data) > limit:
+        size = max(info.st_size, len(data))
+        raise ConfinedFileError(f"{size} bytes, more than {limit}", size)
+    return data
 
 
 @contextlib.contextmanager

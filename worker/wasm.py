@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -206,27 +205,25 @@ def _module_bytes(code: SkillCode) -> bytes:
     directory and fits the zygote's compile budget. The zygote reads it as root before its
     layers, after the supervisor checked the path at load: a symlink swapped in since must
     not make it read (and run as the skill) a host file, a FIFO stall it, a device fill it."""
-    from worker.isolation import COMPILE_MEMORY_MB, MAX_WASM_BYTES
+    from worker.isolation import (
+        COMPILE_MEMORY_MB,
+        MAX_WASM_BYTES,
+        ConfinedFileError,
+        read_confined,
+    )
 
-    try:  # O_NONBLOCK: a FIFO in its place does not block the open
-        fd = os.open(code.wasm, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        data = read_confined(code.wasm, code.skill_dir, MAX_WASM_BYTES)
     except OSError as exc:
         raise WasmModuleError(f"{code.wasm}: {exc.strerror}") from None
-    with open(fd, "rb") as file:
-        where = os.readlink(f"/proc/self/fd/{fd}")
-        if not where.startswith(code.skill_dir.rstrip("/") + "/"):
-            raise WasmModuleError(f"{code.wasm}: resolves to {where}, outside the skill's "
-                                  f"directory {code.skill_dir}")
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise WasmModuleError(f"{code.wasm}: not a regular file")
-        data = file.read(MAX_WASM_BYTES + 1) if info.st_size <= MAX_WASM_BYTES else b""
-    if not data or len(data) > MAX_WASM_BYTES:
-        size = max(info.st_size, len(data))
-        raise WasmModuleError(f"{code.wasm}: the module is {size} bytes, more than the "
-                              f"{MAX_WASM_BYTES} a zygote compiles (compiling takes about "
-                              f"4x that, within {COMPILE_MEMORY_MB} MiB)" if size else
-                              f"{code.wasm}: the module is empty")
+    except ConfinedFileError as exc:
+        if exc.size:
+            raise WasmModuleError(f"{code.wasm}: the module is {exc.size} bytes, more than the "
+                                  f"{MAX_WASM_BYTES} a zygote compiles (compiling takes about "
+                                  f"4x that, within {COMPILE_MEMORY_MB} MiB)") from None
+        raise WasmModuleError(f"{code.wasm}: {exc}") from None
+    if not data:
+        raise WasmModuleError(f"{code.wasm}: the module is empty")
     return data
 
 
