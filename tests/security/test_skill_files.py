@@ -53,6 +53,19 @@ def _skill(tmp_path: Path, name: str, main: str | None = None) -> Path:
     return directory
 
 
+def _swap_in_after_load_and_run(make_sandbox: Callable[..., Sandbox], directory: Path,
+                                name: str, secret: Path, token: str) -> None:
+    """Load the skill (its zygote starts lazily), replace `name` by a symlink to `secret`,
+    run it: the execution fails and nothing of the secret reaches the answer."""
+    skill = Skill.from_dir(directory)
+    sandbox = make_sandbox(skill)
+    (directory / name).unlink()
+    (directory / name).symlink_to(secret)
+    status, answer = _run(sandbox, skill.id)
+    assert token not in answer, (status, answer)
+    assert status == "failed", (status, answer)
+
+
 def _run(sandbox: Sandbox, skill_id: str, payload: bytes = b"{}") -> tuple[str, str]:
     result = sandbox.execute(ExecutionRequest(skill_id=skill_id, input=payload))
     return str(result.status), (result.error or "") + (result.output or b"").decode()
@@ -95,13 +108,7 @@ def test_an_entrypoint_swapped_for_a_symlink_after_load_is_never_read_by_the_zyg
     secret = _root_only_module(tmp_path, token)
     _controls(make_sandbox, tmp_path, secret, token)
     directory = _skill(tmp_path, "swapped", "def run(input):\n    return 'fine'\n")
-    skill = Skill.from_dir(directory)
-    sandbox = make_sandbox(skill)
-    (directory / "main.py").unlink()
-    (directory / "main.py").symlink_to(secret)
-    status, answer = _run(sandbox, skill.id)
-    assert token not in answer, (status, answer)
-    assert status == "failed", (status, answer)
+    _swap_in_after_load_and_run(make_sandbox, directory, "main.py", secret, token)
 
 
 def test_a_swapped_directory_component_does_not_lead_the_zygote_out(
@@ -320,14 +327,7 @@ def test_a_wasm_module_swapped_for_a_symlink_after_load_is_never_read_by_the_zyg
     own = Skill.from_dir(wasm_skill("own"))
     _, answer = _run(make_sandbox(own), own.id)
     assert token in answer, answer
-    directory = wasm_skill("swapped")
-    skill = Skill.from_dir(directory)
-    sandbox = make_sandbox(skill)
-    (directory / "main.wasm").unlink()
-    (directory / "main.wasm").symlink_to(secret)
-    status, answer = _run(sandbox, skill.id)
-    assert token not in answer, (status, answer)
-    assert status == "failed", (status, answer)
+    _swap_in_after_load_and_run(make_sandbox, wasm_skill("swapped"), "main.wasm", secret, token)
 
 
 def _locals_bomb(functions: int) -> bytes:
