@@ -403,3 +403,43 @@ def test_a_zygote_slower_to_start_than_its_start_timeout_fails_the_load(
     # Control: with the default the same skill loads and runs.
     sandbox = make_sandbox(skill)
     assert sandbox.execute(ExecutionRequest(skill_id=skill.id)).json() == 1
+
+
+_STALE_READY_EVENT = """
+import os, selectors, socket, subprocess, sys
+from worker import spare, zygote
+from worker.protocol import SkillCode, ZygoteConfig
+
+sleeper = subprocess.Popen(["sleep", "30"])  # stands in for the spare's process
+ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+control, _supervisor = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+loop = zygote.Zygote(ZygoteConfig(code=SkillCode(skill_dir=sys.argv[1], kind="python",
+                                                 entrypoint="main:run")), control)
+current = spare.Spare(sleeper.pid, os.pidfd_open(sleeper.pid), ours, [], 0)
+loop.spare = current
+loop.selector.register(ours, selectors.EVENT_READ, zygote._SPARE)
+theirs.send(spare.READY)
+assert [key.data for key, _ in loop.selector.select(1)] == [zygote._SPARE]
+assert current.poll_ready() is True  # a request earlier in the same pass read the byte
+loop.handle_spare()  # then the pass reaches the spare's now-stale event
+print("kept" if loop.spare is current and current.ready else "retired")
+sleeper.kill()
+sleeper.wait()
+"""
+
+
+def test_a_stale_ready_event_from_the_spare_never_stalls_the_zygote(tmp_path: Path) -> None:
+    """The spare's ready byte and a request can wake the zygote in one pass; the request reads
+    the byte first. The spare's event that follows must not block on a byte that is gone (the
+    zygote stopped serving every execution until the next spare spoke, or for ever)."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _STALE_READY_EVENT, str(tmp_path)],
+                              capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent.parent)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the zygote blocked on the spare's socket after its ready byte was read")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "kept"  # still the spare, still ready: not taken for dead

@@ -334,12 +334,19 @@ class Zygote:
                 self.released.append(extra)
 
     def handle_spare(self) -> None:
-        """The spare said ready, or died (its socket reached EOF): replace a dead one."""
+        """The spare said ready, or died (its socket reached EOF): replace a dead one.
+
+        The event may be stale: a request handled earlier in the same loop pass can have read
+        the ready byte already (`poll_ready`), or handed that spare off and forked another. A
+        blocking read would then stall the whole zygote until the next spare speaks, or for
+        ever if it already has."""
         current = self.spare
         if current is None:
             return
         try:
-            data = current.sock.recv(16)
+            data = current.sock.recv(16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
         except OSError:
             data = b""
         if data == spare.READY:

@@ -74,10 +74,15 @@ def test_an_ordinary_users_fork_and_thread_bombs_never_exceed_the_process_limit(
     # the tree, and on this machine the same threads outgrow the bound above before the tree
     # watch (first sample after 20 ms) sees them. (In an emulated VM threads start ten times
     # slower against the same wall-clock watch, so there only the missing cap is checked.)
-    uncapped = as_user("bomb", "thread", "userns,cgroups")
-    assert uncapped["nproc"] == -1 or uncapped["nproc"] > 100, uncapped  # as_user: 400
-    if slow(1) == 1:
-        assert uncapped["started"] > user_supervisor.MAX_PROCESSES + RUNTIME_TASKS, uncapped
+    # On a loaded machine the watch can win a round, so the bomb gets three tries; a capped
+    # tree never gets past the bound however slow the watch is.
+    for _ in range(3):
+        uncapped = as_user("bomb", "thread", "userns,cgroups")
+        assert uncapped["nproc"] == -1 or uncapped["nproc"] > 100, uncapped  # as_user: 400
+        if slow(1) != 1 or uncapped["started"] > user_supervisor.MAX_PROCESSES + RUNTIME_TASKS:
+            break
+    else:
+        pytest.fail(f"the uncapped bomb never outgrew the bound in three tries: {uncapped}")
 
 
 def test_an_ordinary_users_executions_cannot_reach_the_supervisor_or_each_other(

@@ -257,7 +257,8 @@ def test_an_execution_that_cannot_be_set_up_is_the_sandbox_s_failure_not_the_ski
     assert "No such file or directory" in broken.error, broken
     assert breaker.state(attack.skill.id) is CircuitState.CLOSED
     monkeypatch.undo()
-    assert attack.run(probe=True).output == b'"alive"'
+    alive = attack.run(probe=True)
+    assert alive.output == b'"alive"', alive
 
 
 def test_a_command_exiting_with_the_set_up_failure_code_is_its_own_failure(
