@@ -392,3 +392,55 @@ def test_python_skill_zygote_never_loads_the_wasm_runtime(
     result = run_skill("import sys\ndef run(input):\n    return 'wasmtime' in sys.modules\n")
     assert result.ok, result.error
     assert result.json() is False
+
+
+def _big_data_module(data_kib: int) -> str:
+    """A reactor whose linear memory starts with `data_kib` KiB of initialised data (a JSON
+    string it answers the first 4 bytes of)."""
+    pages = data_kib // 64 + 2
+    filler = "a" * (data_kib * 1024 - 4)
+    return f"""(module
+      (import "env" "set_output" (func $set (param i32 i32)))
+      (memory (export "memory") {pages})
+      (data (i32.const 0) "\\22ok\\22{filler}")
+      (func (export "execute") (call $set (i32.const 0) (i32.const 4))))"""
+
+
+_UNDER_FSIZE = """
+import resource, sys, wasmtime
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+engine = wasmtime.Engine()
+linker = wasmtime.Linker(engine)
+linker.define_func("env", "set_output", wasmtime.FuncType(
+    [wasmtime.ValType.i32()] * 2, []), lambda ptr, length: None)
+module = wasmtime.Module(engine, open(sys.argv[1], "rb").read())
+try:
+    linker.instantiate(wasmtime.Store(engine), module)
+except wasmtime.WasmtimeError as exc:
+    print(str(exc).splitlines()[0])
+else:
+    print("instantiated")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_initialised_data_larger_than_max_file_bytes_still_run(
+        make_sandbox: Callable[..., Sandbox], wasm_skill: MakeWasm, tmp_path: Path) -> None:
+    """wasmtime writes a module's initialised memory to a memfd at its first instantiation,
+    in the execution: RLIMIT_FSIZE from the skill's max_file_bytes must not fail that write
+    (the module itself can write no file)."""
+    import subprocess
+    import sys
+
+    wat = _big_data_module(2048)
+    skill = wasm_skill(wat=wat, manifest_extra="[limits]\nmax_file_bytes = 1048576\n")
+    [result] = run(make_sandbox, skill)
+    assert result.ok, (result.error, result.stderr)
+    assert result.json() == "ok"
+    # Control: wasmtime under that RLIMIT_FSIZE, as the execution ran before, cannot even
+    # instantiate the module.
+    module = tmp_path / "big.wasm"
+    module.write_bytes(wasmtime.wat2wasm(wat))
+    plain = subprocess.run([sys.executable, "-c", _UNDER_FSIZE, str(module)],
+                           capture_output=True, text=True, timeout=60)
+    assert "File too large" in plain.stdout, (plain.stdout, plain.stderr)

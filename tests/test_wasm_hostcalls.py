@@ -5,14 +5,13 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 from llm_stub import Reply, StubLLMServer, completion, running_stub
+from loopback_pages import Pages, urllib_fetcher
 
 from sandbox import (
     ErrorKind,
@@ -141,47 +140,9 @@ def test_a_slow_provider_ends_as_the_executions_timeout(
     assert len(stub.received) == 1
 
 
-class _Pages:
-    """A loopback HTTP server answering every GET with status 203 and `body`."""
-
-    def __init__(self, body: bytes) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self.send_response(203)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/page"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-
-def urllib_fetcher(calls: list[dict[str, Any]]) -> Callable[[dict[str, Any]], Any]:
-    """The operator's fetcher: `{"url", "method", "body"}` → `{"status", "body"}`."""
-    import urllib.request
-
-    def fetch(arguments: dict[str, Any]) -> dict[str, Any]:
-        calls.append(arguments)
-        request = urllib.request.Request(arguments["url"], method=arguments["method"])
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return {"status": response.status, "body": response.read()}
-
-    return fetch
-
-
 def test_http_fetch_goes_through_the_operators_fetcher(
         tmp_path: Path, make_sandbox: Callable[..., Sandbox]) -> None:
-    pages = _Pages(b'{"pong": true}')
+    pages = Pages(b'{"pong": true}')
     try:
         skill = wasm_skill(tmp_path / "fetch", FETCH_ECHO, FETCH_PERMISSION)
         sandbox = make_sandbox(skill, warm=True)
@@ -202,3 +163,4 @@ def test_http_fetch_without_a_fetcher_fails_naming_the_tool(
     assert result.status is ExecutionStatus.FAILED  # the module traps on the error value
     assert "http_fetch failed: no HTTP fetcher is configured" in result.stderr
     assert "'http_fetch'" in result.stderr
+

@@ -94,6 +94,16 @@ class _Zygote:
     settings = ZygoteSettings()
     plan: landlock.Plan | None = None
     child_filter: seccomp.Filter | None = None
+    #: RLIMIT_FSIZE never below this in an execution (`allow_runtime_files`).
+    file_floor = 0
+
+
+def allow_runtime_files(nbytes: int) -> None:
+    """In the zygote: the runtime itself writes files of up to `nbytes` in each execution
+    (wasmtime's memfd image of a module's initialised memory), which the skill's own
+    max_file_bytes must not fail. Only for code that opens no file of its own (a WASM module
+    has no preopened directory)."""
+    _Zygote.file_floor = max(_Zygote.file_floor, nbytes)
 
 
 #: System locations every execution may read (and, for code, execute); absent ones are skipped.
@@ -306,7 +316,7 @@ def apply_rlimits(command: ForkCommand) -> None:
     _set_limit(resource.RLIMIT_CPU, cpu_seconds, cpu_seconds + 1)
     _set_limit(resource.RLIMIT_DATA,
                (_data_baseline or _data_baseline_bytes()) + limits.memory_mb * _MB)
-    _set_limit(resource.RLIMIT_FSIZE, limits.max_file_bytes)
+    _set_limit(resource.RLIMIT_FSIZE, max(limits.max_file_bytes, _Zygote.file_floor))
     _set_limit(resource.RLIMIT_NOFILE, limits.max_open_files)
     _set_limit(resource.RLIMIT_CORE, 0)
     # RLIMIT_NPROC only where it counts this execution's tasks alone: its own uid

@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 
+from worker.hostcall import HostCaller, HostCallError
 from worker.protocol import (
     EXIT_FRAME_FAILED,
     HOST_CALL_PERMISSIONS,
@@ -29,6 +30,7 @@ from worker.protocol import (
     ExecutionInput,
     ForkCommand,
     FrameError,
+    HostCall,
     SkillCode,
     decode_frame,
     encode_frame,
@@ -39,10 +41,14 @@ from worker.protocol import (
 class SkillContext:
     """The second argument of `run(input, ctx)`: who is asking, where to write, until when."""
 
-    __slots__ = ("_tokens", "deadline", "request_id", "skill_id", "tenant_id", "user_id",
-                 "workdir")
+    #: What `llm_generate` and `http_fetch` raise (`except ctx.HostCallError:`).
+    HostCallError = HostCallError
 
-    def __init__(self, command: ForkCommand, request: ExecutionInput) -> None:
+    __slots__ = ("_host", "_permissions", "_tokens", "deadline", "request_id", "skill_id",
+                 "tenant_id", "user_id", "workdir")
+
+    def __init__(self, command: ForkCommand, request: ExecutionInput,
+                 host: list[str] | None = None) -> None:
         self.request_id = request.request_id
         self.skill_id = request.skill_id
         self.tenant_id = request.tenant_id
@@ -50,6 +56,8 @@ class SkillContext:
         self.workdir = command.workdir
         self.deadline = request.deadline  # a time.time() instant
         self._tokens = 0
+        self._permissions = host or []
+        self._host: HostCaller | None = None
 
     def time_left(self) -> float:
         """Seconds until the supervisor kills this execution."""
@@ -68,6 +76,28 @@ class SkillContext:
     @property
     def tokens_used(self) -> int:
         return self._tokens
+
+    def llm_generate(self, prompt: str) -> str:
+        """The text the supervisor's LLM provider generates for `prompt` (permission
+        `llm:generate` in the manifest's `permissions.host`). The provider and its key stay
+        in the supervisor; its tokens are counted into this execution's `tokens_used` there.
+        Raises `HostCallError` (a RuntimeError) when refused or failed."""
+        reply = self._caller().ask(HostCall(kind="llm_generate", prompt=str(prompt)))
+        return reply.data.decode("utf-8", "replace")
+
+    def http_fetch(self, url: str, method: str = "GET", body: bytes | str = b"") -> tuple[int,
+                                                                                       bytes]:
+        """(status, body) of an HTTP request made by the supervisor's `http_fetch` tool
+        (permission `http:fetch`); the body is cut at 1 MiB. Raises `HostCallError`."""
+        data = body.encode() if isinstance(body, str) else bytes(body)
+        reply = self._caller().ask(HostCall(kind="http_fetch", url=str(url),
+                                            method=str(method), body=data))
+        return reply.status, reply.data
+
+    def _caller(self) -> HostCaller:
+        if self._host is None:
+            self._host = HostCaller(self._permissions)
+        return self._host
 
 
 class _InputMismatch(Exception):
@@ -179,7 +209,7 @@ def call_skill(code: SkillCode, command: ForkCommand, precompiled: CodeType | No
         from worker import wasm  # imported by the zygote already: no import cost here
 
         return wasm.call(code, command, request)
-    ctx = SkillContext(command, request)
+    ctx = SkillContext(command, request, code.host)
     try:
         function = load_entrypoint(code, precompiled)
         try:

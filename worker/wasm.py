@@ -46,26 +46,18 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
-
+from worker import isolation
+from worker.hostcall import HostCaller, HostCallError
 from worker.protocol import (
     MAX_FETCH_REQUEST_BYTES,
-    MAX_HOST_CALLS,
-    MAX_HOST_REPLY_FRAME,
     MAX_PROMPT_BYTES,
     MAX_URL_BYTES,
-    REQUEST_FD,
-    RESULT_FD,
     ChildResult,
     ExecutionInput,
     ForkCommand,
-    FrameError,
     HostCall,
     HostReply,
     SkillCode,
-    decode_frame,
-    encode_frame,
-    read_frame,
 )
 
 #: The Python package that runs WASM skills (the `wasm` extra).
@@ -82,15 +74,10 @@ HOST_PERMISSIONS = {
     "log": "log:write", "kv_get": "kv:read", "kv_set": "kv:write",
     "llm_generate": "llm:generate", "http_fetch": "http:fetch",
 }
-_REPLY_DECODER = msgspec.msgpack.Decoder(HostReply)
 
 
 class WasmModuleError(ValueError):
     """The module cannot run as a skill (does not compile, no entry, unknown imports)."""
-
-
-class HostCallError(Exception):
-    """A host function the module may not, or cannot, use: the reason goes to stderr."""
 
 
 class _Compiled:
@@ -119,8 +106,7 @@ class _Execution:
         self.kv_bytes = 0
         self.kv_cap = (code.wasm_memory_mb or command.limits.memory_mb) * _MIB
         self.noted: set[str] = set()
-        self.host_calls = 0
-        self.channel_broken = False
+        self.host = HostCaller(code.host)
 
     def note(self, text: str) -> None:
         """One stderr line per distinct refusal (a module calling in a loop floods nothing)."""
@@ -178,7 +164,8 @@ def prepare(code: SkillCode) -> None:
     config.shared_memory = False
     engine = wasmtime.Engine(config)
     try:
-        module = wasmtime.Module(engine, _module_bytes(code))
+        data = _module_bytes(code)
+        module = wasmtime.Module(engine, data)
     except (wasmtime.WasmtimeError, OSError) as exc:
         raise WasmModuleError(f"{code.wasm}: {str(exc).splitlines()[0]}") from None
     exports = {export.name for export in module.exports}
@@ -196,6 +183,11 @@ def prepare(code: SkillCode) -> None:
     if unknown:
         raise WasmModuleError(f"{code.wasm}: imports what this host does not provide: "
                               f"{', '.join(unknown[:8])}")
+    # Each execution's first instantiation writes the module's initialised memory to a memfd
+    # (copy-on-write image; filling memory by copying instead made compiling 10x slower).
+    # wasmtime keeps that image within max(1 MiB, twice the data bytes), and the data lie in
+    # the module's bytes; the module itself can open no file to write.
+    isolation.allow_runtime_files(2 * len(data) + _MIB)
     _compiled = _Compiled(engine, module, linker, reactor="execute" in exports,
                           initialize="_initialize" in exports)
 
@@ -318,29 +310,13 @@ def _kv_set(caller: Any, key_ptr: int, key_len: int, value_ptr: int, value_len: 
 
 
 def _ask(state: _Execution, call: HostCall) -> HostReply | None:
-    """Ask the supervisor to make `call` and wait for its answer; None (noted on stderr) when
-    the call cannot be made. One call at a time: the module is blocked meanwhile, and the
-    supervisor's wall deadline keeps running."""
-    if state.channel_broken:
-        return None
-    if state.host_calls >= MAX_HOST_CALLS:
-        state.note(f"{call.kind} refused: this execution made its {MAX_HOST_CALLS} host calls")
-        return None
-    state.host_calls += 1
+    """The supervisor's answer to `call`, or None (the reason noted on stderr). The module is
+    blocked meanwhile; the supervisor's wall deadline keeps running."""
     try:
-        frame = memoryview(encode_frame(call))
-        while frame:
-            frame = frame[os.write(RESULT_FD, frame):]
-        reply: HostReply = decode_frame(read_frame(REQUEST_FD, MAX_HOST_REPLY_FRAME),
-                                        _REPLY_DECODER)
-    except (OSError, FrameError) as exc:
-        state.channel_broken = True
-        state.note(f"{call.kind} failed: no answer from the supervisor ({exc})")
+        return state.host.ask(call)
+    except HostCallError as exc:
+        state.note(str(exc))
         return None
-    if not reply.ok:
-        state.note(f"{call.kind} failed: {reply.error}")
-        return None
-    return reply
 
 
 def _llm_generate(caller: Any, prompt_ptr: int, prompt_len: int, result_ptr: int) -> int:
