@@ -33,24 +33,27 @@ class RedisServer:
     """redis-server on 127.0.0.1 and a free port, data in `directory`; no persistence unless
     `persist` (then an append-only file there survives a restart of this server)."""
 
-    def __init__(self, directory: Path, persist: bool = False) -> None:
+    def __init__(self, directory: Path, persist: bool = False, password: str = "") -> None:
         assert REDIS_SERVER is not None
         self.directory = directory
         self.port = free_port()
         self.persist = persist
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         args = [str(REDIS_SERVER), "--bind", "127.0.0.1", "--port", str(self.port),
                 "--dir", str(self.directory), "--save", "",
                 "--appendonly", "yes" if self.persist else "no",
                 "--protected-mode", "yes", "--daemonize", "no", "--logfile",
-                str(self.directory / "redis.log")]
+                str(self.directory / "redis.log"),
+                *(["--requirepass", self.password] if self.password else [])]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + slow(10)
@@ -58,7 +61,7 @@ class RedisServer:
             with contextlib.suppress(OSError), \
                     socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
                 conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
+                if conn.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # up either way
                     return
             if self.proc.poll() is not None:
                 break
@@ -84,20 +87,25 @@ class Worker:
 
     def __init__(self, broker: str, skills: Path, node: str, tmp: Path, prefix: str,
                  concurrency: int = 2, heartbeat_ttl: float = 2.0,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, broker_in_env: bool = False) -> None:
+        """`broker_in_env`: the URL goes in SKILL_SANDBOX_BROKER, as deploy/'s unit passes it,
+        instead of on the command line."""
         self.node = node
         self.log = tmp / f"{node}.jsonl"
         self.ready = tmp / f"{node}.ready"
         self.output = tmp / f"{node}.out"
         self.ready.unlink(missing_ok=True)
-        args = [sys.executable, "-m", "sandbox", "worker", "--broker", broker,
-                "--skills", str(skills), "--node", node, "--prefix", prefix,
+        env = {**os.environ, "SKILL_SANDBOX_BROKER": broker} if broker_in_env else None
+        args = [sys.executable, "-m", "sandbox", "worker",
+                *([] if broker_in_env else ["--broker", broker]), "--skills", str(skills),
+                "--node", node, "--prefix", prefix,
                 "--execution-log", str(self.log), "--max-concurrency", str(concurrency),
                 "--heartbeat-ttl", str(heartbeat_ttl), "--ready-file", str(self.ready),
                 "--log-level", "warning", *(extra or [])]
         with open(self.output, "ab") as out:
             self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=env)
         deadline = time.monotonic() + slow(40)
         while not self.ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:

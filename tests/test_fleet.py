@@ -30,7 +30,7 @@ pytest.importorskip("redis", reason="the fleet extra (redis) is not installed")
 
 from sandbox.fleet import FleetClient
 from sandbox.fleet.protocol import TASK_NAME, Envelope, Keys, encode, queue_name, text
-from worker.protocol import ErrorKind, ExecutionRequest, ExecutionStatus
+from worker.protocol import ErrorKind, ExecutionRequest, ExecutionResult, ExecutionStatus
 
 pytestmark = pytest.mark.skipif(
     REDIS_SERVER is None,
@@ -270,6 +270,67 @@ def test_sigterm_drains_the_running_execution_then_leaves_the_fleet(
     assert client.status()["workers"] == []
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
                    for p in map(_process, a.tree()) if p is not None)
+
+
+def _claimed_by(client: FleetClient, worker: Worker) -> None:
+    """Wait until `worker` has claimed a delivery."""
+    deadline = time.monotonic() + slow(20)
+    while not any(client.redis.get(key) == worker.worker_id.encode()
+                  for key in client.redis.scan_iter(client.keys.claim("*"))):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{worker.node} never claimed the request")
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(90)
+def test_cancel_kills_the_execution_on_its_worker_which_answers_canceled(
+        start_worker: Callable[..., Worker], client: FleetClient) -> None:
+    a = start_worker("host-a", concurrency=1)
+    assert not client.cancel("no-such-request")  # nothing of this client waits under it
+    req = request("slow", {"seconds": 25}, timeout=40)
+    outcome: list[ExecutionResult] = []
+    thread = threading.Thread(target=lambda: outcome.append(client.execute(req)))
+    thread.start()
+    # Cancelled as soon as it is claimed: often before the sandbox has it (the worker keeps
+    # trying), sometimes while it runs.
+    _claimed_by(client, a)
+    assert client.cancel(req.request_id)
+    thread.join(timeout=slow(20))
+    assert outcome, "the cancelled request was never answered"
+    result = outcome[0]
+    assert result.status is ExecutionStatus.CANCELED, result
+    assert result.node == "host-a", result  # the worker's own answer, not the client's
+    assert "did not answer" not in result.error and "is gone" not in result.error
+    # The worker's thread is free again (it runs one at a time), well before the 25 s sleep
+    # would have ended, and its log says the execution was cancelled.
+    follow = client.execute(request("echo", {"after": "cancel"}, timeout=15))
+    assert follow.ok and follow.node == "host-a", follow
+    assert [r["status"] for r in a.records() if r["request_id"] == req.request_id] \
+        == ["canceled"]
+
+
+@pytest.mark.timeout(90)
+def test_cancelling_an_awaiting_task_cancels_the_request_on_its_worker(
+        start_worker: Callable[..., Worker], client: FleetClient) -> None:
+    import asyncio
+
+    a = start_worker("host-a", concurrency=1)
+    req = request("slow", {"seconds": 25}, timeout=40)
+
+    async def cancel_while_running() -> None:
+        task = asyncio.ensure_future(client.aexecute(req))
+        await asyncio.to_thread(_claimed_by, client, a)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(asyncio.wait_for(cancel_while_running(), timeout=slow(30)))
+    deadline = time.monotonic() + slow(10)
+    while not any(r["request_id"] == req.request_id for r in a.records()):
+        assert time.monotonic() < deadline, "the cancelled execution was never logged"
+        time.sleep(0.05)
+    assert [r["status"] for r in a.records() if r["request_id"] == req.request_id] \
+        == ["canceled"]
 
 
 def _process(pid: int) -> psutil.Process | None:

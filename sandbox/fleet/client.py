@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -116,6 +117,9 @@ class FleetClient:
         self.logger: ExecutionLogger | None = None  # executions are logged on their node
         self.app = make_celery(broker)
         self.redis = redis.Redis.from_url(redis_url or broker)
+        #: request id -> the abandon events of this client's executions waiting under it
+        self._waiting: dict[str, list[threading.Event]] = {}
+        self._lock = threading.Lock()
         self._closed = False
 
     # -- the `Sandbox` shape --------------------------------------------------------------
@@ -127,9 +131,8 @@ class FleetClient:
 
     async def aexecute(self, request: ExecutionRequest, *,
                        step: StepInfo | None = None) -> ExecutionResult:
-        """`execute` for asyncio. Cancelling the awaiting task stops the wait and, if no worker
-        took the request yet, makes sure none ever runs it; one already running finishes on
-        its worker (remote cancellation is not part of the fleet yet)."""
+        """`execute` for asyncio. Cancelling the awaiting task cancels the request (`cancel`)
+        and waits for that to be settled before `CancelledError` propagates."""
         abandon = threading.Event()
         task = asyncio.ensure_future(asyncio.to_thread(self._execute, request, abandon))
         try:
@@ -157,8 +160,14 @@ class FleetClient:
         return None
 
     def cancel(self, request_id: str) -> bool:
-        """Remote cancellation is not supported yet: False."""
-        return False
+        """Cancel this client's executions of `request_id`: one still queued never runs; one a
+        worker runs is killed there, and answered `canceled` by that worker. False if none of
+        this client's executions waits under that id."""
+        with self._lock:
+            events = list(self._waiting.get(request_id, ()))
+        for event in events:
+            event.set()
+        return bool(events)
 
     def register_tool(self, name: str, tool: Callable[..., Any] | ToolRunner) -> None:
         self.tools.register(name, tool)
@@ -211,6 +220,18 @@ class FleetClient:
         return None if data is None else decode_route(data)
 
     def _execute(self, request: ExecutionRequest, abandon: threading.Event) -> ExecutionResult:
+        with self._lock:
+            self._waiting.setdefault(request.request_id, []).append(abandon)
+        try:
+            return self._send(request, abandon)
+        finally:
+            with self._lock:
+                events = self._waiting[request.request_id]
+                events.remove(abandon)
+                if not events:
+                    del self._waiting[request.request_id]
+
+    def _send(self, request: ExecutionRequest, abandon: threading.Event) -> ExecutionResult:
         problem = _input_problem(request)
         if problem is not None:
             return problem
@@ -271,17 +292,37 @@ class FleetClient:
             return _answer(request, ExecutionStatus.TIMEOUT, ErrorKind.TIMEOUT,
                            f"{TIMEOUT_ERROR}: no fleet worker took it within {budget:g}s "
                            "(queued); it will not run")
+        who = text(self.redis.get(claim)) or "?"
+        if abandon.is_set():
+            return self._cancel_remote(request, delivery, who)
         late = self.redis.lpop(key)
         if isinstance(late, bytes):
             return decode_result(late)
-        who = text(self.redis.get(claim)) or "?"
-        if abandon.is_set():
-            return _answer(request, ExecutionStatus.CANCELED, ErrorKind.CANCELED,
-                           f"{CANCELED_ERROR} (it goes on running on worker {who})",
-                           node=node_of(who))
         return _answer(request, ExecutionStatus.TIMEOUT, ErrorKind.TIMEOUT,
                        f"{TIMEOUT_ERROR}: fleet worker {who} took it but gave no answer within "
                        f"{budget:g}s", node=node_of(who))
+
+    def _cancel_remote(self, request: ExecutionRequest, delivery: str,
+                       who: str) -> ExecutionResult:
+        """Tell the worker that claimed `delivery` to kill it, and wait (a grace) for its
+        answer: `canceled` from that worker, or what it had already finished with. The key
+        outlives a missed message (the worker looks for it after each reconnect)."""
+        keep = int(KEEP_AFTER_DEADLINE)
+        pipe = self.redis.pipeline()
+        pipe.set(self.keys.cancel(delivery), "1", ex=keep)
+        pipe.publish(self.keys.cancels, delivery)
+        pipe.execute()
+        item = self.redis.blpop([self.keys.result(delivery)],
+                                timeout=max(1, math.ceil(self.answer_grace)))
+        if item is not None:
+            return decode_result(item[1])
+        if self.redis.exists(self.keys.worker(who)):
+            error = (f"{CANCELED_ERROR} (worker {who} was told to stop it and did not answer "
+                     f"within {self.answer_grace:g}s)")
+        else:
+            error = f"{CANCELED_ERROR} (worker {who}, which had taken it, is gone)"
+        return _answer(request, ExecutionStatus.CANCELED, ErrorKind.CANCELED, error,
+                       node=node_of(who))
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ through Celery's result backend. The keys, under one prefix (default `sbx`):
     {prefix}:skills               hash skill id -> JSON `SkillRoute` (queue, idempotent)
     {prefix}:claim:{delivery}     who owns one delivery attempt: a worker id, or ABANDONED
     {prefix}:result:{delivery}    list the answer (JSON `ExecutionResult`) is pushed on
+    {prefix}:cancel:{delivery}    set by a client that cancels a delivery a worker claimed
+    {prefix}:cancel               channel the same client publishes the delivery id on
 
 The claim key is the single arbiter of at-most-once: whoever sets it first (`SET NX`) decides
 the delivery — a worker that wins runs it, a duplicate delivery loses and is dropped, and a
@@ -87,6 +89,7 @@ class Keys:
         self.prefix = prefix
         self.workers = f"{prefix}:workers"
         self.skills = f"{prefix}:skills"
+        self.cancels = f"{prefix}:cancel"
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"
@@ -96,6 +99,9 @@ class Keys:
 
     def result(self, delivery: str) -> str:
         return f"{self.prefix}:result:{delivery}"
+
+    def cancel(self, delivery: str) -> str:
+        return f"{self.prefix}:cancel:{delivery}"
 
 
 _ENVELOPE = msgspec.json.Decoder(Envelope)

@@ -11,10 +11,15 @@ Redis with `SET NX`; a delivery someone else claimed (a duplicate, or one its cl
 on) is dropped unrun. The claim names this worker, and this worker's heartbeat key (refreshed
 by a thread, with a TTL) says it is alive: a client whose worker's heartbeat vanished knows
 its request died with the worker and answers it with a failure instead of waiting.
+
+A client that cancels a delivery this worker claimed sets its cancel key and publishes its id;
+a listener thread here cancels the execution in the sandbox (retrying until the sandbox has
+registered it), and the worker answers `canceled` as for any execution.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -33,6 +38,7 @@ from sandbox.fleet.protocol import (
     DEFAULT_PREFIX,
     KEEP_AFTER_DEADLINE,
     TASK_NAME,
+    Envelope,
     Keys,
     SkillRoute,
     WorkerInfo,
@@ -40,6 +46,7 @@ from sandbox.fleet.protocol import (
     default_node,
     encode,
     queue_name,
+    text,
 )
 from worker.protocol import ErrorKind, ExecutionResult, ExecutionStatus
 
@@ -54,6 +61,9 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("sandbox.fleet")
 Pool = Literal["threads", "solo"]
+#: Seconds between a cancel listener's looks at Redis (and retries of a cancel the sandbox
+#: could not take yet: the execution was claimed but not yet started).
+CANCEL_RETRY = 0.1
 #: Seconds after which Redis's transport gives an unacknowledged (prefetched, unstarted)
 #: message back to the queue, e.g. one held by a worker that died. Started ones are
 #: acknowledged and never given back; a claimed delivery given back is dropped anyway.
@@ -176,6 +186,11 @@ class FleetWorker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+        self._listener: threading.Thread | None = None
+        #: deliveries this worker has taken and not answered yet -> their request ids
+        self._running: dict[str, str] = {}
+        #: of those, the ones a client cancelled that the sandbox has not confirmed yet
+        self._to_cancel: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -193,6 +208,9 @@ class FleetWorker:
         self._beat = threading.Thread(target=self._beat_loop, name="fleet-heartbeat",
                                       daemon=True)
         self._beat.start()
+        self._listener = threading.Thread(target=self._cancel_loop, name="fleet-cancels",
+                                          daemon=True)
+        self._listener.start()
 
     def set_draining(self) -> None:
         with self._lock:
@@ -202,8 +220,9 @@ class FleetWorker:
     def stop(self) -> None:
         """Stop the heartbeat and leave the fleet (after the drain: nothing runs here now)."""
         self._stop.set()
-        if self._beat is not None:
-            self._beat.join(timeout=5.0)
+        for thread in (self._beat, self._listener):
+            if thread is not None:
+                thread.join(timeout=5.0)
         try:
             pipe = self.redis.pipeline()
             pipe.delete(self.keys.worker(self.worker_id))
@@ -226,6 +245,59 @@ class FleetWorker:
             except Exception:  # noqa: BLE001 - a Redis hiccup: try again next period
                 _log.warning("heartbeat of %s failed; retrying", self.worker_id, exc_info=True)
 
+    # -- cancellation ---------------------------------------------------------------------
+
+    def _cancel_loop(self) -> None:
+        """Listen for cancelled deliveries until stopped; resubscribe after a Redis hiccup and
+        then look up the cancel keys of what runs here (a message sent meanwhile is lost)."""
+        pubsub = None
+        while not self._stop.is_set():
+            try:
+                if pubsub is None:
+                    pubsub = self.redis.pubsub(  # type: ignore[no-untyped-call]
+                        ignore_subscribe_messages=True)
+                    pubsub.subscribe(self.keys.cancels)
+                    with self._lock:
+                        running = list(self._running)
+                    for delivery in running:
+                        if self.redis.exists(self.keys.cancel(delivery)):
+                            self.request_cancel(delivery)
+                message = pubsub.get_message(timeout=CANCEL_RETRY)
+                if message is not None and message.get("type") == "message":
+                    self.request_cancel(text(message["data"]))
+                self._cancel_pending()
+            except Exception:  # noqa: BLE001 - Redis gone for a moment: listen again
+                _log.warning("cancel listener of %s lost Redis; reconnecting", self.worker_id,
+                             exc_info=True)
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        pubsub.close()
+                pubsub = None
+                self._stop.wait(CANCEL_RETRY)
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                pubsub.close()
+
+    def request_cancel(self, delivery: str) -> None:
+        """Cancel `delivery` if it runs here (every worker hears every cancel)."""
+        with self._lock:
+            if delivery in self._running:
+                self._to_cancel.add(delivery)
+        self._cancel_pending()
+
+    def _cancel_pending(self) -> None:
+        """A delivery claimed but not yet in the sandbox's hands cannot be cancelled there:
+        it stays pending, and is tried again every `CANCEL_RETRY` until it can."""
+        with self._lock:
+            pending = [(delivery, self._running.get(delivery)) for delivery in self._to_cancel]
+        for delivery, request_id in pending:
+            if request_id is None or self.sandbox.cancel(request_id):
+                with self._lock:
+                    self._to_cancel.discard(delivery)
+                if request_id is not None:
+                    _log.info("cancelled delivery %s of request %s at its client's request",
+                              delivery, request_id)
+
     # -- the task -------------------------------------------------------------------------
 
     def handle(self, payload: str) -> None:
@@ -236,6 +308,16 @@ class FleetWorker:
             return
         claim = self.keys.claim(envelope.delivery)
         keep = max(1, int(envelope.expires - time.time() + KEEP_AFTER_DEADLINE))
+        with self._lock:  # before the claim: a cancel that follows it finds the delivery here
+            self._running[envelope.delivery] = envelope.request.request_id
+        try:
+            self._claim_and_answer(envelope, claim, keep)
+        finally:
+            with self._lock:
+                del self._running[envelope.delivery]
+                self._to_cancel.discard(envelope.delivery)
+
+    def _claim_and_answer(self, envelope: Envelope, claim: str, keep: int) -> None:
         if not self.redis.set(claim, self.worker_id, nx=True, ex=keep):
             # Delivered twice, or its client gave up: whoever holds the claim answers it.
             with self._lock:
