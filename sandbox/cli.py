@@ -271,15 +271,14 @@ def show_result(result: Any, as_json: bool) -> NoReturn:
     sys.exit(STATUS_EXIT.get(data["status"], EXIT_FAILED))
 
 
-def _skill_for_run(target: str, skills_dirs: Sequence[Path], config_path: Path | None) -> Any:
-    from sandbox.daemon.config import LimitsDefaults, load_config
+def _skill_for_run(target: str, skills_dirs: Sequence[Path], config: Any) -> Any:
+    from sandbox.daemon.config import LimitsDefaults
     from sandbox.daemon.skills import discover, with_defaults
     from sandbox.skill import Skill
 
     defaults = LimitsDefaults()
     roots = list(skills_dirs)
-    if config_path is not None:
-        config = load_config(config_path)
+    if config is not None:
         defaults = config.limits
         roots = roots or list(config.skills)
     if Path(target).is_dir():
@@ -318,11 +317,13 @@ def run(skill: str, input_value: str, timeout: float | None, tenant: str, user: 
     The exit code reflects the result's status (0 success, 1 failed, 3 rejected, 4 timeout,
     5 canceled).
     """
+    from sandbox.daemon.config import load_config
     from sandbox.sandbox import Sandbox
 
-    loaded = _skill_for_run(skill, skills_dirs, config_path)
+    config = load_config(config_path) if config_path is not None else None
+    loaded = _skill_for_run(skill, skills_dirs, config)
     request = _request(loaded.id, input_value, timeout, tenant, user, request_id)
-    llm = _llm_for_run(loaded, config_path)
+    llm = _llm_for_run(loaded, config)
     try:
         with Sandbox([loaded], circuit_breaker=False, llm=llm) as sandbox:
             result = sandbox.execute(request)
@@ -332,14 +333,16 @@ def run(skill: str, input_value: str, timeout: float | None, tenant: str, user: 
     show_result(result, as_json)
 
 
-def _llm_for_run(skill: Any, config_path: Path | None) -> Any:
+def _llm_for_run(skill: Any, config: Any) -> Any:
     """The daemon config's `[llm]` provider (file or SKILL_SANDBOX_LLM_* variables), for the
-    skills that can call one: declarative and WASM skills. Others never read the key."""
+    skills that can call one: declarative skills, and those granted `llm:generate` (a WASM or
+    Python skill's host call). Others never read the key."""
     from sandbox.daemon.config import ConfigError, load_config
 
-    if skill.manifest.kind not in ("declarative", "wasm"):
+    if skill.manifest.kind != "declarative" \
+            and "llm:generate" not in skill.manifest.permissions.host:
         return None
-    llm = load_config(config_path).llm
+    llm = (config if config is not None else load_config(None)).llm
     try:
         return llm.to_provider()
     except ValueError as exc:

@@ -432,11 +432,34 @@ def test_fleet_status_shows_workers_their_skills_and_queue_depths(
     assert [(w["node"], w["worker_id"]) for w in data["workers"]] == [("host-a", a.worker_id)]
     assert "fleet/echo" in data["workers"][0]["skills"]
     assert data["skills"]["fleet/idem"] == {"queue": queue_name("default"), "idempotent": True,
-                                            "workers": 1}
+                                            "workers": 1, "unrouted_on": []}
     assert data["queues"] == {queue_name("default"): 0}
     text_out = CliRunner().invoke(main, ["fleet", "status", "--broker", redis_server.url,
                                          "--prefix", prefix])
     assert text_out.exit_code == 0 and "host-a" in text_out.output
+
+
+@pytest.mark.timeout(90)
+def test_a_skill_routed_to_a_live_group_is_not_taken_over_by_another_group(
+        start_worker: Callable[..., Worker], client: FleetClient) -> None:
+    """A skill belongs to one group. A worker of another group loading it too leaves its route
+    alone while the first group has a live worker for it, and says so; once that group is gone,
+    the next worker to start routes it to its own queue."""
+    a = start_worker("host-a")
+    b = start_worker("host-b", extra=["--group", "other"])
+    echo = client.status()["skills"]["fleet/echo"]
+    assert echo["queue"] == queue_name("default") and echo["workers"] == 1, echo
+    assert echo["unrouted_on"] == [queue_name("other")], echo
+    [b_info] = [w for w in client.status()["workers"] if w["node"] == "host-b"]
+    assert "fleet/echo" in b_info["unrouted"]
+    assert "a skill belongs to one group" in b.output.read_text()
+    nodes = {client.execute(request("echo", {"n": n})).node for n in range(5)}
+    assert nodes == {"host-a"}
+    # Control: with group default gone, a new worker of group other takes the route.
+    assert a.terminate() == 0
+    start_worker("host-c", extra=["--group", "other"])
+    assert client.status()["skills"]["fleet/echo"]["queue"] == queue_name("other")
+    assert client.execute(request("echo", {"n": "after"})).node in {"host-b", "host-c"}
 
 
 @pytest.mark.timeout(60)

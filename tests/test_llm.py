@@ -771,6 +771,42 @@ def test_cli_run_takes_the_provider_from_the_config_and_fails_clearly_without_on
 
 
 @pytest.mark.timeout(60)
+def test_cli_run_gives_the_provider_to_a_python_skill_granted_llm_generate_only(
+        tmp_path: Path, stub: StubLLMServer) -> None:
+    from click.testing import CliRunner
+
+    from sandbox.cli import main
+
+    stub.reply = Reply(completion("from the provider", total_tokens=3))
+    for name, host in (("granted", '["llm:generate"]'), ("plain", "[]")):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "main.py").write_text(
+            "def run(input, ctx):\n"
+            "    try:\n"
+            "        return ctx.llm_generate('hi')\n"
+            "    except ctx.HostCallError as exc:\n"
+            "        return str(exc)\n")
+        (directory / "skill.toml").write_text(
+            f'id = "test/{name}"\nentrypoint = "main:run"\n[permissions]\nhost = {host}\n')
+    config = tmp_path / "sandbox.toml"
+    config.write_text(f'[llm]\nbase_url = "{stub.base_url}"\nmodel = "cli-model"\n'
+                      f'api_key_env = "{KEY_ENV}"\n')
+    env = {KEY_ENV: KEY, "SKILL_SANDBOX_LLM_BASE_URL": None, "SKILL_SANDBOX_LLM_MODEL": None}
+    runs = {name: CliRunner().invoke(main, ["run", str(tmp_path / name), "--json",
+                                            "--config", str(config)], env=env)
+            for name in ("granted", "plain")}
+
+    assert runs["granted"].exit_code == 0, runs["granted"].output
+    granted = json.loads(runs["granted"].output)
+    assert granted["output"] == "from the provider"
+    assert granted["resource_usage"]["tokens_used"] == 3
+    plain = json.loads(runs["plain"].output)
+    assert "does not grant permission 'llm:generate'" in plain["output"]
+    assert len(stub.received) == 1  # only the granted skill's call reached the provider
+
+
+@pytest.mark.timeout(60)
 def test_the_daemon_refuses_to_start_when_the_named_key_variable_is_unset(
         tmp_path: Path, start_daemon: Callable[..., Any]) -> None:
     config = '[llm]\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "m"\n' \

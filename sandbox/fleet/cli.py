@@ -141,8 +141,9 @@ def status(broker: str, redis_url: str | None, prefix: str, as_json: bool) -> No
                       "SKILLS"]))
     click.echo("")
     click.echo(table([(skill_id, info["queue"], info["workers"],
-                       "yes" if info["idempotent"] else "no")
+                       "yes" if info["idempotent"] else "no",
+                       ", ".join(info["unrouted_on"]) or "-")
                       for skill_id, info in data["skills"].items()],
-                     ["SKILL", "QUEUE", "WORKERS", "IDEMPOTENT"]))
+                     ["SKILL", "QUEUE", "WORKERS", "IDEMPOTENT", "ALSO LOADED ON (UNUSED)"]))
     click.echo("")
     click.echo(table(list(data["queues"].items()), ["QUEUE", "WAITING"]))

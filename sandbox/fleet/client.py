@@ -47,8 +47,8 @@ from sandbox.fleet.protocol import (
     SkillRoute,
     decode_result,
     decode_route,
-    decode_worker,
     encode,
+    live_workers,
     text,
 )
 from sandbox.llm import Generation, LLMError, LLMProvider, as_provider
@@ -187,15 +187,7 @@ class FleetClient:
     def status(self) -> dict[str, Any]:
         """Live workers (from their heartbeats), skills and where they are routed, and how many
         messages wait in each queue."""
-        members = sorted(text(m) for m in self.redis.smembers(self.keys.workers))
-        raw = self.redis.mget([self.keys.worker(member) for member in members]) \
-            if members else []
-        workers, gone = [], []
-        for member, data in zip(members, raw, strict=True):
-            if data is None:
-                gone.append(member)
-            else:
-                workers.append(decode_worker(data))
+        workers, gone = live_workers(self.redis, self.keys)
         if gone:  # heartbeats expired: they left without saying so (killed)
             self.redis.srem(self.keys.workers, *gone)
         routes = {text(key): decode_route(value)
@@ -207,10 +199,17 @@ class FleetClient:
             "workers": [{"worker_id": w.worker_id, "node": w.node, "pid": w.pid,
                          "queue": w.queue, "skills": w.skills, "concurrency": w.concurrency,
                          "inflight": w.inflight, "executed": w.executed, "dropped": w.dropped,
-                         "draining": w.draining, "up_s": round(time.time() - w.started, 1)}
+                         "draining": w.draining, "unrouted": w.unrouted,
+                         "up_s": round(time.time() - w.started, 1)}
                         for w in workers],
+            # `workers`: live ones on the routed queue; `unrouted_on`: queues whose live
+            # workers hold the skill too but never get its requests (it is another group's)
             "skills": {skill_id: {"queue": route.queue, "idempotent": route.idempotent,
-                                  "workers": sum(1 for w in workers if skill_id in w.skills)}
+                                  "workers": sum(1 for w in workers if skill_id in w.skills
+                                                 and w.queue == route.queue),
+                                  "unrouted_on": sorted({w.queue for w in workers
+                                                         if skill_id in w.skills
+                                                         and w.queue != route.queue})}
                        for skill_id, route in sorted(routes.items())},
             "queues": depths,
         }

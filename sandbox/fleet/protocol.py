@@ -20,6 +20,7 @@ client that gives up sets it to ABANDONED so a late delivery can never run.
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import msgspec
 
@@ -80,6 +81,9 @@ class WorkerInfo(msgspec.Struct, kw_only=True):
     executed: int = 0
     dropped: int = 0
     draining: bool = False
+    #: skills this worker loaded but did not route to its queue: another group's live worker
+    #: had them routed already (a skill belongs to one group)
+    unrouted: list[str] = []
 
 
 class Keys:
@@ -135,3 +139,17 @@ def decode_route(data: str | bytes) -> SkillRoute:
 
 def decode_worker(data: str | bytes) -> WorkerInfo:
     return _WORKER.decode(data)
+
+
+def live_workers(client: Any, keys: Keys) -> tuple[list[WorkerInfo], list[str]]:
+    """The registered workers whose heartbeat is alive, and the ids of those whose heartbeat
+    expired (they left without saying so: killed)."""
+    members = sorted(text(m) for m in client.smembers(keys.workers))
+    raw = client.mget([keys.worker(member) for member in members]) if members else []
+    alive, gone = [], []
+    for member, data in zip(members, raw, strict=True):
+        if data is None:
+            gone.append(member)
+        else:
+            alive.append(decode_worker(data))
+    return alive, gone

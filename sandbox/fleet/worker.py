@@ -43,8 +43,10 @@ from sandbox.fleet.protocol import (
     SkillRoute,
     WorkerInfo,
     decode_envelope,
+    decode_route,
     default_node,
     encode,
+    live_workers,
     queue_name,
     text,
 )
@@ -195,11 +197,22 @@ class FleetWorker:
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Say we are alive, publish where our skills are routed, and keep saying it."""
+        """Say we are alive, publish where our skills are routed, and keep saying it.
+
+        A skill belongs to one group: one whose route names another queue that a live worker
+        serves with it is left there (routing it here would starve that group's workers of
+        it, or strand it on a queue nobody reads once this worker goes), and logged."""
+        taken = self._routed_elsewhere()
+        for skill_id, queue in sorted(taken.items()):
+            _log.error("skill %s is routed to %s, served by a live worker there: not routed to "
+                       "%s as well (a skill belongs to one group; load it in one)", skill_id,
+                       queue, self.queue)
+        with self._lock:
+            self.info.unrouted = sorted(taken)
         self.beat()
         routes = {skill.id: encode(SkillRoute(queue=self.queue,
                                               idempotent=skill.manifest.idempotent))
-                  for skill in self.sandbox.skills()}
+                  for skill in self.sandbox.skills() if skill.id not in taken}
         pipe = self.redis.pipeline()
         pipe.sadd(self.keys.workers, self.worker_id)
         if routes:
@@ -211,6 +224,24 @@ class FleetWorker:
         self._listener = threading.Thread(target=self._cancel_loop, name="fleet-cancels",
                                           daemon=True)
         self._listener.start()
+
+    def _routed_elsewhere(self) -> dict[str, str]:
+        """Our skills whose route names another queue with a live worker holding them."""
+        ours = [skill.id for skill in self.sandbox.skills()]
+        if not ours:
+            return {}
+        current = self.redis.hmget(self.keys.skills, ours)
+        alive, _gone = live_workers(self.redis, self.keys)
+        taken = {}
+        for skill_id, data in zip(ours, current, strict=True):
+            if data is None:
+                continue
+            queue = decode_route(data).queue
+            if queue != self.queue and any(worker.queue == queue and skill_id in worker.skills
+                                           and worker.worker_id != self.worker_id
+                                           for worker in alive):
+                taken[skill_id] = queue
+        return taken
 
     def set_draining(self) -> None:
         with self._lock:
