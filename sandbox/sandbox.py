@@ -75,6 +75,8 @@ _QUEUE_POLL = 0.05
 #: Defaults for the zygote budget: live zygotes at most (least recently used beyond it are
 #: evicted), and seconds a zygote may sit unused before it is evicted.
 DEFAULT_MAX_ZYGOTES = 64
+#: WASM modules compiled at once by booting zygotes (`max_wasm_compiles`'s default).
+DEFAULT_MAX_WASM_COMPILES = min(4, os.cpu_count() or 1)
 DEFAULT_ZYGOTE_IDLE_TTL = 600.0
 #: `cold`: never started; `warm`: started (alive, or died and restarted on next use);
 #: `evicted`: stopped by the sandbox while idle, started again on next use.
@@ -201,6 +203,11 @@ class Sandbox:
     modules, never a skill's code or data), then boots and applies its layers as an exec'd one
     does: a cold start costs a fork instead of an interpreter start. Off, or when the base
     cannot be started, every zygote is a freshly exec'd interpreter.
+
+    `max_wasm_compiles` (None: min(4, CPUs)): zygotes of WASM skills booting at once. Each
+    compiles its module as it boots (seconds of CPU for a Go module, up to 1 GiB of memory), so
+    a burst of first requests across many WASM skills compiles a few at a time, each request
+    waiting for its skill's turn within its own deadline, instead of all at once.
     """
 
     def __init__(self, skills: Iterable[Skill | str | os.PathLike[str]] = (), *,
@@ -214,7 +221,8 @@ class Sandbox:
                  warm: bool = False, max_zygotes: int | None = DEFAULT_MAX_ZYGOTES,
                  zygote_idle_ttl: float | None = DEFAULT_ZYGOTE_IDLE_TTL,
                  base_zygote: bool = True,
-                 llm: LLMProvider | Callable[..., Any] | None = None) -> None:
+                 llm: LLMProvider | Callable[..., Any] | None = None,
+                 max_wasm_compiles: int | None = None) -> None:
         self.prefork = prefork
         self.llm = as_provider(llm)
         self._bases = BaseZygotes(zygote_start_timeout) if base_zygote else None
@@ -225,6 +233,11 @@ class Sandbox:
             raise ValueError(f"max_zygotes must be at least 1 (or None), got {max_zygotes}")
         if zygote_idle_ttl is not None and not zygote_idle_ttl > 0:
             raise ValueError(f"zygote_idle_ttl must be positive (or None), got {zygote_idle_ttl}")
+        if max_wasm_compiles is not None and max_wasm_compiles < 1:
+            raise ValueError(f"max_wasm_compiles must be at least 1 (or None), got "
+                             f"{max_wasm_compiles}")
+        self._compiles = threading.BoundedSemaphore(max_wasm_compiles
+                                                    or DEFAULT_MAX_WASM_COMPILES)
         self.warm = warm
         self.max_zygotes = max_zygotes
         self.zygote_idle_ttl = zygote_idle_ttl
@@ -807,8 +820,11 @@ class Sandbox:
                 return None
             crashed = loaded.state == "warm"
             loaded.zygote.stop(timeout=1.0)
+            compiling = (self._compiles if loaded.skill.manifest.kind == "wasm"
+                         else contextlib.nullcontext())
             try:
-                loaded.zygote.start()
+                with compiling:
+                    loaded.zygote.start()
             except SkillLoadError as exc:
                 return exc
             if crashed:

@@ -205,3 +205,60 @@ def test_a_reloaded_warm_skill_stays_warm_and_a_cold_one_stays_cold(
     assert state[hot.id]["state"] == "warm" and state[hot.id]["pid"] not in (0, old)
     assert state[idle.id]["state"] == "cold"
     assert zygotes_below() == {state[hot.id]["pid"]}
+
+
+_WASM_ECHO = """(module
+  (import "env" "set_output" (func $set (param i32 i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "1")
+  (func (export "execute") (call $set (i32.const 0) (i32.const 1))))"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["wasm", "python"])
+def test_wasm_zygotes_boot_a_few_at_a_time_others_do_not_wait_for_them(
+        make_sandbox: Callable[..., Sandbox], tmp_path: Path, skill_dir: Callable[..., Path],
+        monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """A burst of first requests across WASM skills compiles `max_wasm_compiles` modules at a
+    time (each boot held 0.5 s here, as a compile takes seconds); Python skills' boots, the
+    control, overlap freely."""
+    wasmtime = pytest.importorskip("wasmtime")
+    from sandbox.zygote import ZygoteProcess
+
+    real_start = ZygoteProcess.start
+    lock = threading.Lock()
+    booting, most = 0, 0
+
+    def held_start(self: ZygoteProcess) -> None:
+        nonlocal booting, most
+        with lock:
+            booting += 1
+            most = max(most, booting)
+        try:
+            time.sleep(0.5)
+            real_start(self)
+        finally:
+            with lock:
+                booting -= 1
+
+    monkeypatch.setattr(ZygoteProcess, "start", held_start)
+    if kind == "wasm":
+        skills = []
+        for index in range(4):
+            directory = tmp_path / f"wasm{index}"
+            directory.mkdir()
+            (directory / "main.wasm").write_bytes(wasmtime.wat2wasm(_WASM_ECHO))
+            (directory / "skill.toml").write_text(
+                f'id = "test/wasm{index}"\nwasm = "main.wasm"\n')
+            skills.append(Skill.from_dir(directory))
+    else:
+        skills = list(_skills(skill_dir, 4))
+    sandbox = make_sandbox(*skills, max_wasm_compiles=2, max_concurrency=4)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda skill: sandbox.execute(_request(skill, timeout=30)),
+                                skills))
+    assert all(result.ok for result in results), results
+    if kind == "wasm":
+        assert most == 2, most  # never more than two compiling, and two did at once
+    else:
+        assert most > 2, most  # the bound is for compiles only

@@ -234,6 +234,10 @@ class DaemonConfig(_Strict):
     zygote_idle_ttl: float = Field(default=600.0, ge=0,
                                    description="seconds a zygote may sit unused before it is "
                                    "evicted (0 = never)")
+    max_wasm_compiles: int = Field(default=0, ge=0,
+                                   description="zygotes of WASM skills booting (compiling their "
+                                   "module: seconds of CPU, up to 1 GiB) at once "
+                                   "(0 = min(4, CPUs))")
     base_zygote: bool = Field(default=True,
                               description="fork skills' zygotes from a shared base interpreter "
                               "(the worker runtime preloaded) instead of exec'ing one each")

@@ -125,6 +125,7 @@ class Service:
                                    logger=self.execution_log,
                                    isolation=config.isolation.to_config(),
                                    max_zygotes=config.max_zygotes or None,
+                                   max_wasm_compiles=config.max_wasm_compiles or None,
                                    zygote_idle_ttl=config.zygote_idle_ttl or None,
                                    base_zygote=config.base_zygote,
                                    on_slot_wait=self.metrics.queue_wait.observe)

@@ -432,6 +432,7 @@ def build_sandbox(config: DaemonConfig, node: str, *, breaker: Any = None,
                       logger=NodeLogger(log, node) if log is not None else None,
                       isolation=config.isolation.to_config(),
                       max_zygotes=config.max_zygotes or None,
+                      max_wasm_compiles=config.max_wasm_compiles or None,
                       zygote_idle_ttl=config.zygote_idle_ttl or None,
                       base_zygote=config.base_zygote)
     found = discover(config.skills, config.limits)
