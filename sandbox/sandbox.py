@@ -53,6 +53,7 @@ from sandbox.plans import ExecutionContext, ExecutionPlan, StepResult
 from sandbox.skill import Skill
 from sandbox.tools import ToolRegistry, ToolRunner
 from sandbox.uidpool import UidPool, UidPoolExhausted
+from sandbox.wasmcache import CompiledModules
 from sandbox.zygote import BASE_ENV, BaseZygotes, ZygoteDied, ZygoteProcess
 from worker.protocol import (
     ErrorKind,
@@ -238,6 +239,7 @@ class Sandbox:
                              f"{max_wasm_compiles}")
         self._compiles = threading.BoundedSemaphore(max_wasm_compiles
                                                     or DEFAULT_MAX_WASM_COMPILES)
+        self._modules = CompiledModules()
         self.warm = warm
         self.max_zygotes = max_zygotes
         self.zygote_idle_ttl = zygote_idle_ttl
@@ -322,7 +324,7 @@ class Sandbox:
         zygote = ZygoteProcess(skill.id, code, list(skill.manifest.preload),
                                self._isolation_for(skill), cgroups=tickets,
                                prefork=self.prefork, start_timeout=self.zygote_start_timeout,
-                               bases=self._bases)
+                               bases=self._bases, modules=self._modules)
         loaded = _Loaded(skill=skill, zygote=zygote)
         with self._lock:
             previous = self._skills.get(skill.id)
@@ -360,6 +362,7 @@ class Sandbox:
         if loaded is None:
             raise KeyError(f"skill {skill_id!r} is not loaded")
         self._retire(loaded)
+        self._modules.forget(skill_id)
 
     def _retire(self, loaded: _Loaded) -> None:
         deadline = time.monotonic() + loaded.skill.manifest.limits.timeout + 10
@@ -393,7 +396,7 @@ class Sandbox:
             self._evict_over_budget(keep=loaded)
         zygote = loaded.zygote
         return {"pid": zygote.pid, "rss_kb": zygote.rss_kb, "starts": zygote.starts,
-                "from_base": zygote.from_base,
+                "from_base": zygote.from_base, "wasm_module": zygote.wasm_module,
                 "alive": zygote.alive(), "inflight": loaded.inflight,
                 "state": "not-runnable" if loaded.skill.not_runnable else loaded.state,
                 "restarts": loaded.restarts}
@@ -909,6 +912,7 @@ class Sandbox:
                 item.zygote.stop(timeout=2.0)
         if self._bases is not None:
             self._bases.close()
+        self._modules.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
         if self._cgroups is not None:
             self._cgroups.close()

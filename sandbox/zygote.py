@@ -18,6 +18,7 @@ import msgspec
 
 from sandbox.cgroups import CgroupTickets
 from sandbox.errors import SkillCodeInvalid, SkillLoadError
+from sandbox.wasmcache import CompiledModules
 from worker.protocol import (
     BaseForked,
     BaseMessage,
@@ -280,8 +281,13 @@ class ZygoteProcess:
                  settings: ZygoteSettings, start_timeout: float = 30.0,
                  cgroups: CgroupTickets | None = None, prefork: bool = True,
                  bases: BaseZygotes | None = None,
-                 profile: RuntimeProfile = DEFAULT_PROFILE) -> None:
+                 profile: RuntimeProfile = DEFAULT_PROFILE,
+                 modules: CompiledModules | None = None) -> None:
         self.skill_id = skill_id
+        #: where a WASM skill's compiled module is kept between boots (None: compiled each)
+        self.modules = modules
+        #: how the running zygote had its WASM module: "compiled", "cached" ("" otherwise)
+        self.wasm_module = ""
         self.bases = bases
         self.profile = profile
         #: whether the running zygote was forked from the shared base (else exec'd)
@@ -307,10 +313,14 @@ class ZygoteProcess:
         """Fork the zygote from the shared base of its profile (or, without one, exec a fresh
         interpreter) and wait until it has preloaded and says it is ready."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        artifact = (self.modules.take(self.skill_id)
+                    if self.modules is not None and self.code.kind == "wasm" else None)
+        artifact_fd, artifact_sha256 = artifact if artifact is not None else (-1, "")
         config = msgspec.json.encode(ZygoteConfig(code=self.code, preload=self.preload,
-                                                  settings=self.settings))
+                                                  settings=self.settings,
+                                                  wasm_artifact_sha256=artifact_sha256))
         try:
-            process: _Child | None = self._fork_from_base(ours, theirs, config)
+            process: _Child | None = self._fork_from_base(ours, theirs, config, artifact_fd)
             if process is None:
                 # A fresh pair: a base that died mid-request may have forked a zygote holding
                 # the first one; closing it ends that stray (EOF before its config), and the
@@ -320,19 +330,28 @@ class ZygoteProcess:
                 ours.close()
                 ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 process = subprocess.Popen(
-                    self.profile.argv("worker.zygote", str(theirs.fileno()), config.decode()),
+                    self.profile.argv("worker.zygote", str(theirs.fileno()), config.decode(),
+                                      str(artifact_fd)),
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None,
-                    pass_fds=(theirs.fileno(),), env=dict(self.profile.env),
-                    cwd=self.profile.cwd, start_new_session=True,
+                    pass_fds=(theirs.fileno(), *([artifact_fd] if artifact_fd >= 0 else [])),
+                    env=dict(self.profile.env), cwd=self.profile.cwd, start_new_session=True,
                 )
         finally:
             theirs.close()
+            if artifact_fd >= 0:
+                os.close(artifact_fd)
         try:
-            message = self._await_boot(ours, process)
+            message, made = self._await_boot(ours, process)
         except BaseException:
             ours.close()
             _kill_and_reap(process)
             raise
+        self.wasm_module = message.wasm_module
+        if made >= 0:
+            if self.modules is not None and message.artifact_sha256:
+                self.modules.keep(self.skill_id, made, message.artifact_sha256)
+            else:
+                os.close(made)
         self._process, self._control = process, ours
         self._broken = False
         self.from_base = isinstance(process, _Sibling)
@@ -342,7 +361,7 @@ class ZygoteProcess:
             self.offer_spare_cgroups()
 
     def _fork_from_base(self, ours: socket.socket, theirs: socket.socket,
-                        config: bytes) -> _Sibling | None:
+                        config: bytes, artifact_fd: int = -1) -> _Sibling | None:
         """The zygote forked from the base, its config sent on its own socket; None when
         there is no base (off, failing, or the config too large for one message)."""
         if self.bases is None:
@@ -354,35 +373,46 @@ class ZygoteProcess:
             return None
         process = _Sibling(pid)
         try:
-            ours.send(config)
+            socket.send_fds(ours, [config], [artifact_fd] if artifact_fd >= 0 else [])
         except OSError:
             _kill_and_reap(process)
             return None
         return process
 
-    def _await_boot(self, control: socket.socket, process: _Child) -> ZygoteReady:
+    def _await_boot(self, control: socket.socket, process: _Child) -> tuple[ZygoteReady, int]:
+        """The ready message, and the fd of the compiled module it came with (-1: none)."""
         deadline = time.monotonic() + self.start_timeout
         message: ZygoteReady | ZygoteFailed | ZygoteForked | None = None
-        while message is None or isinstance(message, ZygoteForked):  # a forked one's hello
-            poller = select.poll()
-            poller.register(control.fileno(), select.POLLIN)
-            if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
-                raise SkillLoadError(f"{self.skill_id}: zygote did not become ready within "
-                                     f"{self.start_timeout:g}s")
-            data = control.recv(1 << 16)
-            if not data:
-                code = process.wait(timeout=5)
-                if code == -signal.SIGXCPU:  # the one CPU limit a booting zygote has
-                    raise SkillCodeInvalid(f"{self.skill_id}: its zygote ran out of CPU time "
-                                           "compiling the skill's code (worker.isolation."
-                                           "COMPILE_CPU_SECONDS)")
-                raise SkillLoadError(f"{self.skill_id}: zygote exited with status {code} "
-                                     "before it was ready")
-            message = msgspec.msgpack.decode(data, type=ZygoteMessage)
-        if isinstance(message, ZygoteFailed):
-            failure = SkillCodeInvalid if message.skill_code else SkillLoadError
-            raise failure(f"{self.skill_id}: zygote failed to start: {message.error}")
-        return message
+        made = -1
+        try:
+            while message is None or isinstance(message, ZygoteForked):  # a forked one's hello
+                poller = select.poll()
+                poller.register(control.fileno(), select.POLLIN)
+                if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                    raise SkillLoadError(f"{self.skill_id}: zygote did not become ready "
+                                         f"within {self.start_timeout:g}s")
+                data, fds, _flags, _addr = socket.recv_fds(control, 1 << 16, 1)
+                if fds:  # only the ready message brings one (a compiled WASM module)
+                    if made >= 0:
+                        os.close(made)
+                    made = fds[0]
+                if not data:
+                    code = process.wait(timeout=5)
+                    if code == -signal.SIGXCPU:  # the one CPU limit a booting zygote has
+                        raise SkillCodeInvalid(f"{self.skill_id}: its zygote ran out of CPU "
+                                               "time compiling the skill's code (worker."
+                                               "isolation.COMPILE_CPU_SECONDS)")
+                    raise SkillLoadError(f"{self.skill_id}: zygote exited with status {code} "
+                                         "before it was ready")
+                message = msgspec.msgpack.decode(data, type=ZygoteMessage)
+            if isinstance(message, ZygoteFailed):
+                failure = SkillCodeInvalid if message.skill_code else SkillLoadError
+                raise failure(f"{self.skill_id}: zygote failed to start: {message.error}")
+        except BaseException:
+            if made >= 0:
+                os.close(made)
+            raise
+        return message, made
 
     def alive(self) -> bool:
         return not self._broken and self._process is not None and self._process.poll() is None

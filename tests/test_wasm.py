@@ -4,6 +4,7 @@ WAT text here, run by wasmtime inside the sandboxed execution child."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -444,3 +445,57 @@ def test_initialised_data_larger_than_max_file_bytes_still_run(
     plain = subprocess.run([sys.executable, "-c", _UNDER_FSIZE, str(module)],
                            capture_output=True, text=True, timeout=60)
     assert "File too large" in plain.stdout, (plain.stdout, plain.stderr)
+
+
+def _answering(digit: str) -> str:
+    """A reactor answering the JSON number `digit`."""
+    return f"""(module
+      (import "env" "set_output" (func $set (param i32 i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 0) "{digit}")
+      (func (export "execute") (call $set (i32.const 0) (i32.const 1))))"""
+
+
+def _restart(sandbox: Sandbox, skill: Skill) -> None:
+    """Kill the skill's zygote: the next execution boots it again."""
+    import psutil
+
+    from tests.conftest import wait_until_gone
+
+    pid = sandbox.zygote_info(skill.id)["pid"]
+    psutil.Process(pid).kill()
+    assert wait_until_gone({pid}) == set()
+
+
+@pytest.mark.timeout(60)
+def test_a_wasm_zygote_boots_again_from_its_compiled_module_never_holding_it_after(
+        make_sandbox: Callable[..., Sandbox], wasm_skill: MakeWasm) -> None:
+    skill = wasm_skill(wat=_answering("1"))
+    sandbox = make_sandbox(skill, warm=True)
+    assert sandbox.zygote_info(skill.id)["wasm_module"] == "compiled"
+    for _ in range(2):  # a crash, then another: each boot deserializes the kept module
+        _restart(sandbox, skill)
+        result = sandbox.execute(ExecutionRequest(skill_id=skill.id, input=b"{}"))
+        assert result.ok and result.json() == 1, result
+        info = sandbox.zygote_info(skill.id)
+        assert info["wasm_module"] == "cached", info
+        links = [os.readlink(f"/proc/{info['pid']}/fd/{fd}")
+                 for fd in os.listdir(f"/proc/{info['pid']}/fd")]
+        assert not [link for link in links if "sbx-wasm-artifact" in link], links
+    sandbox.unload_skill(skill.id)
+    assert len(sandbox._modules) == 0  # unloading lets the compiled module go
+
+
+@pytest.mark.timeout(60)
+def test_a_module_changed_on_disk_is_compiled_afresh_not_taken_from_the_kept_one(
+        make_sandbox: Callable[..., Sandbox], wasm_skill: MakeWasm) -> None:
+    """The kept artifact is native code made from the module's old bytes: a zygote booting
+    after the file changed must compile the new bytes, never run the old code."""
+    skill = wasm_skill(wat=_answering("1"))
+    sandbox = make_sandbox(skill, warm=True)
+    assert sandbox.execute(ExecutionRequest(skill_id=skill.id, input=b"{}")).json() == 1
+    (skill.path / "main.wasm").write_bytes(wasmtime.wat2wasm(_answering("2")))
+    _restart(sandbox, skill)
+    result = sandbox.execute(ExecutionRequest(skill_id=skill.id, input=b"{}"))
+    assert result.ok and result.json() == 2, result
+    assert sandbox.zygote_info(skill.id)["wasm_module"] == "compiled"

@@ -193,6 +193,10 @@ class ZygoteConfig(msgspec.Struct, frozen=True, kw_only=True):
     code: SkillCode
     preload: list[str] = []
     settings: ZygoteSettings = ZygoteSettings()
+    #: wasm only: the sha256 of the module a compiled artifact handed along with the config
+    #: (an fd: the exec'd zygote's third argument, a forked one's SCM_RIGHTS) was made from.
+    #: The zygote uses it only if the module it reads now has that digest.
+    wasm_artifact_sha256: str = ""
 
 
 class ExecutionIsolation(msgspec.Struct, frozen=True, kw_only=True):
@@ -251,6 +255,10 @@ class ZygoteReady(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
     pid: int
     rss_kb: int
     python: str
+    #: wasm only: "compiled" (its module, now; an artifact of it comes with this message, as
+    #: an fd, and `artifact_sha256` names the module) or "cached" (from the artifact given)
+    wasm_module: str = ""
+    artifact_sha256: str = ""
 
 
 class ZygoteForked(msgspec.Struct, frozen=True, kw_only=True, tag="hello"):

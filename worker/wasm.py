@@ -41,6 +41,8 @@ process loads it.
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import os
 import sys
 from collections.abc import Callable
@@ -143,8 +145,26 @@ def runtime_available() -> bool:
     return importlib.util.find_spec(RUNTIME_PACKAGE) is not None
 
 
-def prepare(code: SkillCode) -> None:
+class Prepared:
+    """How `prepare` got its module: "compiled" (then `artifact` is a sealed memfd of the
+    compiled module for the supervisor to keep, made from the module with digest `sha256`) or
+    "cached" (deserialized from the artifact it was given)."""
+
+    def __init__(self, how: str, sha256: str, artifact: int = -1) -> None:
+        self.how = how
+        self.sha256 = sha256
+        self.artifact = artifact
+
+
+def prepare(code: SkillCode, artifact: int = -1, artifact_sha256: str = "") -> Prepared:
     """In the zygote, before its layers: compile the module once and link the host module.
+
+    A compile takes seconds for a Go module, at every boot (after each eviction too): so the
+    first boot hands the supervisor the compiled module (wasmtime's serialized artifact, in a
+    sealed memfd) and later boots get it back as `artifact`, deserialized in under a
+    millisecond. wasmtime trusts an artifact as native code, so it is only ever made here (the
+    zygote before its layers) and used only for the module it was made from: one whose bytes
+    now have another digest is compiled afresh.
 
     No thread is started (serial compilation): the zygote forks afterwards, and a user
     namespace can only be entered by a single-threaded process.
@@ -163,11 +183,22 @@ def prepare(code: SkillCode) -> None:
     config.wasm_threads = False
     config.shared_memory = False
     engine = wasmtime.Engine(config)
-    try:
-        data = _module_bytes(code)
-        module = wasmtime.Module(engine, data)
-    except (wasmtime.WasmtimeError, OSError) as exc:
-        raise WasmModuleError(f"{code.wasm}: {str(exc).splitlines()[0]}") from None
+    data = _module_bytes(code)
+    digest = hashlib.sha256(data).hexdigest()
+    module = None
+    if artifact >= 0 and artifact_sha256 == digest:
+        try:  # another wasmtime or engine config is refused here: compiled afresh then
+            # Read into memory: deserialize_file would keep the memfd open in the zygote.
+            module = wasmtime.Module.deserialize(engine, _read_all(artifact))
+        except (wasmtime.WasmtimeError, OSError):
+            module = None
+    prepared = Prepared("cached", digest)
+    if module is None:
+        try:
+            module = wasmtime.Module(engine, data)
+        except (wasmtime.WasmtimeError, OSError) as exc:
+            raise WasmModuleError(f"{code.wasm}: {str(exc).splitlines()[0]}") from None
+        prepared = Prepared("compiled", digest)
     exports = {export.name for export in module.exports}
     if "execute" not in exports and "_start" not in exports:
         raise WasmModuleError(f"{code.wasm}: exports neither 'execute' (reactor) nor '_start' "
@@ -190,6 +221,33 @@ def prepare(code: SkillCode) -> None:
     isolation.allow_runtime_files(2 * len(data) + _MIB)
     _compiled = _Compiled(engine, module, linker, reactor="execute" in exports,
                           initialize="_initialize" in exports)
+    if prepared.how == "compiled":
+        prepared.artifact = _sealed(module.serialize())
+    return prepared
+
+
+def _read_all(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, size, 0) if size else b""
+
+
+def _sealed(data: bytes | bytearray) -> int:
+    """A memfd holding `data` that nobody can change any more (sealed), or -1 if one cannot
+    be made (the skill still runs; its next boot compiles again)."""
+    try:
+        fd = os.memfd_create("sbx-wasm-artifact", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError:
+        return -1
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
+                    | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
 
 
 def _module_bytes(code: SkillCode) -> bytes:

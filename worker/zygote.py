@@ -27,6 +27,7 @@ import sys
 import time
 import traceback
 from types import CodeType
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -46,6 +47,9 @@ from worker.protocol import (
     ZygoteForked,
     ZygoteReady,
 )
+
+if TYPE_CHECKING:
+    from worker import wasm
 
 MAX_CONTROL_MESSAGE = 1 << 16
 #: The zygote's RSS (the baseline subtracted from a child's peak) is re-read every this many forks.
@@ -84,9 +88,14 @@ def _rss_kb() -> int:
 
 
 class Zygote:
-    def __init__(self, config: ZygoteConfig, control: socket.socket) -> None:
+    def __init__(self, config: ZygoteConfig, control: socket.socket,
+                 artifact: int = -1) -> None:
         self.config = config
         self.control = control
+        #: wasm: the compiled module the supervisor kept from an earlier boot (an fd, -1: none)
+        #: until `boot` is done with it; then `prepared` says how the module was had.
+        self.artifact = artifact
+        self.prepared: wasm.Prepared | None = None
         self.precompiled: CodeType | None = None
         self.running: dict[int, _Running] = {}
         self.doomed: set[int] = set()
@@ -118,8 +127,11 @@ class Zygote:
         if not code.spawn:  # spawn: each execution's fresh interpreter imports them itself
             for name in self.config.preload:
                 importlib.import_module(name)
-        with isolation.compile_limits():  # the skill's bytes, compiled before any limit
-            self.compile(code)
+        try:
+            with isolation.compile_limits():  # the skill's bytes, compiled before any limit
+                self.compile(code)
+        finally:  # no layer is applied, no child forked, while it is open
+            self.close_artifact()
         isolation.apply_zygote_layers(self.config.settings, code)
         isolation.become_subreaper()
         # Objects alive now are shared copy-on-write with every child: keep the collector from
@@ -142,12 +154,31 @@ class Zygote:
                 from worker import wasm
 
                 try:
-                    wasm.prepare(code)
+                    self.prepared = wasm.prepare(code, self.artifact,
+                                                 self.config.wasm_artifact_sha256)
                 except wasm.WasmModuleError as exc:
                     raise SkillCodeFailed(str(exc)) from exc
         except MemoryError:
             raise SkillCodeFailed(f"compiling the skill's code needs more than "
                                   f"{isolation.COMPILE_MEMORY_MB} MiB") from None
+
+    def close_artifact(self) -> None:
+        if self.artifact >= 0:
+            os.close(self.artifact)
+            self.artifact = -1
+
+    def ready(self) -> tuple[ZygoteReady, list[int]]:
+        """The ready message, with the compiled module for the supervisor to keep, if one
+        was made (the caller sends it, then closes the fd: before any child exists)."""
+        prepared = self.prepared
+        if prepared is None:
+            return ZygoteReady(pid=os.getpid(), rss_kb=self.rss_kb,
+                               python=sys.version.split()[0]), []
+        made = prepared.artifact >= 0
+        return ZygoteReady(pid=os.getpid(), rss_kb=self.rss_kb, python=sys.version.split()[0],
+                           wasm_module=prepared.how,
+                           artifact_sha256=prepared.sha256 if made else ""), \
+            [prepared.artifact] if made else []
 
     # -- serving ----------------------------------------------------------------------------
 
@@ -471,31 +502,35 @@ def _install_signals() -> None:
 
 
 def main() -> None:
-    """An exec'd zygote: its control socket's fd and its config are on its command line."""
+    """An exec'd zygote: its control socket's fd and its config are on its command line, and
+    the fd of a compiled WASM module (-1: none) after them."""
     _install_signals()
-    run(socket.socket(fileno=int(sys.argv[1])), sys.argv[2].encode())
+    artifact = int(sys.argv[3]) if len(sys.argv) > 3 else -1
+    run(socket.socket(fileno=int(sys.argv[1])), sys.argv[2].encode(), artifact)
 
 
 def run_forked(control: socket.socket) -> None:
     """A zygote forked by the shared base (`worker.base`): its config is the first message on
     its own control socket, so the base never receives anything of the skill."""
     _install_signals()
+    fds: list[int] = []
     try:
         control.send(msgspec.msgpack.encode(ZygoteForked(pid=os.getpid())))
-        config = control.recv(MAX_CONFIG)
+        config, fds, _flags, _addr = socket.recv_fds(control, MAX_CONFIG, 1)
     except OSError:
         config = b""
     if not config:  # the supervisor gave up on it before sending one
         os._exit(EXIT_BOOT_FAILED)
-    run(control, config)
+    run(control, config, fds[0] if fds else -1)
 
 
-def run(control: socket.socket, config_json: bytes) -> None:
+def run(control: socket.socket, config_json: bytes, artifact: int = -1) -> None:
     """Boot as the config says, say ready (or why not), serve until the control socket's EOF."""
     encoder = msgspec.msgpack.Encoder()
     try:
         config = msgspec.json.decode(config_json, type=ZygoteConfig)
-        zygote = Zygote(config, control)
+        zygote = Zygote(config, control, artifact)
+        artifact = -1  # the zygote's to close now
         zygote.boot()
     except BaseException as exc:  # noqa: BLE001 - every boot failure is reported, then exit
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
@@ -504,8 +539,12 @@ def run(control: socket.socket, config_json: bytes) -> None:
                 error=detail, skill_code=isinstance(exc, SkillCodeFailed))))
         finally:
             os._exit(EXIT_BOOT_FAILED)
-    control.send(encoder.encode(ZygoteReady(pid=os.getpid(), rss_kb=zygote.rss_kb,
-                                            python=sys.version.split()[0])))
+    ready, fds = zygote.ready()
+    try:
+        socket.send_fds(control, [encoder.encode(ready)], fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
     try:
         zygote.serve()
     finally:
