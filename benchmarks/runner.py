@@ -187,6 +187,8 @@ def run(config: BenchConfig) -> Report:
                               bwrap_problem)
             _latency_figures(report, fork_echo, command, spawn_mode)
             wasm.figure(report, wasm_series, wasm_cold, wasm_rss, wasm_problem)
+            progress.phase("Go WASM module: re-boots")
+            wasm.go_reboot(report, Path(wasm_tmp.name), quick=config.quick)
             _seccomp_figures(report, fork_plain)
             _paired_layer_figure(report, fork_shared_pids, "its own PID namespace")
             _idle_latency(report, config, sandbox, payload, expected, progress)

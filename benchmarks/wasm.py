@@ -76,3 +76,66 @@ def figure(report: Report, series: Any, cold_s: float, rss_kb: int, problem: str
     item.checks.append(Check(f"cold (load, boot with compile, first run) {cold_s * 1e3:.0f} ms; "
                              f"zygote RSS {rss_kb / 1024:.0f} MB"))
     report.add(item)
+
+
+GO_KEY = "wasm_go_reboot"
+GO_LABEL = "Go WASM module (openbotstack hello-world): zygote re-boot"
+#: openbotstack's hello-world (a wasip1 Go module, 3.4 MB), beside the repository as in tests.
+GO_MODULE = (Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+             / "openbotstack" / "runtime-wasip1" / "hello-world" / "main.wasm")
+_REBOOTS = 5
+
+
+def go_reboot(report: Report, workdir: Path, quick: bool = False) -> None:
+    """A Go module's cold boot (its compile: seconds of CPU) against its re-boots after a
+    crash, which deserialize the compiled module the supervisor kept: first answer, each."""
+    if quick:
+        report.add(Figure(key=GO_KEY, label=GO_LABEL, section="latency",
+                          skipped="not in a quick run (its compile alone takes seconds)"))
+        return
+    if not GO_MODULE.is_file():
+        report.add(Figure(key=GO_KEY, label=GO_LABEL, section="latency",
+                          skipped=f"openbotstack's reference skills are not at {GO_MODULE}"))
+        return
+    import shutil
+
+    import psutil
+
+    from sandbox import ExecutionRequest, Sandbox, Skill
+
+    directory = workdir / "go_hello"
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(GO_MODULE, directory / "main.wasm")
+    (directory / "skill.toml").write_text(
+        'id = "bench/go-hello"\nwasm = "main.wasm"\n[permissions]\nhost = ["log:write"]\n'
+        "[limits]\nmemory_mb = 64\ntimeout = 30.0\n")
+    skill = Skill.from_dir(directory)
+    request = ExecutionRequest(skill_id=skill.id, input=b'{"message": "hello"}')
+    with Sandbox([skill], max_zygotes=None) as sandbox:
+        started = time.perf_counter()
+        first = sandbox.execute(request)
+        cold = time.perf_counter() - started
+        reboots = []
+        for _ in range(_REBOOTS):
+            psutil.Process(sandbox.zygote_info(skill.id)["pid"]).kill()
+            time.sleep(0.2)  # the zygote's death seen before the next request
+            started = time.perf_counter()
+            result = sandbox.execute(request)
+            reboots.append(time.perf_counter() - started)
+            if not result.ok or sandbox.zygote_info(skill.id)["wasm_module"] != "cached":
+                why = result.error or "not from the kept compiled module"
+                report.add(Figure(key=GO_KEY, label=GO_LABEL, section="latency", errors=1,
+                                  first_error=f"re-boot: {why}"))
+                return
+    if not first.ok:
+        report.add(Figure(key=GO_KEY, label=GO_LABEL, section="latency", errors=1,
+                          first_error=f"cold: {first.error}"))
+        return
+    reboots.sort()
+    median = reboots[len(reboots) // 2]
+    item = Figure(key=GO_KEY, label=GO_LABEL, section="latency", value=median * 1e3, unit="ms",
+                  data={"cold_s": cold, "reboot_s": reboots})
+    item.checks.append(Check(f"cold boot with its compile {cold:.2f} s; re-boot from the kept "
+                             f"compiled module {median * 1e3:.0f} ms (median of {_REBOOTS}), "
+                             f"{cold / median:.0f}x faster", ratio=cold / median))
+    report.add(item)
