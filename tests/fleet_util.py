@@ -16,11 +16,17 @@ from pathlib import Path
 
 import msgspec
 import psutil
+import pytest
 
 from tests.conftest import slow
 
 REDIS_SERVER = shutil.which("redis-server") or (
     "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+#: The mark of every fleet test module: they start their own redis-server.
+NEEDS_REDIS = pytest.mark.skipif(
+    REDIS_SERVER is None,
+    reason="redis-server is not installed (Debian package redis-server; `make test` installs it "
+           "as root)")
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from tests.conftest import slow, wait_until_gone
-from tests.fleet_util import REDIS_SERVER, RedisServer, Worker
+from tests.fleet_util import NEEDS_REDIS, RedisServer, Worker
 
 pytest.importorskip("celery", reason="the fleet extra (celery) is not installed")
 pytest.importorskip("redis", reason="the fleet extra (redis) is not installed")
@@ -32,10 +32,7 @@ from sandbox.fleet import FleetClient
 from sandbox.fleet.protocol import TASK_NAME, Envelope, Keys, encode, queue_name, text
 from worker.protocol import ErrorKind, ExecutionRequest, ExecutionResult, ExecutionStatus
 
-pytestmark = pytest.mark.skipif(
-    REDIS_SERVER is None,
-    reason="redis-server is not installed (Debian package redis-server; `make test` installs it "
-           "as root)")
+pytestmark = NEEDS_REDIS
 
 SKILLS = {
     "echo": ("def run(input):\n    return input\n", ""),

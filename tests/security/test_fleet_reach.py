@@ -18,7 +18,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tests.fleet_util import REDIS_SERVER, RedisServer, Worker
+from tests.fleet_util import NEEDS_REDIS, RedisServer, Worker
 
 pytest.importorskip("celery", reason="the fleet extra (celery) is not installed")
 pytest.importorskip("redis", reason="the fleet extra (redis) is not installed")
@@ -26,10 +26,7 @@ pytest.importorskip("redis", reason="the fleet extra (redis) is not installed")
 from sandbox.fleet import FleetClient
 from worker.protocol import ExecutionRequest, ExecutionStatus
 
-pytestmark = pytest.mark.skipif(
-    REDIS_SERVER is None,
-    reason="redis-server is not installed (Debian package redis-server; `make test` installs it "
-           "as root)")
+pytestmark = NEEDS_REDIS
 
 #: The attack: look for the broker URL wherever this process can read, then talk to Redis
 #: (with a password only when the test hands it one: the control of what a leak would allow).
