@@ -526,3 +526,29 @@ def test_call_left_in_flight_by_a_skill_that_returns_still_counts_its_tokens(
     while not stub.received and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(stub.received) == 1  # the provider was asked all the same
+
+
+def test_wait_for_a_call_left_in_flight_ends_at_the_callers_cancel(
+        tmp_path: Path, make_sandbox: Callable[..., Sandbox], stub: StubLLMServer) -> None:
+    """The wait for a call the skill left behind is the execution's: a cancel ends it at once.
+    Control: uncancelled, the same execution lasts as long as the provider takes."""
+    import threading
+
+    stub.reply = Reply(body=completion('"pong"', total_tokens=7), delay=4.0)
+    skill_dir = tmp_path / "abandon"
+    skill_dir.mkdir()
+    (skill_dir / "main.py").write_text(ABANDON)
+    (skill_dir / "skill.toml").write_text(f'id = "test/abandon"\nentrypoint = "main:run"\n'
+                                          f'{LLM_PERMISSION}')
+    skill = Skill.from_dir(skill_dir)
+    sandbox = make_sandbox(skill, warm=True, llm=OpenAICompatibleProvider(
+        stub.base_url, "stub-model", api_key_env=None))
+    control = sandbox.execute(ExecutionRequest(skill_id=skill.id, input=b"{}"))
+    assert control.ok and control.resource_usage.tokens_used == 7
+    assert control.duration >= 3.5
+
+    request = ExecutionRequest(skill_id=skill.id, input=b"{}")
+    threading.Timer(1.0, sandbox.cancel, args=(request.request_id,)).start()
+    result = sandbox.execute(request)
+    assert result.duration < 3.0, result.duration
+    assert result.resource_usage.tokens_used == 0  # abandoned at the caller's word
