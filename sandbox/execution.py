@@ -82,6 +82,10 @@ _READ_CHUNK = 1 << 16
 _REPORT_DECODER = msgspec.msgpack.Decoder(ReportMessage)
 _RESULT_DECODER = msgspec.msgpack.Decoder(ChildResult)
 _HOST_CALL_DECODER = msgspec.msgpack.Decoder(HostCall)
+#: What decoding a frame the child wrote may raise. RecursionError: msgspec skips a field the
+#: Struct does not have by recursing into it, so a thousand nested arrays under an unknown key
+#: raise it; escaping the loop, it became a "worker failure" (sparing the skill's circuit).
+_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
 
 
 class _FrameType(msgspec.Struct):
@@ -180,6 +184,10 @@ class Execution:
         self.result_seen = False
         #: Serves the skill's host calls (`llm_generate`, `http_fetch`) if it is granted any.
         self.channel: HostChannel | None = None
+        #: The final result frame is whole at the front of the result buffer: what follows it is
+        #: judged with it, never parsed again (a skill trickling bytes after a big result made
+        #: each one copy and decode the whole frame again, on the supervisor's CPU).
+        self.final_seen = False
 
     # -- the whole life of one execution ---------------------------------------------------
 
@@ -247,6 +255,7 @@ class Execution:
                     pass
             self._kill()
             if self.channel is not None:  # a late answer is dropped; its thread ends alone
+                self.channel.settle(self.deadline, spec.cancel_fd)
                 self.channel.close()
             if request_r >= 0:
                 self.request_unread = _unread_bytes(request_r) > 0 and not self.result_seen
@@ -431,7 +440,8 @@ class Execution:
         ends the execution at once with a verdict naming it."""
         buffer = self.state.result
         limit = self.spec.limits.max_output_bytes + FRAME_SLACK
-        while len(buffer) >= FRAME_HEADER.size and not self.state.killed_kind:
+        while len(buffer) >= FRAME_HEADER.size and not self.state.killed_kind \
+                and not self.final_seen:
             (length,) = FRAME_HEADER.unpack_from(buffer)
             if length > limit:
                 self._kill(ErrorKind.RESOURCE_EXHAUSTED,
@@ -444,18 +454,19 @@ class Execution:
             body = bytes(buffer[FRAME_HEADER.size:end])
             try:
                 tagged = _FRAME_TYPE_DECODER.decode(body).type == "host-call"
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except _UNDECODABLE as exc:
                 self._kill(ErrorKind.SKILL_FAILED, f"invalid result frame: {exc}")
                 return
             if not tagged:
-                return  # the final result: anything after it is judged with it
+                self.final_seen = True  # the final result: anything after it is judged with it
+                return
             if length > MAX_HOST_CALL_FRAME:
                 self._kill(ErrorKind.RESOURCE_EXHAUSTED, f"host calls: a host call of {length} "
                            f"bytes is over the limit of {MAX_HOST_CALL_FRAME}")
                 return
             try:
                 call = _HOST_CALL_DECODER.decode(body)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except _UNDECODABLE as exc:
                 self._kill(ErrorKind.SKILL_FAILED, f"invalid host call frame: {exc}")
                 return
             del buffer[:end]

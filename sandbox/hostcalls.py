@@ -10,7 +10,8 @@ Nothing in a frame is trusted: the kind must be a known one, the permission is c
 again (the child's own gate is not relied on), the prompt, URL and body sizes are checked
 again, one call may be pending at a time and `MAX_HOST_CALLS` per execution (a child that asks
 past either is killed by `Execution`). Every call runs under the execution's own deadline;
-tokens are counted here, from the provider's usage, never from the child's word.
+tokens are counted here, from the provider's usage, never from the child's word, a call the
+child left behind by exiting included (`settle`).
 
 The fetcher is the tool registered as `http_fetch` (`Sandbox.register_tool`): the same tool
 plans can call, given `{"url", "method", "body"}` (body as text) and answering
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -82,6 +84,7 @@ class HostChannel:
         self.calls = 0
         self.tokens = 0
         self.pending = False
+        self._thread: threading.Thread | None = None
         self._reply: HostReply | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -91,8 +94,27 @@ class HostChannel:
         """Answer `call` in a helper thread (the caller checked `pending` and the count)."""
         self.calls += 1
         self.pending = True
-        threading.Thread(target=self._run, args=(call,), name="sandbox-hostcall",
-                         daemon=True).start()
+        self._thread = threading.Thread(target=self._run, args=(call,), name="sandbox-hostcall",
+                                        daemon=True)
+        self._thread.start()
+
+    def settle(self, deadline: float, cancel_fd: int) -> None:
+        """Once the child is gone: wait for the call still being answered, if any, until
+        `deadline` or until `cancel_fd` turns readable (the caller cancelled).
+
+        A child that asks and then exits (or trips a limit on purpose) does not stop the
+        provider: it generates, and bills, all the same. Abandoned at once, the call's tokens
+        were never counted and its work went on outside the execution's slot (so past the
+        concurrency cap): one uncounted generation per execution. Its answer is dropped."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or self._closed:
+            return
+        poller = select.poll()
+        poller.register(self.wake_fd, select.POLLIN)  # `_run` writes it once it has counted
+        poller.register(cancel_fd, select.POLLIN)
+        left = deadline - time.monotonic()
+        if left > 0:
+            poller.poll(left * 1000)
 
     def take(self) -> HostReply | None:
         """The answer, once `wake_fd` is readable; None if not there yet."""

@@ -404,7 +404,9 @@ def decode_frame(data: bytes, decoder: msgspec.msgpack.Decoder[Any]) -> Any:
         raise FrameError(f"{body - length} unexpected bytes after the result frame")
     try:
         return decoder.decode(memoryview(data)[FRAME_HEADER.size :])
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        # RecursionError: msgspec skips a field the Struct does not have by recursing into
+        # it, so a thousand nested arrays under an unknown key raise it (not DecodeError).
         raise FrameError(f"undecodable frame: {exc}") from None
 
 

@@ -11,6 +11,7 @@ cap or check does not apply.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -378,3 +379,176 @@ os._exit(71)
                         raising=False)
     control = execute(make_sandbox, stub, raw_skill(tmp_path / "control", attack))
     assert control.error_kind is ErrorKind.WORKER_FAILURE, control.error
+
+
+# -- frames that made the supervisor raise, or work, or lose a call in flight -----------------
+
+#: A result frame with one key the supervisor does not know, nested DEPTH arrays deep: msgspec
+#: skips an unknown field by recursing into it. Built by hand (encoding it would recurse too).
+DEEP_FRAME = """
+body = (b"\\x83\\xa2ok\\xc3\\xa6output\\xc4\\x011\\xa1x" + b"\\x91" * input["depth"] + b"\\xc0")
+send(struct.pack(">I", len(body)) + body)
+os._exit(0)
+"""
+
+
+def _decode_frame_before_the_fix(data: bytes, decoder: Any) -> Any:
+    """`worker.protocol.decode_frame` as it was: only msgspec's own errors are a bad frame."""
+    import msgspec
+
+    from worker.protocol import FRAME_HEADER, FrameError
+
+    try:
+        return decoder.decode(memoryview(data)[FRAME_HEADER.size:])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FrameError(f"undecodable frame: {exc}") from None
+
+
+@pytest.mark.parametrize("granted", [False, True], ids=["judged-at-the-end", "read-as-it-comes"])
+def test_deeply_nested_result_frame_is_the_skills_failure_not_a_worker_failure(
+        tmp_path: Path, make_sandbox: Callable[..., Sandbox], stub: StubLLMServer,
+        monkeypatch: pytest.MonkeyPatch, granted: bool) -> None:
+    """RecursionError out of the frame decoders escaped the execution: "worker failure", which
+    blames the host, spares the skill's circuit breaker and logs a traceback each time.
+    Control: without RecursionError among the bad-frame errors, the same frame does that."""
+    import msgspec
+
+    import sandbox.execution as execution
+
+    manifest = LLM_PERMISSION if granted else ""
+    shallow = execute(make_sandbox, stub, raw_skill(tmp_path / "shallow", DEEP_FRAME, manifest),
+                      {"depth": 10})
+    assert shallow.ok and shallow.json() == 1, shallow.error  # a valid frame, but for the depth
+
+    result = execute(make_sandbox, stub, raw_skill(tmp_path / "deep", DEEP_FRAME, manifest),
+                     {"depth": 100_000})
+    assert result.status is ExecutionStatus.FAILED
+    assert result.error_kind is ErrorKind.SKILL_FAILED, result.error
+    assert "invalid result frame" in result.error
+    assert stub.received == []
+
+    monkeypatch.setattr(execution, "decode_frame", _decode_frame_before_the_fix)
+    monkeypatch.setattr(execution, "_UNDECODABLE",
+                        (msgspec.DecodeError, msgspec.ValidationError))
+    control = execute(make_sandbox, stub, raw_skill(tmp_path / "control", DEEP_FRAME, manifest),
+                      {"depth": 100_000})
+    assert control.error_kind is ErrorKind.WORKER_FAILURE, control.error
+    assert "RecursionError" in control.error
+
+
+class _CountingDecoder:
+    """Wraps the supervisor's frame-tag decoder: how many bytes it was given in all."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.bytes = 0
+
+    def decode(self, body: bytes) -> Any:
+        self.bytes += len(body)
+        return self.inner.decode(body)
+
+
+TRICKLE = """
+body = msgspec.msgpack.encode({"ok": True, "output": b"1", "pad": b"x" * input["size"]})
+send(struct.pack(">I", len(body)) + body)
+for _ in range(input["bytes"]):
+    os.write(3, b"\\0")
+    time.sleep(0.001)
+os._exit(0)
+"""
+
+
+def test_bytes_trickled_after_a_big_result_do_not_make_the_supervisor_decode_it_again(
+        tmp_path: Path, make_sandbox: Callable[..., Sandbox], stub: StubLLMServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A skill granted host calls has its result pipe parsed as it comes. After a big final
+    frame, each byte it trickled made the supervisor copy and decode the whole frame again:
+    ~1 µs of the skill's CPU bought milliseconds of the supervisor's. Control: without the
+    note that the final frame was seen, the same skill makes it decode the frame per wake."""
+    import sandbox.execution as execution
+    from sandbox.execution import Execution
+
+    size, trickled = 512 << 10, 300
+    counter = _CountingDecoder(execution._FRAME_TYPE_DECODER)
+    monkeypatch.setattr(execution, "_FRAME_TYPE_DECODER", counter)
+    data = {"size": size, "bytes": trickled}
+    result = execute(make_sandbox, stub, raw_skill(tmp_path / "attack", TRICKLE), data)
+    assert result.status is ExecutionStatus.FAILED  # bytes after the frame: its own fault
+    assert "unexpected bytes after the result frame" in result.error, result.error
+    assert counter.bytes < 2 * size, counter.bytes  # once
+
+    counter.bytes = 0
+    monkeypatch.setattr(Execution, "final_seen", property(lambda self: False,
+                                                          lambda self, value: None),
+                        raising=False)
+    control = execute(make_sandbox, stub, raw_skill(tmp_path / "control", TRICKLE), data)
+    assert "unexpected bytes after the result frame" in control.error
+    assert counter.bytes > 20 * size, counter.bytes  # once per wake
+
+
+ABANDON = """
+import threading, time
+
+def run(input, ctx):
+    threading.Thread(target=ctx.llm_generate, args=("ping",), daemon=True).start()
+    time.sleep(0.2)  # the call is on its way; return without waiting for the answer
+    return "done"
+"""
+
+
+def test_call_left_in_flight_by_a_skill_that_returns_still_counts_its_tokens(
+        tmp_path: Path, make_sandbox: Callable[..., Sandbox], stub: StubLLMServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The provider generates (and bills) a call whether or not the skill waits for it. A
+    skill that asked and returned at once left the call to be abandoned: its tokens never
+    counted, its work outside the execution's slot. Control: without the wait for the call
+    in flight, tokens_used says 0 for a generation the provider made."""
+    from sandbox.hostcalls import HostChannel
+
+    stub.reply = Reply(body=completion('"pong"', total_tokens=7), delay=1.0)
+    skill_dir = tmp_path / "abandon"
+    skill_dir.mkdir()
+    (skill_dir / "main.py").write_text(ABANDON)
+    (skill_dir / "skill.toml").write_text(f'id = "test/abandon"\nentrypoint = "main:run"\n'
+                                          f'{LLM_PERMISSION}')
+    skill = Skill.from_dir(skill_dir)
+    result = execute(make_sandbox, stub, skill)
+    assert result.ok and result.json() == "done", (result.error, result.stderr)
+    assert len(stub.received) == 1
+    assert result.resource_usage.tokens_used == 7
+    stub.received.clear()
+
+    monkeypatch.setattr(HostChannel, "settle", lambda self, deadline, cancel_fd: None)
+    control = execute(make_sandbox, stub, skill)
+    assert control.ok
+    assert control.resource_usage.tokens_used == 0
+    deadline = time.monotonic() + 10
+    while not stub.received and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(stub.received) == 1  # the provider was asked all the same
+
+
+def test_wait_for_a_call_left_in_flight_ends_at_the_callers_cancel(
+        tmp_path: Path, make_sandbox: Callable[..., Sandbox], stub: StubLLMServer) -> None:
+    """The wait for a call the skill left behind is the execution's: a cancel ends it at once.
+    Control: uncancelled, the same execution lasts as long as the provider takes."""
+    import threading
+
+    stub.reply = Reply(body=completion('"pong"', total_tokens=7), delay=4.0)
+    skill_dir = tmp_path / "abandon"
+    skill_dir.mkdir()
+    (skill_dir / "main.py").write_text(ABANDON)
+    (skill_dir / "skill.toml").write_text(f'id = "test/abandon"\nentrypoint = "main:run"\n'
+                                          f'{LLM_PERMISSION}')
+    skill = Skill.from_dir(skill_dir)
+    sandbox = make_sandbox(skill, warm=True, llm=OpenAICompatibleProvider(
+        stub.base_url, "stub-model", api_key_env=None))
+    control = sandbox.execute(ExecutionRequest(skill_id=skill.id, input=b"{}"))
+    assert control.ok and control.resource_usage.tokens_used == 7
+    assert control.duration >= 3.5
+
+    request = ExecutionRequest(skill_id=skill.id, input=b"{}")
+    threading.Timer(1.0, sandbox.cancel, args=(request.request_id,)).start()
+    result = sandbox.execute(request)
+    assert result.duration < 3.0, result.duration
+    assert result.resource_usage.tokens_used == 0  # abandoned at the caller's word
