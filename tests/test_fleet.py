@@ -165,13 +165,23 @@ def test_kill_9_of_a_worker_mid_run_answers_every_request_once_and_runs_none_twi
     results = {rid: got[0] for rid, got in answers.items()}
     lost = {rid for rid, r in results.items() if not r.ok}  # type: ignore[attr-defined]
     assert lost, "no request was in flight on the killed host: the test proved nothing"
+    counts = executions(a, b)
+    died_with_it = set()
     for rid in lost:
         result = results[rid]
+        if result.status is ExecutionStatus.TIMEOUT:  # type: ignore[attr-defined]
+            # The known window (docs/deployment.md): host-a had taken the message (Celery
+            # acknowledges on start) but died before claiming it. Nothing can run it any more:
+            # answered at its deadline, and it never ran anywhere.
+            assert "no fleet worker took it" in result.error, result  # type: ignore[attr-defined]
+            assert counts[rid] == 0
+            continue
         assert result.status is ExecutionStatus.FAILED, result  # type: ignore[attr-defined]
         assert result.error_kind is ErrorKind.WORKER_FAILURE  # type: ignore[attr-defined]
         assert "died while running it" in result.error  # type: ignore[attr-defined]
         assert result.node == "host-a"  # type: ignore[attr-defined]
-    counts = executions(a, b)
+        died_with_it.add(rid)
+    assert died_with_it, "no request was answered as lost with its worker"
     assert max(counts.values(), default=0) <= 1  # none ran twice
     assert not lost & set(executions(b)), "a request lost with host-a ran again on host-b"
     for rid, result in results.items():
