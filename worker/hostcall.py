@@ -10,8 +10,6 @@ a Python skill's `ctx.llm_generate` / `ctx.http_fetch` (`worker.runtime`).
 
 from __future__ import annotations
 
-import os
-
 import msgspec
 
 from worker.protocol import (
@@ -30,6 +28,7 @@ from worker.protocol import (
     decode_frame,
     encode_frame,
     read_frame,
+    write_all,
 )
 
 _REPLY_DECODER = msgspec.msgpack.Decoder(HostReply)
@@ -75,9 +74,7 @@ class HostCaller:
             frame = encode_frame(call)
             if len(frame) > MAX_HOST_CALL_FRAME:
                 raise FrameError(f"the call is {len(frame)} bytes")
-            view = memoryview(frame)
-            while view:
-                view = view[os.write(RESULT_FD, view):]
+            write_all(RESULT_FD, frame)
             reply: HostReply = decode_frame(read_frame(REQUEST_FD, MAX_HOST_REPLY_FRAME),
                                             _REPLY_DECODER)
         except (OSError, FrameError) as exc:

@@ -392,6 +392,13 @@ class FrameError(ValueError):
     """A frame that is short, oversized, trailed by garbage or undecodable."""
 
 
+def write_all(fd: int, data: bytes | bytearray) -> None:
+    """Write all of `data` to `fd` (a pipe or file may take it in several writes)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def decode_frame(data: bytes, decoder: msgspec.msgpack.Decoder[Any]) -> Any:
     """Decode exactly one frame occupying all of `data`; anything else is a `FrameError`."""
     if len(data) < FRAME_HEADER.size:

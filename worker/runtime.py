@@ -35,6 +35,7 @@ from worker.protocol import (
     decode_frame,
     encode_frame,
     read_frame,
+    write_all,
 )
 
 
@@ -259,13 +260,6 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
 def run_and_exit(code: SkillCode, command: ForkCommand, precompiled: CodeType | None,
                  result_fd: int, request_fd: int) -> None:
     """Read the input, run the skill, write one frame, exit. Never returns."""
@@ -279,7 +273,7 @@ def run_and_exit(code: SkillCode, command: ForkCommand, precompiled: CodeType | 
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
-        _write_all(result_fd, frame)
+        write_all(result_fd, frame)
     except BaseException:  # noqa: BLE001 - a broken pipe or worse: the exit code says so
         status = EXIT_FRAME_FAILED
     os._exit(status)

@@ -60,6 +60,7 @@ from worker.protocol import (
     HostCall,
     HostReply,
     SkillCode,
+    write_all,
 )
 
 #: The Python package that runs WASM skills (the `wasm` extra).
@@ -192,13 +193,12 @@ def prepare(code: SkillCode, artifact: int = -1, artifact_sha256: str = "") -> P
             module = wasmtime.Module.deserialize(engine, _read_all(artifact))
         except (wasmtime.WasmtimeError, OSError):
             module = None
-    prepared = Prepared("cached", digest)
+    compiled = module is None
     if module is None:
         try:
             module = wasmtime.Module(engine, data)
         except (wasmtime.WasmtimeError, OSError) as exc:
             raise WasmModuleError(f"{code.wasm}: {str(exc).splitlines()[0]}") from None
-        prepared = Prepared("compiled", digest)
     exports = {export.name for export in module.exports}
     if "execute" not in exports and "_start" not in exports:
         raise WasmModuleError(f"{code.wasm}: exports neither 'execute' (reactor) nor '_start' "
@@ -221,9 +221,9 @@ def prepare(code: SkillCode, artifact: int = -1, artifact_sha256: str = "") -> P
     isolation.allow_runtime_files(2 * len(data) + _MIB)
     _compiled = _Compiled(engine, module, linker, reactor="execute" in exports,
                           initialize="_initialize" in exports)
-    if prepared.how == "compiled":
-        prepared.artifact = _sealed(module.serialize())
-    return prepared
+    if compiled:
+        return Prepared("compiled", digest, _sealed(module.serialize()))
+    return Prepared("cached", digest)
 
 
 def _read_all(fd: int) -> bytes:
@@ -239,9 +239,7 @@ def _sealed(data: bytes | bytearray) -> int:
     except OSError:
         return -1
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
                     | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
     except OSError:
@@ -447,9 +445,7 @@ def _define_env(wasmtime: Any, linker: Any) -> None:
 def _stdin_from(data: bytes) -> None:
     """The input as fd 0, from memory (no file, no path for Landlock to allow)."""
     memory = os.memfd_create("stdin", os.MFD_CLOEXEC)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(memory, view):]
+    write_all(memory, data)
     os.lseek(memory, 0, os.SEEK_SET)
     os.dup2(memory, 0)
     os.close(memory)

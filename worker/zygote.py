@@ -171,14 +171,10 @@ class Zygote:
         """The ready message, with the compiled module for the supervisor to keep, if one
         was made (the caller sends it, then closes the fd: before any child exists)."""
         prepared = self.prepared
-        if prepared is None:
-            return ZygoteReady(pid=os.getpid(), rss_kb=self.rss_kb,
-                               python=sys.version.split()[0]), []
-        made = prepared.artifact >= 0
+        fds = [prepared.artifact] if prepared is not None and prepared.artifact >= 0 else []
         return ZygoteReady(pid=os.getpid(), rss_kb=self.rss_kb, python=sys.version.split()[0],
-                           wasm_module=prepared.how,
-                           artifact_sha256=prepared.sha256 if made else ""), \
-            [prepared.artifact] if made else []
+                           wasm_module=prepared.how if prepared is not None else "",
+                           artifact_sha256=prepared.sha256 if prepared and fds else ""), fds
 
     # -- serving ----------------------------------------------------------------------------
 
@@ -529,8 +525,7 @@ def run(control: socket.socket, config_json: bytes, artifact: int = -1) -> None:
     encoder = msgspec.msgpack.Encoder()
     try:
         config = msgspec.json.decode(config_json, type=ZygoteConfig)
-        zygote = Zygote(config, control, artifact)
-        artifact = -1  # the zygote's to close now
+        zygote = Zygote(config, control, artifact)  # it closes the artifact fd
         zygote.boot()
     except BaseException as exc:  # noqa: BLE001 - every boot failure is reported, then exit
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
