@@ -496,6 +496,16 @@ def run(input, ctx):
 """
 
 
+def _abandoning_skill(tmp_path: Path) -> Skill:
+    """A Python skill granted llm:generate that starts a call and returns without its answer."""
+    skill_dir = tmp_path / "abandon"
+    skill_dir.mkdir()
+    (skill_dir / "main.py").write_text(ABANDON)
+    (skill_dir / "skill.toml").write_text(f'id = "test/abandon"\nentrypoint = "main:run"\n'
+                                          f'{LLM_PERMISSION}')
+    return Skill.from_dir(skill_dir)
+
+
 def test_call_left_in_flight_by_a_skill_that_returns_still_counts_its_tokens(
         tmp_path: Path, make_sandbox: Callable[..., Sandbox], stub: StubLLMServer,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -506,12 +516,7 @@ def test_call_left_in_flight_by_a_skill_that_returns_still_counts_its_tokens(
     from sandbox.hostcalls import HostChannel
 
     stub.reply = Reply(body=completion('"pong"', total_tokens=7), delay=1.0)
-    skill_dir = tmp_path / "abandon"
-    skill_dir.mkdir()
-    (skill_dir / "main.py").write_text(ABANDON)
-    (skill_dir / "skill.toml").write_text(f'id = "test/abandon"\nentrypoint = "main:run"\n'
-                                          f'{LLM_PERMISSION}')
-    skill = Skill.from_dir(skill_dir)
+    skill = _abandoning_skill(tmp_path)
     result = execute(make_sandbox, stub, skill)
     assert result.ok and result.json() == "done", (result.error, result.stderr)
     assert len(stub.received) == 1
@@ -535,12 +540,7 @@ def test_wait_for_a_call_left_in_flight_ends_at_the_callers_cancel(
     import threading
 
     stub.reply = Reply(body=completion('"pong"', total_tokens=7), delay=4.0)
-    skill_dir = tmp_path / "abandon"
-    skill_dir.mkdir()
-    (skill_dir / "main.py").write_text(ABANDON)
-    (skill_dir / "skill.toml").write_text(f'id = "test/abandon"\nentrypoint = "main:run"\n'
-                                          f'{LLM_PERMISSION}')
-    skill = Skill.from_dir(skill_dir)
+    skill = _abandoning_skill(tmp_path)
     sandbox = make_sandbox(skill, warm=True, llm=OpenAICompatibleProvider(
         stub.base_url, "stub-model", api_key_env=None))
     control = sandbox.execute(ExecutionRequest(skill_id=skill.id, input=b"{}"))
